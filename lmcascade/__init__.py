@@ -1,0 +1,54 @@
+"""lmcascade: language-model cascades as probabilistic programs.
+
+Write a cascade as a generator that yields effects, then pick how to run it:
+
+>>> import lmcascade as lc
+>>> from lmcascade.models import ToyLM
+>>> lm = ToyLM(["2", "+", "=", "4", "5", "<eos>"], lambda ctx: [-9.0, -9.0, -9.0, 0.0, -1.0, -1.0])
+>>> @lc.program
+... def add():
+...     answer = yield lc.gen("answer", lm, "2+2=", max_tokens=1)
+...     yield lc.condition("is_digit", answer.isdigit())
+...     return answer
+>>> {k: round(v, 3) for k, v in lc.infer(add(), method="enumerate").distribution().items()}
+{'4': 0.731, '5': 0.269, '2': 0.0}
+"""
+
+from lmcascade import errors, models
+from lmcascade.distributions import LM
+from lmcascade.inference import infer, methods
+from lmcascade.program import (
+    BoundProgram,
+    Program,
+    call,
+    condition,
+    factor,
+    gen,
+    observe,
+    program,
+    sample,
+)
+from lmcascade.result import Result
+from lmcascade.trace import Site, Trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LM",
+    "BoundProgram",
+    "Program",
+    "Result",
+    "Site",
+    "Trace",
+    "call",
+    "condition",
+    "errors",
+    "factor",
+    "gen",
+    "infer",
+    "methods",
+    "models",
+    "observe",
+    "program",
+    "sample",
+]

@@ -1,0 +1,257 @@
+"""Token-by-token generation and scoring of LM sites, batched across many runs.
+
+An :class:`LMRun` is the state machine of one generation under an :class:`~lmcascade.LM`
+distribution: it takes one token at a time, tracks the decoded text incrementally, and knows
+when the generation has ended (eos, a stop string, or ``max_tokens``).  The same machine
+*scores* a given token path by forcing its tokens, so sampling and scoring can never disagree.
+
+:func:`step_runs` advances any number of runs by one token with one batched model call per
+model; sampling happens on the model's device and only the chosen ids and their log-probs
+are read back.
+
+>>> import lmcascade as lc
+>>> from lmcascade.models import ToyLM
+>>> lm = ToyLM(["a", "b", "<eos>"], lambda ctx: [0.0, 0.0, 0.0])
+>>> run = LMRun(lc.LM(lm, "", max_tokens=2), forced=[0, 1])
+>>> while not run.done:
+...     step_runs([run], generators={})
+>>> run.value, run.end, round(run.log_prob, 4)
+('ab', 'max_tokens', -2.1972)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmcascade.models.base import Context, LanguageModel, Tokenizer
+from lmcascade.sampling import draw, process_logprobs
+
+if TYPE_CHECKING:
+    from lmcascade.distributions import LM
+
+
+class Detokenizer:
+    """Incremental decoding: text grows token by token without re-decoding whole sequences.
+
+    Decodes a short window of recent tokens and emits only the new characters, holding back
+    text while it ends in an incomplete multi-byte character.
+    """
+
+    __slots__ = ("tokenizer", "ids", "text", "_prefix", "_read")
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, token_id: int) -> str:
+        """Adds a token and returns the characters it completed (possibly empty)."""
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            delta = after[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def copy(self) -> Detokenizer:
+        twin = Detokenizer(self.tokenizer)
+        twin.ids = list(self.ids)
+        twin.text = self.text
+        twin._prefix, twin._read = self._prefix, self._read
+        return twin
+
+
+class LMRun:
+    """One generation (sampled, or forced along ``forced`` token ids) under an LM distribution."""
+
+    __slots__ = (
+        "dist", "model", "ctx", "forced", "tokens", "log_prob", "done", "end", "value",
+        "_detok", "_stop_scan",
+    )
+
+    def __init__(
+        self, dist: LM, ctx: Context | None = None, forced: Sequence[int] | None = None
+    ) -> None:
+        self.dist = dist
+        self.model: LanguageModel = dist.model
+        self.ctx = ctx if ctx is not None else self.model.open(dist.prompt_ids)
+        self.forced = list(forced) if forced is not None else None
+        self.tokens: list[int] = []
+        self.log_prob = 0.0
+        self.done = False
+        self.end: str | None = None
+        self.value: str | None = None
+        self._detok = Detokenizer(self.model.tokenizer)
+        self._stop_scan = 0
+
+    def branch(self, ctx: Context) -> LMRun:
+        """A copy of this run continuing on ``ctx`` (a fork of this run's context)."""
+        twin = LMRun.__new__(LMRun)
+        twin.dist, twin.model, twin.ctx, twin.forced = self.dist, self.model, ctx, self.forced
+        twin.tokens = list(self.tokens)
+        twin.log_prob, twin.done, twin.end, twin.value = (
+            self.log_prob, self.done, self.end, self.value)
+        twin._detok = self._detok.copy()
+        twin._stop_scan = self._stop_scan
+        return twin
+
+    @property
+    def next_forced(self) -> int | None:
+        """The token this run must take next, or None when it samples."""
+        if self.forced is None:
+            return None
+        if len(self.tokens) < len(self.forced):
+            return self.forced[len(self.tokens)]
+        return -1  # forced path exhausted before the generation ended
+
+    def feed(self, token_id: int, log_prob: float) -> None:
+        """Takes one token with its log-probability under the site's distribution."""
+        self.tokens.append(token_id)
+        self.log_prob += log_prob
+        if log_prob == -math.inf:
+            self._finish("impossible")
+            return
+        if token_id == self.model.eos_id:
+            self._finish("eos")
+            return
+        delta = self._detok.push(token_id)
+        if delta and self.dist.stop and self._find_stop() is not None:
+            self._finish("stop")
+            return
+        if len(self.tokens) >= self.dist.max_tokens:
+            self._finish("max_tokens")
+            return
+        self.ctx.append(token_id)
+
+    def _find_stop(self) -> int | None:
+        text = self._detok.text
+        start = max(0, self._stop_scan - self.dist.max_stop_len + 1)
+        hits = [i for s in self.dist.stop if (i := text.find(s, start)) >= 0]
+        self._stop_scan = len(text)
+        return min(hits) if hits else None
+
+    def _finish(self, end: str) -> None:
+        self.done = True
+        self.end = end
+        if end == "impossible":
+            self.log_prob = -math.inf
+            return
+        text = self.model.decode([t for t in self.tokens if t != self.model.eos_id])
+        if self.dist.stop:
+            hits = [i for s in self.dist.stop if (i := text.find(s)) >= 0]
+            if hits:
+                text = text[: min(hits)]
+        self.value = text
+
+    def fail(self) -> None:
+        """Marks a forced run whose path does not end where it should (probability zero)."""
+        self.done = True
+        self.end = "impossible"
+        self.log_prob = -math.inf
+
+
+def step_runs(
+    runs: Sequence[LMRun],
+    generators: dict[torch.device, torch.Generator],
+    stats: dict | None = None,
+) -> None:
+    """Advances every unfinished run by one token: one batched call per model.
+
+    ``generators`` maps a device to the ``torch.Generator`` used for draws there (created on
+    first use, unseeded, if missing); ``stats`` gets ``model_calls``, ``tokens_generated`` and
+    ``tokens_scored`` counts added.
+    """
+    groups: dict[int, list[LMRun]] = {}
+    for run in runs:
+        if run.done:
+            continue
+        forced = run.next_forced
+        if forced == -1:
+            run.fail()
+            continue
+        groups.setdefault(id(run.model), []).append(run)
+    for group in groups.values():
+        model = group[0].model
+        logprobs = model.next_logprobs([r.ctx for r in group])
+        device = logprobs.device
+        temps = torch.tensor([r.dist.temperature for r in group], dtype=torch.float64)
+        top_k = torch.tensor([r.dist.top_k or 0 for r in group], dtype=torch.long)
+        top_p = torch.tensor([r.dist.top_p for r in group], dtype=torch.float64)
+        proc = process_logprobs(logprobs, temps, top_k, top_p)
+        forced = [r.next_forced for r in group]
+        n_forced = sum(f is not None for f in forced)
+        if n_forced == len(group):
+            tokens = torch.tensor(forced, device=device)
+        else:
+            gen = generators.get(device)
+            if gen is None:
+                gen = generators[device] = torch.Generator(device=device)
+                gen.seed()
+            tokens = draw(proc, gen)
+            if n_forced:
+                mask = torch.tensor([f is not None for f in forced], device=device)
+                given = torch.tensor([f if f is not None else 0 for f in forced], device=device)
+                tokens = torch.where(mask, given, tokens)
+        chosen = proc.gather(1, tokens[:, None]).squeeze(1)
+        back = torch.stack([tokens.to(torch.float64), chosen.to(torch.float64)]).cpu().tolist()
+        for run, tok, lp in zip(group, back[0], back[1], strict=True):
+            run.feed(int(tok), lp)
+        if stats is not None:
+            stats["model_calls"] = stats.get("model_calls", 0) + 1
+            stats["tokens_generated"] = stats.get("tokens_generated", 0) + len(group) - n_forced
+            stats["tokens_scored"] = stats.get("tokens_scored", 0) + n_forced
+
+
+def run_to_end(
+    runs: Sequence[LMRun],
+    generators: dict[torch.device, torch.Generator],
+    stats: dict | None = None,
+) -> None:
+    """Steps ``runs`` until every one has ended."""
+    while any(not r.done for r in runs):
+        step_runs(runs, generators, stats)
+
+
+def scoring_runs(dist: LM, text: str) -> list[LMRun]:
+    """Forced runs for every way a generation can end with value ``text``.
+
+    The alternatives are disjoint token paths: the text's tokens then eos, then each stop
+    string's tokens, or the text's tokens alone when they reach ``max_tokens``.
+    """
+    ids = dist.model.encode(text)
+    paths = [ids + [dist.model.eos_id], ids]
+    paths += [ids + dist.model.encode(s) for s in dist.stop]
+    return [LMRun(dist, forced=p) for p in paths]
+
+
+def path_log_prob(run: LMRun, expected_value: str | None = None) -> float:
+    """Log-probability of a finished forced run: its token path, if it ends exactly there.
+
+    A path that ends early or late, or whose value differs from ``expected_value``, has
+    probability zero under the distribution.
+    """
+    if not run.done or run.end == "impossible":
+        return -math.inf
+    if run.forced is not None and len(run.tokens) != len(run.forced):
+        return -math.inf
+    if expected_value is not None and run.value != expected_value:
+        return -math.inf
+    return run.log_prob
+
+
+def logsumexp(values: Sequence[float]) -> float:
+    """Stable log(sum(exp(values))) of plain floats (``-inf`` for none)."""
+    finite = [v for v in values if v != -math.inf]
+    if not finite:
+        return -math.inf
+    m = max(finite)
+    return m + math.log(sum(math.exp(v - m) for v in finite))

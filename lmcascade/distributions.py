@@ -1,0 +1,202 @@
+"""Distributions usable at sample and observe sites.
+
+:class:`LM` is the distribution over strings a language model defines given a prompt and
+decoding parameters.  Scalar choices use any ``pyro.distributions`` distribution; the common
+ones are re-exported here for convenience.
+
+>>> import lmcascade as lc
+>>> from lmcascade.models import ToyLM
+>>> lm = ToyLM(["a", "b", "<eos>"], lambda ctx: [0.0, 0.0, 0.0])
+>>> d = lc.LM(lm, "", max_tokens=1)
+>>> d.sample(seed=0) in {"", "a", "b"}
+True
+>>> round(d.log_prob("a"), 4)  # one token "a", then the length limit ends it
+-1.0986
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+
+import torch
+from pyro.distributions import (
+    Bernoulli,
+    Beta,
+    Binomial,
+    Categorical,
+    Delta,
+    Dirichlet,
+    Geometric,
+    Normal,
+    Poisson,
+    Uniform,
+)
+
+from lmcascade.errors import SiteError
+from lmcascade.models.base import LanguageModel
+
+
+class LM:
+    """The distribution over texts a language model generates from ``prompt``.
+
+    Tokens are drawn from the model's next-token distribution after ``temperature`` (0 means
+    greedy), then ``top_k``, then ``top_p``.  Generation ends when eos is drawn (not part of the
+    text), when the decoded text contains a ``stop`` string (the text is cut before its first
+    occurrence), or after ``max_tokens`` tokens (eos counts as a token).
+
+    >>> import lmcascade as lc
+    >>> from lmcascade.models import ToyLM
+    >>> lm = ToyLM(["hi", "<eos>"], lambda ctx: [0.0, 0.0])
+    >>> lc.LM(lm, "", max_tokens=3, stop="hihi").sample(seed=0) in {"", "hi"}
+    True
+    """
+
+    is_lm = True
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        prompt: str,
+        *,
+        max_tokens: int = 64,
+        stop: str | Sequence[str] | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+    ) -> None:
+        if not isinstance(model, LanguageModel):
+            raise SiteError(
+                f"LM needs a LanguageModel (ToyLM, TransformersLM...), got {type(model).__name__}"
+            )
+        if not isinstance(prompt, str):
+            raise SiteError(f"LM prompt must be a string, got {type(prompt).__name__}")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise SiteError(f"LM max_tokens must be a positive integer, got {max_tokens!r}")
+        if stop is None:
+            stops: tuple[str, ...] = ()
+        elif isinstance(stop, str):
+            stops = (stop,)
+        else:
+            stops = tuple(stop)
+        if any(not isinstance(s, str) or s == "" for s in stops):
+            raise SiteError(f"LM stop must be a non-empty string or a list of them, got {stop!r}")
+        if not (isinstance(temperature, int | float) and temperature >= 0):
+            raise SiteError(f"LM temperature must be a number >= 0, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise SiteError(f"LM top_k must be None or an integer >= 1, got {top_k!r}")
+        if not (isinstance(top_p, int | float) and 0 < top_p <= 1):
+            raise SiteError(f"LM top_p must be in (0, 1], got {top_p!r}")
+        self.model = model
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.stop = stops
+        self.temperature = float(temperature)
+        self.top_k = top_k
+        self.top_p = float(top_p)
+
+    @cached_property
+    def prompt_ids(self) -> list[int]:
+        """The prompt's token ids (raises TokenizationError when it cannot be tokenised)."""
+        return self.model.encode(self.prompt)
+
+    @cached_property
+    def max_stop_len(self) -> int:
+        return max((len(s) for s in self.stop), default=0)
+
+    def params(self) -> dict:
+        """The decoding parameters, as a plain dict (for traces and JSON)."""
+        return {
+            "model": self.model.name,
+            "prompt": self.prompt,
+            "max_tokens": self.max_tokens,
+            "stop": list(self.stop),
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+        }
+
+    def sample(self, seed: int | None = None) -> str:
+        """One text drawn from the distribution."""
+        from lmcascade.decoding import LMRun, run_to_end
+
+        gen = torch.Generator(device=self.model.device)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        run = LMRun(self)
+        run_to_end([run], {self.model.device: gen})
+        return run.value  # type: ignore[return-value]
+
+    def log_prob(self, text: str) -> float:
+        """Log-probability of generating exactly ``text`` (teacher forcing its tokens, plus the
+        probability of the ending event), batched over the ways a generation can end."""
+        from lmcascade.decoding import logsumexp, path_log_prob, run_to_end, scoring_runs
+
+        if not isinstance(text, str):
+            raise SiteError(f"LM.log_prob needs a string, got {type(text).__name__}")
+        runs = scoring_runs(self, text)
+        run_to_end(runs, {})
+        return logsumexp([path_log_prob(r, text) for r in runs])
+
+    def __repr__(self) -> str:
+        extra = "".join(
+            f", {k}={v!r}"
+            for k, v in self.params().items()
+            if k not in ("model", "prompt") and v not in (None, [], 1.0)
+        )
+        return f"LM({self.model.name!r}, {self.prompt!r}{extra})"
+
+
+def is_lm(dist: object) -> bool:
+    """True for LM string distributions."""
+    return getattr(dist, "is_lm", False) is True
+
+
+__all__ = [
+    "LM",
+    "Bernoulli",
+    "Beta",
+    "Binomial",
+    "Categorical",
+    "Delta",
+    "Dirichlet",
+    "Geometric",
+    "Normal",
+    "Poisson",
+    "Uniform",
+    "is_lm",
+]
+
+
+def _as_python(value: torch.Tensor):
+    """0-d tensors become Python numbers (ints stay ints); others stay tensors."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    return value
+
+
+def score(dist, value) -> float:
+    """``dist.log_prob(value)`` of a pyro distribution as a float, summed over event dims.
+
+    Plain Python values are converted to the dtype the distribution expects.
+    """
+    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    try:
+        lp = dist.log_prob(tensor)
+    except (RuntimeError, ValueError, TypeError):
+        lp = dist.log_prob(tensor.to(torch.get_default_dtype()))
+    return float(lp.sum())
+
+
+def draw_value(dist):
+    """A value from a pyro distribution (0-d tensors as Python numbers) and its log-prob."""
+    value = dist.sample()
+    return _as_python(value), float(dist.log_prob(value).sum())
+
+
+def support(dist) -> list:
+    """The finite support of an enumerable pyro distribution, as Python values."""
+    values = dist.enumerate_support(expand=False).reshape(-1, *dist.event_shape)
+    return [_as_python(v) for v in values]

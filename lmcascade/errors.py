@@ -1,0 +1,106 @@
+"""The lmcascade exception family.
+
+Every error a user can cause derives from :class:`LMCascadeError`, names the
+site, option or input at fault, and says what to do about it.
+
+>>> try:
+...     raise DuplicateSiteError("site 'x' appears twice")
+... except LMCascadeError as err:
+...     print(type(err).__name__, isinstance(err, ProgramError))
+DuplicateSiteError True
+"""
+
+from __future__ import annotations
+
+
+class LMCascadeError(Exception):
+    """Base class of every error lmcascade raises on purpose."""
+
+
+# --- program errors -------------------------------------------------------------------------
+
+
+class ProgramError(LMCascadeError):
+    """The program itself is malformed (bad yield, bad site, not a generator...)."""
+
+
+class BadYieldError(ProgramError):
+    """A program yielded something that is not an effect."""
+
+
+class DuplicateSiteError(ProgramError):
+    """Two sites in one execution share a name."""
+
+
+class ReplayDivergenceError(ProgramError):
+    """Re-running a program with recorded values did not reproduce the recorded trace."""
+
+
+class SiteError(ProgramError):
+    """A site received an invalid distribution, value or argument."""
+
+
+# --- model errors ---------------------------------------------------------------------------
+
+
+class ModelError(LMCascadeError):
+    """A language model was misconfigured or could not be used as asked."""
+
+
+class VocabularyError(ModelError):
+    """A model's vocabulary is invalid (missing eos, duplicates, empty tokens)."""
+
+
+class TokenizationError(ModelError):
+    """A text cannot be tokenised by the model's tokenizer."""
+
+
+# --- inference errors -----------------------------------------------------------------------
+
+
+class InferenceError(LMCascadeError):
+    """An inference method could not produce a valid result."""
+
+
+class UnknownMethodError(InferenceError):
+    """``lc.infer`` was asked for a method that is not registered."""
+
+
+class OptionError(InferenceError):
+    """An inference option is unknown or has an invalid value."""
+
+
+class NothingAcceptedError(InferenceError):
+    """Rejection sampling exhausted its attempt budget without accepting a sample."""
+
+
+class AllWeightsZeroError(InferenceError):
+    """Every trace has weight zero: the conditions were never satisfied."""
+
+
+class TooManyTracesError(InferenceError):
+    """Exact enumeration would exceed its ``max_traces`` budget."""
+
+
+class NotEnumerableError(InferenceError):
+    """A random choice has infinite or continuous support and cannot be enumerated."""
+
+
+__all__ = [
+    "LMCascadeError",
+    "ProgramError",
+    "BadYieldError",
+    "DuplicateSiteError",
+    "ReplayDivergenceError",
+    "SiteError",
+    "ModelError",
+    "VocabularyError",
+    "TokenizationError",
+    "InferenceError",
+    "UnknownMethodError",
+    "OptionError",
+    "NothingAcceptedError",
+    "AllWeightsZeroError",
+    "TooManyTracesError",
+    "NotEnumerableError",
+]

@@ -1,0 +1,143 @@
+"""The inference-method registry and the shared frame every method runs in.
+
+A method is a class with a short ``name``, a dict of ``options`` with their defaults, and a
+``run(bound, seed)`` that returns a :class:`~lmcascade.result.Result`.  ``lc.infer`` validates
+options, seeds every random source, times the run and fills the common stats.
+
+>>> from lmcascade.inference import methods
+>>> sorted(methods())
+['enumerate', 'forward', 'importance', 'rejection']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from lmcascade.engine import Particle
+from lmcascade.errors import AllWeightsZeroError, OptionError, UnknownMethodError
+from lmcascade.program import BoundProgram
+from lmcascade.result import Result
+
+_REGISTRY: dict[str, type[InferenceMethod]] = {}
+
+
+def register(cls: type[InferenceMethod]) -> type[InferenceMethod]:
+    """Class decorator: makes ``cls`` available as ``lc.infer(..., method=cls.name)``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def methods() -> dict[str, type[InferenceMethod]]:
+    """The registered methods by name."""
+    return dict(_REGISTRY)
+
+
+class InferenceMethod:
+    """Base class: option checking and the common frame; subclasses implement :meth:`run`."""
+
+    name: ClassVar[str] = ""
+    options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise OptionError(
+                f"method {self.name!r} has no option {unknown[0]!r}; its options are "
+                f"{', '.join(sorted(self.options)) or '(none)'}"
+            )
+        self.config = {**self.options, **options}
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Validates ``self.config``; raise :class:`OptionError` naming the option."""
+
+    def positive_int(self, key: str) -> int:
+        value = self.config[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise OptionError(f"method {self.name!r}: option {key} must be a positive integer, "
+                              f"got {value!r}")
+        return value
+
+    def run(self, bound: BoundProgram, seed: int) -> Result:
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seeds torch's global CPU generator (pyro draws), ``random`` and numpy for a block, and
+    restores their previous states afterwards."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def infer(bound: BoundProgram, method: str = "forward", seed: int | None = None,
+          **options: Any) -> Result:
+    """Runs inference on a bound program and returns a :class:`~lmcascade.result.Result`.
+
+    ``method`` is a registered name (see :func:`methods`); ``seed`` makes the run reproducible
+    (without one a seed is drawn and recorded in ``result.stats["seed"]``).
+
+    >>> import lmcascade as lc
+    >>> from pyro.distributions import Bernoulli
+    >>> @lc.program
+    ... def flip():
+    ...     x = yield lc.sample("x", Bernoulli(0.25))
+    ...     return int(x)
+    >>> dist = lc.infer(flip(), method="enumerate").distribution()
+    >>> {k: round(p, 6) for k, p in dist.items()}
+    {0: 0.75, 1: 0.25}
+    """
+    if not isinstance(bound, BoundProgram):
+        from lmcascade.errors import ProgramError
+
+        hint = " Call the program with its arguments first: infer(prog(...))." if callable(
+            bound) else ""
+        raise ProgramError(f"infer needs a bound program, got {type(bound).__name__}.{hint}")
+    cls = _REGISTRY.get(method)
+    if cls is None:
+        raise UnknownMethodError(
+            f"unknown inference method {method!r}; available: {', '.join(sorted(_REGISTRY))}"
+        )
+    instance = cls(**options)
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
+    start = time.perf_counter()
+    with seeded(seed), torch.inference_mode():
+        result = instance.run(bound, seed)
+    result.stats["wall_time_s"] = time.perf_counter() - start
+    result.stats["seed"] = seed
+    result.method = method
+    result.options = instance.config
+    return result
+
+
+def zero_weight_error(particles: list[Particle], what: str) -> AllWeightsZeroError:
+    """An error naming the sites that set every weight to zero, most frequent first."""
+    killers: dict[str, int] = {}
+    for p in particles:
+        for site in p.trace.sites:
+            if site.log_weight == -math.inf:
+                killers[site.name] = killers.get(site.name, 0) + 1
+                break
+    named = ", ".join(f"{n!r} ({c}x)" for n, c in sorted(killers.items(), key=lambda kv: -kv[1]))
+    return AllWeightsZeroError(
+        f"{what}: every trace has weight zero (zeroed at site {named or 'unknown'}); the "
+        "condition is never satisfied — relax it, raise the budget, or check the program"
+    )

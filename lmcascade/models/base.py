@@ -1,0 +1,111 @@
+"""The language-model protocol every model in lmcascade implements.
+
+A model exposes a tokenizer and *batched* next-token log-probabilities: the engine hands it
+many :class:`Context` handles at once and gets one ``[batch, vocab]`` tensor back, so a whole
+population of particles costs one model call per decoding step.  Contexts are opaque handles
+the engine can :meth:`~LanguageModel.fork` (after resampling) and
+:meth:`~LanguageModel.release`; for models without a cache these are plain bookkeeping.
+
+>>> from lmcascade.models import ToyLM
+>>> lm = ToyLM(["a", "b", "<eos>"], lambda ctx: [0.0, 0.0, 0.0])
+>>> ctx = lm.open(lm.tokenizer.encode("ab"))
+>>> lm.next_logprobs([ctx]).exp().tolist()  # doctest: +ELLIPSIS
+[[0.333..., 0.333..., 0.333...]]
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Text <-> token ids.  ``decode`` never includes the eos token in its text."""
+
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class Context:
+    """A handle to one token sequence (prompt, then generated tokens) owned by a model.
+
+    ``ids`` is the full sequence; ``state`` is whatever the model keeps for it (a KV-cache row,
+    nothing at all for a toy model).  Append with :meth:`append`; fork and release through the
+    model, which knows what the state means.
+    """
+
+    __slots__ = ("ids", "state")
+
+    def __init__(self, ids: Sequence[int], state: Any = None) -> None:
+        self.ids: list[int] = list(ids)
+        self.state = state
+
+    def append(self, token_id: int) -> None:
+        """Record one more token; the model processes it on its next call."""
+        self.ids.append(token_id)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"Context(len={len(self.ids)})"
+
+
+class LanguageModel(ABC):
+    """Base class of every model: a tokenizer plus batched next-token log-probabilities.
+
+    Subclasses implement :meth:`next_logprobs`; models with a cache also override
+    :meth:`open`, :meth:`fork`, :meth:`fork_many` and :meth:`release`.
+    """
+
+    name: str = "model"
+    tokenizer: Tokenizer
+
+    @property
+    def eos_id(self) -> int:
+        """Id of the end-of-sequence token."""
+        return self.tokenizer.eos_id
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of rows of the output distribution."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors (and the sampling that reads them) live."""
+        return torch.device("cpu")
+
+    def open(self, prompt_ids: Sequence[int]) -> Context:
+        """Start a context from prompt token ids."""
+        return Context(prompt_ids)
+
+    def fork(self, context: Context) -> Context:
+        """A new, independent handle continuing from the same tokens (state shared, not copied)."""
+        return Context(context.ids, context.state)
+
+    def fork_many(self, contexts: Sequence[Context], index: Sequence[int]) -> list[Context]:
+        """Forks ``contexts[i]`` for every ``i`` in ``index`` in one operation (resampling)."""
+        return [self.fork(contexts[i]) for i in index]
+
+    def release(self, context: Context) -> None:
+        """The engine no longer needs ``context``; free what it holds."""
+
+    @abstractmethod
+    def next_logprobs(self, contexts: Sequence[Context]) -> torch.Tensor:
+        """Normalised next-token log-probabilities, shape ``[len(contexts), vocab_size]``."""
+
+    def encode(self, text: str) -> list[int]:
+        """Shorthand for ``self.tokenizer.encode``."""
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Shorthand for ``self.tokenizer.decode``."""
+        return self.tokenizer.decode(ids)

@@ -1,0 +1,252 @@
+"""The embedded DSL: programs are generator functions that ``yield`` named effects.
+
+>>> import lmcascade as lc
+>>> from pyro.distributions import Bernoulli
+>>> @lc.program
+... def coin(p):
+...     heads = yield lc.sample("heads", Bernoulli(p))
+...     yield lc.condition("not_tails", heads == 1)
+...     return "H"
+>>> bound = coin(0.3)          # binds arguments; nothing runs yet
+>>> bound
+coin(0.3)
+>>> lc.infer(bound, method="enumerate").distribution()
+{'H': 1.0}
+
+Effects (each a small frozen record) say what the program wants; inference methods decide
+what they mean: sample from the prior, replay a recorded value, branch over every value...
+
+Site names must be unique within one execution.  Inside loops, either build the name
+(``f"step{i}"``) or end it with ``[]``: ``"step[]"`` becomes ``step[0]``, ``step[1]``, ...
+in the order the sites occur.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmcascade.errors import ProgramError, SiteError
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    """Base of every request a program yields; ``name`` identifies its site in the trace."""
+
+    name: str
+
+    kind = "effect"
+
+
+@dataclass(frozen=True, slots=True)
+class Sample(Effect):
+    """A random choice ``x ~ dist``; the program receives the chosen value."""
+
+    dist: Any
+    kind = "sample"
+
+
+@dataclass(frozen=True, slots=True)
+class Observe(Effect):
+    """Conditioning on ``value`` having been drawn from ``dist``: adds ``dist.log_prob(value)``."""
+
+    dist: Any
+    value: Any
+    kind = "observe"
+
+
+@dataclass(frozen=True, slots=True)
+class Factor(Effect):
+    """Adds ``log_weight`` to the trace's log-weight (soft constraint, reward)."""
+
+    log_weight: Any
+    kind = "factor"
+
+
+@dataclass(frozen=True, slots=True)
+class Condition(Effect):
+    """A hard constraint: the trace has weight zero unless ``ok`` is true."""
+
+    ok: Any
+    kind = "condition"
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Effect):
+    """A deterministic tool call ``fn(*args, **kwargs)``, recorded and memoised on replay."""
+
+    fn: Callable[..., Any]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    kind = "call"
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise SiteError(f"a site name must be a non-empty string, got {name!r}")
+    return name
+
+
+def sample(name: str, dist: Any) -> Sample:
+    """``x = yield lc.sample(name, dist)``: a random choice from ``dist``.
+
+    ``dist`` is an :class:`lc.LM` or any ``pyro.distributions`` distribution.
+
+    >>> import lmcascade as lc
+    >>> from pyro.distributions import Categorical
+    >>> lc.sample("color", Categorical(probs=__import__("torch").tensor([0.5, 0.5]))).name
+    'color'
+    """
+    _check_name(name)
+    if not (getattr(dist, "is_lm", False) or hasattr(dist, "log_prob")):
+        raise SiteError(
+            f"site {name!r}: sample needs an lc.LM or a pyro distribution, got "
+            f"{type(dist).__name__}"
+        )
+    return Sample(name, dist)
+
+
+def observe(name: str, dist: Any, value: Any) -> Observe:
+    """``yield lc.observe(name, dist, value)``: weight the trace by ``dist.log_prob(value)``.
+
+    >>> import lmcascade as lc
+    >>> from pyro.distributions import Bernoulli
+    >>> lc.observe("saw_heads", Bernoulli(0.9), 1.0).kind
+    'observe'
+    """
+    _check_name(name)
+    if not (getattr(dist, "is_lm", False) or hasattr(dist, "log_prob")):
+        raise SiteError(
+            f"site {name!r}: observe needs an lc.LM or a pyro distribution, got "
+            f"{type(dist).__name__}"
+        )
+    return Observe(name, dist, value)
+
+
+def factor(name: str, log_weight: Any) -> Factor:
+    """``yield lc.factor(name, log_weight)``: add a score to the trace's log-weight.
+
+    >>> import lmcascade as lc
+    >>> lc.factor("reward", -1.5).log_weight
+    -1.5
+    """
+    return Factor(_check_name(name), log_weight)
+
+
+def condition(name: str, ok: Any) -> Condition:
+    """``yield lc.condition(name, ok)``: a hard constraint; the trace is rejected unless ``ok``.
+
+    >>> import lmcascade as lc
+    >>> lc.condition("is_number", "42".isdigit()).ok
+    True
+    """
+    return Condition(_check_name(name), ok)
+
+
+def call(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Call:
+    """``y = yield lc.call(name, fn, *args)``: a recorded, replay-memoised tool call.
+
+    >>> import lmcascade as lc
+    >>> lc.call("calc", eval, "1 + 1").fn is eval
+    True
+    """
+    _check_name(name)
+    if not callable(fn):
+        raise SiteError(f"site {name!r}: call needs a callable, got {type(fn).__name__}")
+    return Call(name, fn, tuple(args), dict(kwargs))
+
+
+def gen(name: str, model: Any, prompt: str, **params: Any) -> Sample:
+    """``text = yield lc.gen(name, model, prompt, **params)``: sugar for
+    ``lc.sample(name, lc.LM(model, prompt, **params))``.
+
+    >>> import lmcascade as lc
+    >>> from lmcascade.models import ToyLM
+    >>> lm = ToyLM(["a", "<eos>"], lambda ctx: [0.0, 0.0])
+    >>> lc.gen("answer", lm, "a", max_tokens=4).dist.max_tokens
+    4
+    """
+    from lmcascade.distributions import LM
+
+    _check_name(name)
+    try:
+        dist = LM(model, prompt, **params)
+    except TypeError as err:
+        raise SiteError(
+            f"site {name!r}: {err}; LM takes max_tokens, stop, temperature, top_k, top_p"
+        ) from None
+    except SiteError as err:
+        raise SiteError(f"site {name!r}: {err}") from None
+    return Sample(name, dist)
+
+
+class Program:
+    """A probabilistic program: a generator function made callable as a model.
+
+    Use :func:`program` as a decorator.  Calling the program binds arguments and returns a
+    :class:`BoundProgram`; ``lc.infer`` runs it.
+    """
+
+    def __init__(self, fn: Callable[..., Generator]) -> None:
+        if not inspect.isgeneratorfunction(fn):
+            raise ProgramError(
+                f"@lc.program needs a generator function; {getattr(fn, '__name__', fn)!r} "
+                "has no `yield`. Write effects as `x = yield lc.sample(...)`."
+            )
+        self.fn = fn
+        self.name = fn.__name__
+        self.signature = inspect.signature(fn)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> BoundProgram:
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise ProgramError(
+                f"program {self.name!r} called with bad arguments: {err}; "
+                f"its signature is {self.name}{self.signature}"
+            ) from None
+        return BoundProgram(self, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<lmcascade program {self.name}{self.signature}>"
+
+
+class BoundProgram:
+    """A program with its arguments bound; iterate it (or ``yield from`` it) to run it."""
+
+    def __init__(self, program: Program, args: tuple, kwargs: dict) -> None:
+        self.program = program
+        self.args = args
+        self.kwargs = kwargs
+
+    @property
+    def name(self) -> str:
+        return self.program.name
+
+    def __iter__(self) -> Iterator:
+        return self.program.fn(*self.args, **self.kwargs)
+
+    def __repr__(self) -> str:
+        parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{self.program.name}({', '.join(parts)})"
+
+
+def program(fn: Callable[..., Generator]) -> Program:
+    """Decorator: turns a generator function into an lmcascade :class:`Program`.
+
+    >>> import lmcascade as lc
+    >>> @lc.program
+    ... def hello():
+    ...     yield lc.factor("f", 0.0)
+    ...     return "hi"
+    >>> lc.infer(hello(), method="forward", num_samples=2, seed=0).values
+    ['hi', 'hi']
+    """
+    return Program(fn)
+
+
+EFFECT_TYPES = (Sample, Observe, Factor, Condition, Call)

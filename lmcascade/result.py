@@ -1,0 +1,176 @@
+"""Result: what every inference method returns — weighted traces and what follows from them.
+
+>>> import math
+>>> from lmcascade.trace import Trace
+>>> def trace(value):
+...     t = Trace(); t.value = value; t.done = True; return t
+>>> r = Result([trace("a"), trace("b"), trace("a")], [0.0, math.log(3), 0.0], method="demo")
+>>> {k: round(p, 6) for k, p in r.distribution().items()}
+{'b': 0.6, 'a': 0.4}
+>>> r.best(), round(r.ess, 3)
+('b', 2.273)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from lmcascade.trace import Trace, jsonable
+
+
+def value_key(value: Any) -> Any:
+    """A hashable stand-in for ``value`` so equal values merge (lists, dicts, tensors too)."""
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return json.dumps(jsonable(value), sort_keys=True)
+
+
+def log_mean_exp(log_weights: Sequence[float] | np.ndarray) -> float:
+    """log(mean(exp(w))), stable; ``-inf`` when every weight is zero."""
+    lw = np.asarray(log_weights, dtype=np.float64)
+    if lw.size == 0 or np.all(lw == -np.inf):
+        return -math.inf
+    m = lw.max()
+    return float(m + np.log(np.mean(np.exp(lw - m))))
+
+
+def normalise(log_weights: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Normalised weights from log-weights (all ``nan`` if every weight is zero)."""
+    lw = np.asarray(log_weights, dtype=np.float64)
+    if lw.size == 0 or np.all(lw == -np.inf):
+        return np.full(lw.shape, np.nan)
+    w = np.exp(lw - lw.max())
+    return w / w.sum()
+
+
+def effective_sample_size(log_weights: Sequence[float] | np.ndarray) -> float:
+    """(sum w)^2 / sum w^2 — the number of equally weighted samples these are worth."""
+    w = normalise(log_weights)
+    if np.isnan(w).any():
+        return 0.0
+    return float(1.0 / np.sum(w**2))
+
+
+class Result:
+    """Weighted traces from one inference run.
+
+    ``values`` are the programs' return values (``None`` for a trace stopped at weight zero),
+    ``log_weights`` their unnormalised log-weights and ``weights`` the normalised ones (numpy
+    float64).  ``log_evidence`` estimates log Z (``nan`` where a method does not estimate it).
+    """
+
+    def __init__(
+        self,
+        traces: Sequence[Trace],
+        log_weights: Sequence[float],
+        *,
+        log_evidence: float = math.nan,
+        stats: dict | None = None,
+        method: str = "",
+        options: dict | None = None,
+    ) -> None:
+        self.traces = list(traces)
+        self.log_weights = np.asarray(log_weights, dtype=np.float64)
+        self.log_evidence = float(log_evidence)
+        self.stats: dict[str, Any] = dict(stats or {})
+        self.method = method
+        self.options = dict(options or {})
+
+    @property
+    def values(self) -> list:
+        return [t.value for t in self.traces]
+
+    @property
+    def weights(self) -> np.ndarray:
+        return normalise(self.log_weights)
+
+    @property
+    def ess(self) -> float:
+        return effective_sample_size(self.log_weights)
+
+    def __len__(self) -> int:
+        return len(self.traces)
+
+    def distribution(self) -> dict:
+        """Value -> probability, equal values merged, most probable first."""
+        totals: dict[Any, list] = {}
+        for trace, w in zip(self.traces, self.weights, strict=True):
+            if not w > 0:
+                continue
+            key = value_key(trace.value)
+            if key in totals:
+                totals[key][1] += float(w)
+            else:
+                totals[key] = [trace.value, float(w)]
+        total = math.fsum(p for _, p in totals.values())
+        ranked = sorted(totals.values(), key=lambda vw: -vw[1])
+        return {value_key(v): p / total for v, p in ranked}
+
+    def best(self) -> Any:
+        """The most probable value (by merged weight)."""
+        dist = self.distribution()
+        if not dist:
+            return None
+        return next(iter(dist))
+
+    def sample(self, n: int, seed: int | None = None) -> list:
+        """``n`` values drawn with replacement in proportion to their weights."""
+        w = self.weights
+        if np.isnan(w).any():
+            return []
+        rng = np.random.default_rng(seed)
+        idx = rng.choice(len(self.traces), size=n, p=w)
+        return [self.traces[i].value for i in idx]
+
+    def summary(self, top: int = 10) -> str:
+        """A readable table: the most probable values, evidence, ESS and stats."""
+        lines = [f"lmcascade result — method {self.method!r}, {len(self.traces)} traces"]
+        dist = self.distribution()
+        width = min(60, max((len(repr(v)) for v in list(dist)[:top]), default=5))
+        lines.append(f"  {'value':<{width}}  probability")
+        for value, p in list(dist.items())[:top]:
+            text = repr(value)
+            if len(text) > width:
+                text = text[: width - 3] + "..."
+            lines.append(f"  {text:<{width}}  {p:.4f}")
+        if len(dist) > top:
+            lines.append(f"  ... {len(dist) - top} more values")
+        lines.append(f"  log evidence: {self.log_evidence:.6g}    ESS: {self.ess:.2f}")
+        stats = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.stats.items()
+        )
+        lines.append(f"  stats: {stats}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "options": jsonable(self.options),
+            "log_evidence": jsonable(self.log_evidence),
+            "ess": self.ess,
+            "distribution": [
+                {"value": jsonable(v), "probability": p} for v, p in self.distribution().items()
+            ],
+            "traces": [
+                {**t.to_dict(), "weight": jsonable(float(w))}
+                for t, w in zip(self.traces, self.weights, strict=True)
+            ],
+            "stats": jsonable(self.stats),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The full result as JSON (values, weights, traces, stats)."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def __repr__(self) -> str:
+        return (
+            f"Result(method={self.method!r}, traces={len(self.traces)}, "
+            f"log_evidence={self.log_evidence:.4g}, ess={self.ess:.3g})"
+        )
