@@ -183,10 +183,12 @@ def score(dist, value) -> float:
     Plain Python values are converted to the dtype the distribution expects.
     """
     tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if not isinstance(value, torch.Tensor) and tensor.is_floating_point():
+        tensor = tensor.double()  # Python floats are doubles; keep their precision
     try:
         lp = dist.log_prob(tensor)
     except (RuntimeError, ValueError, TypeError):
-        lp = dist.log_prob(tensor.to(torch.get_default_dtype()))
+        lp = dist.log_prob(tensor.double())
     return float(lp.sum())
 
 
