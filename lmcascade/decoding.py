@@ -53,6 +53,11 @@ class Detokenizer:
     def push(self, token_id: int) -> str:
         """Adds a token and returns the characters it completed (possibly empty)."""
         self.ids.append(token_id)
+        piece = getattr(self.tokenizer, "token_text", None)
+        if piece is not None:  # concatenative tokenizers: a token's text never changes
+            delta = piece(token_id)
+            self.text += delta
+            return delta
         before = self.tokenizer.decode(self.ids[self._prefix : self._read])
         after = self.tokenizer.decode(self.ids[self._prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
@@ -74,8 +79,17 @@ class LMRun:
     """One generation (sampled, or forced along ``forced`` token ids) under an LM distribution."""
 
     __slots__ = (
-        "dist", "model", "ctx", "forced", "tokens", "log_prob", "done", "end", "value",
-        "_detok", "_stop_scan",
+        "dist",
+        "model",
+        "ctx",
+        "forced",
+        "tokens",
+        "log_prob",
+        "done",
+        "end",
+        "value",
+        "_detok",
+        "_stop_scan",
     )
 
     def __init__(
@@ -99,7 +113,11 @@ class LMRun:
         twin.dist, twin.model, twin.ctx, twin.forced = self.dist, self.model, ctx, self.forced
         twin.tokens = list(self.tokens)
         twin.log_prob, twin.done, twin.end, twin.value = (
-            self.log_prob, self.done, self.end, self.value)
+            self.log_prob,
+            self.done,
+            self.end,
+            self.value,
+        )
         twin._detok = self._detok.copy()
         twin._stop_scan = self._stop_scan
         return twin

@@ -151,8 +151,11 @@ class Policy:
             return Pending(
                 runs,
                 lambda rs: Site(
-                    name, "observe", eff.value,
-                    logsumexp([path_log_prob(r, eff.value) for r in rs]), dist=eff.dist,
+                    name,
+                    "observe",
+                    eff.value,
+                    logsumexp([path_log_prob(r, eff.value) for r in rs]),
+                    dist=eff.dist,
                 ),
             )
         try:

@@ -84,7 +84,7 @@ class Trace:
         if site.name in self._index:
             raise DuplicateSiteError(
                 f"site {site.name!r} appears twice in one execution; site names must be unique. "
-                f"In a loop, use f\"{site.name}{{i}}\" or the auto-index form \"{site.name}[]\""
+                f'In a loop, use f"{site.name}{{i}}" or the auto-index form "{site.name}[]"'
             )
         self._index[site.name] = len(self.sites)
         self.sites.append(site)

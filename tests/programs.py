@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 from pyro.distributions import Bernoulli, Categorical
@@ -14,7 +14,7 @@ from lmcascade.models import ToyLM
 VOCAB = ["a", "b", "c", "q", ":", "<eos>"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _scores(ctx: tuple[int, ...]) -> tuple[float, ...]:
     """Context-dependent, deterministic next-token scores (q and : never generated)."""
     h = (sum((i + 1) * (t + 3) for i, t in enumerate(ctx)) * 2654435761) % 997

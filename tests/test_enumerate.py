@@ -35,8 +35,7 @@ def assert_dist(got, want):
 
 def test_unconstrained_two_tokens():
     # Hand-computed: eos first .2; one token then eos; two tokens hit max_tokens.
-    want = {"": 0.2, "a": 0.5 * 0.2, "b": 0.3 * 0.2,
-            "aa": 0.25, "ab": 0.15, "ba": 0.15, "bb": 0.09}
+    want = {"": 0.2, "a": 0.5 * 0.2, "b": 0.3 * 0.2, "aa": 0.25, "ab": 0.15, "ba": 0.15, "bb": 0.09}
     assert_dist(exact(gen_program(max_tokens=2)), want)
 
 
@@ -74,7 +73,11 @@ def test_top_k_top_p_temperature():
 
 
 def test_lm_log_prob_matches_enumeration():
-    for params in ({"max_tokens": 2}, {"max_tokens": 3, "stop": "b"}, {"max_tokens": 2, "top_p": 0.6}):
+    for params in (
+        {"max_tokens": 2},
+        {"max_tokens": 3, "stop": "b"},
+        {"max_tokens": 2, "top_p": 0.6},
+    ):
         dist = lc.LM(FIXED, "", **params)
         for text, p in exact(gen_program(**params)).items():
             assert math.exp(dist.log_prob(text)) == pytest.approx(p, abs=1e-12), (params, text)
@@ -90,8 +93,12 @@ def test_categorical_and_bernoulli_sites():
 
     r = lc.infer(prog(), method="enumerate")
     z = 1 - 0.5 * 0.25
-    want = {(c, k): pc * (0.25 if k else 0.75) / z
-            for c, pc in enumerate([0.2, 0.3, 0.5]) for k in (0, 1) if not (c == 2 and k == 1)}
+    want = {
+        (c, k): pc * (0.25 if k else 0.75) / z
+        for c, pc in enumerate([0.2, 0.3, 0.5])
+        for k in (0, 1)
+        if not (c == 2 and k == 1)
+    }
     assert_dist(r.distribution(), want)
     assert r.log_evidence == pytest.approx(math.log(z))
 

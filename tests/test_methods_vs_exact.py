@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from pyro.distributions import Categorical
-from programs import LM, MAX_LOG_WEIGHT, PROGRAMS, VOCAB
-from stats import tv_bound, tv_distance
 
 import lmcascade as lc
 from lmcascade.models import ToyLM
+from programs import LM, MAX_LOG_WEIGHT, PROGRAMS, VOCAB
+from stats import tv_bound, tv_distance
 
 N = 3000
 
@@ -47,8 +47,9 @@ def test_importance_prior_matches_exact(case):
 
 def test_rejection_matches_exact(case):
     name, prog, exact = case
-    r = lc.infer(prog, method="rejection", num_samples=N, seed=13,
-                 max_log_weight=MAX_LOG_WEIGHT[name])
+    r = lc.infer(
+        prog, method="rejection", num_samples=N, seed=13, max_log_weight=MAX_LOG_WEIGHT[name]
+    )
     assert len(r.values) == N and np.all(r.weights == 1.0 / N)
     assert 0 < r.stats["acceptance_rate"] <= 1
     check_close(r, exact, N)
@@ -58,18 +59,21 @@ def test_evidence_unbiased_over_seeds(case):
     """mean of exp(log_evidence) over seeds is within 3 standard errors of the exact Z."""
     _, prog, exact = case
     z = math.exp(exact.log_evidence)
-    estimates = np.array([
-        math.exp(lc.infer(prog, method="importance", num_samples=100, seed=s).log_evidence)
-        for s in range(40)
-    ])
+    estimates = np.array(
+        [
+            math.exp(lc.infer(prog, method="importance", num_samples=100, seed=s).log_evidence)
+            for s in range(40)
+        ]
+    )
     se = estimates.std(ddof=1) / math.sqrt(len(estimates))
     assert abs(estimates.mean() - z) < 3 * se + 1e-12, (estimates.mean(), z, se)
 
 
 # --- importance with a proposal program ---------------------------------------------------
 
-OTHER = ToyLM(VOCAB, lambda ctx: [0.0, 0.0, 0.0, -math.inf, -math.inf, 0.3 * len(ctx)],
-              name="flat-toy")
+OTHER = ToyLM(
+    VOCAB, lambda ctx: [0.0, 0.0, 0.0, -math.inf, -math.inf, 0.3 * len(ctx)], name="flat-toy"
+)
 
 
 @lc.program
@@ -91,8 +95,11 @@ def other_model_proposal():
 
 @pytest.mark.parametrize(
     ("program", "proposal"),
-    [("categorical_prompt", topic_proposal), ("hard_condition", tempered_proposal),
-     ("hard_condition", other_model_proposal)],
+    [
+        ("categorical_prompt", topic_proposal),
+        ("hard_condition", tempered_proposal),
+        ("hard_condition", other_model_proposal),
+    ],
 )
 def test_importance_with_proposal(program, proposal):
     prog = PROGRAMS[program]()
@@ -101,11 +108,16 @@ def test_importance_with_proposal(program, proposal):
     check_close(r, exact, r.ess)
     # The evidence estimate is unbiased under the proposal too.
     z = math.exp(exact.log_evidence)
-    est = np.array([
-        math.exp(lc.infer(prog, method="importance", proposal=proposal(), num_samples=100,
-                          seed=s).log_evidence)
-        for s in range(30)
-    ])
+    est = np.array(
+        [
+            math.exp(
+                lc.infer(
+                    prog, method="importance", proposal=proposal(), num_samples=100, seed=s
+                ).log_evidence
+            )
+            for s in range(30)
+        ]
+    )
     assert abs(est.mean() - z) < 3 * est.std(ddof=1) / math.sqrt(len(est)) + 1e-12
 
 

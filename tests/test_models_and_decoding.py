@@ -28,7 +28,12 @@ def test_toy_tokenizer_longest_match_and_errors():
 
 @pytest.mark.parametrize(
     ("vocab", "fragment"),
-    [([], "empty"), (["a"], "no eos"), (["a", "a", "<eos>"], "duplicate"), (["", "<eos>"], "non-empty")],
+    [
+        ([], "empty"),
+        (["a"], "no eos"),
+        (["a", "a", "<eos>"], "duplicate"),
+        (["", "<eos>"], "non-empty"),
+    ],
 )
 def test_bad_vocab(vocab, fragment):
     with pytest.raises(VocabularyError, match=fragment):
@@ -37,18 +42,20 @@ def test_bad_vocab(vocab, fragment):
 
 def test_bad_next_logprobs():
     lm = ToyLM(["a", "<eos>"], lambda ctx: [0.0])
-    with pytest.raises(ModelError, match="must return 2 numbers"):
+    with pytest.raises(ModelError, match="must return 2 numbers, got 1"):
         lc.LM(lm, "a").sample(seed=0)
     lm = ToyLM(["a", "<eos>"], lambda ctx: [-math.inf, -math.inf])
-    with pytest.raises(ModelError, match="forbids every token"):
+    with pytest.raises(ModelError, match="forbids every"):
         lc.LM(lm, "a").sample(seed=0)
 
 
 def test_stop_string_spanning_tokens_cuts_before_first_occurrence():
     # Deterministic model: a, b, c, a, b, ... never eos.
     order = [1, 2, 3]
-    lm = ToyLM(["ab", "a", "b", "c", "<eos>"],
-               lambda ctx: [0.0 if i == order[len(ctx) % 3] else -math.inf for i in range(5)])
+    lm = ToyLM(
+        ["ab", "a", "b", "c", "<eos>"],
+        lambda ctx: [0.0 if i == order[len(ctx) % 3] else -math.inf for i in range(5)],
+    )
     dist = lc.LM(lm, "", max_tokens=10, stop=["ca", "bc"])
     run = LMRun(dist)
     run_to_end([run], {})
@@ -61,14 +68,19 @@ def test_log_prob_of_text_containing_stop_is_impossible():
     lm = const(0.1, 0.3, 0.3, 0.1, 0.2)
     assert lc.LM(lm, "", max_tokens=4, stop="c").log_prob("acb") == -math.inf
     assert lc.LM(lm, "", max_tokens=4, stop="c").log_prob("a") == pytest.approx(
-        math.log(0.3 * 0.2 + 0.3 * 0.1))  # a then eos, or a then the stop token c
+        math.log(0.3 * 0.2 + 0.3 * 0.1)
+    )  # a then eos, or a then the stop token c
 
 
 def test_lm_validation():
     lm = const(0.2, 0.2, 0.2, 0.2, 0.2)
-    for kwargs, fragment in [({"max_tokens": -1}, "max_tokens"), ({"stop": [""]}, "stop"),
-                             ({"temperature": -1}, "temperature"), ({"top_k": 0}, "top_k"),
-                             ({"top_p": 0.0}, "top_p")]:
+    for kwargs, fragment in [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"stop": [""]}, "stop"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+    ]:
         with pytest.raises(SiteError, match=fragment):
             lc.LM(lm, "a", **kwargs)
     with pytest.raises(SiteError, match="LanguageModel"):
@@ -87,12 +99,14 @@ def test_detokenizer_is_incremental():
 
 
 def test_process_logprobs_rowwise():
-    lp = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0.5, 0.3, 0.2]],
-                                dtype=torch.float64))
-    out = process_logprobs(lp, torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0, 0, 2]),
-                           torch.tensor([1.0, 0.5, 1.0])).exp()
-    assert out[0].tolist() == [1.0, 0.0, 0.0]          # greedy
-    assert out[1].tolist() == [1.0, 0.0, 0.0]          # top_p .5 keeps only the first token
+    lp = torch.log(
+        torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0.5, 0.3, 0.2]], dtype=torch.float64)
+    )
+    out = process_logprobs(
+        lp, torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0, 0, 2]), torch.tensor([1.0, 0.5, 1.0])
+    ).exp()
+    assert out[0].tolist() == [1.0, 0.0, 0.0]  # greedy
+    assert out[1].tolist() == [1.0, 0.0, 0.0]  # top_p .5 keeps only the first token
     assert out[2].tolist() == pytest.approx([0.625, 0.375, 0.0])  # top_k 2
 
 

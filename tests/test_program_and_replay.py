@@ -5,7 +5,6 @@ import random
 import pytest
 import torch
 from pyro.distributions import Bernoulli, Categorical
-from programs import LM
 
 import lmcascade as lc
 from lmcascade.engine import Engine, Particle
@@ -16,6 +15,7 @@ from lmcascade.errors import (
     ReplayDivergenceError,
     SiteError,
 )
+from programs import LM
 
 
 @lc.program
@@ -58,6 +58,7 @@ def test_bound_program_does_not_run_until_inferred():
 
 def test_not_a_generator_function():
     with pytest.raises(ProgramError, match="generator function"):
+
         @lc.program
         def plain():
             return 1

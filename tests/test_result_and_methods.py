@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 from pyro.distributions import Bernoulli, Normal
-from programs import LM, PROGRAMS
 
 import lmcascade as lc
 from lmcascade.errors import (
@@ -18,6 +17,7 @@ from lmcascade.errors import (
     UnknownMethodError,
 )
 from lmcascade.models import ToyLM
+from programs import LM, PROGRAMS
 
 
 @lc.program
@@ -81,13 +81,19 @@ def test_rejection_errors():
     with pytest.raises(InferenceError, match="max_log_weight"):
         lc.infer(PROGRAMS["chained_soft"](), method="rejection", num_samples=5, seed=0)
     with pytest.raises(OptionError, match="max_log_weight"):
-        lc.infer(PROGRAMS["chained_soft"](), method="rejection", num_samples=50, seed=0,
-                 max_log_weight=-5.0)
+        lc.infer(
+            PROGRAMS["chained_soft"](),
+            method="rejection",
+            num_samples=50,
+            seed=0,
+            max_log_weight=-5.0,
+        )
 
 
 def test_rejection_partial_result_keeps_what_was_accepted():
-    r = lc.infer(PROGRAMS["hard_condition"](), method="rejection", num_samples=1000,
-                 max_attempts=100, seed=0)
+    r = lc.infer(
+        PROGRAMS["hard_condition"](), method="rejection", num_samples=1000, max_attempts=100, seed=0
+    )
     assert 0 < len(r.values) < 1000
     assert r.stats["shortfall"] == 1000 - len(r.values)
     assert r.stats["attempts"] == 100

@@ -62,8 +62,9 @@ class InferenceMethod:
     def positive_int(self, key: str) -> int:
         value = self.config[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise OptionError(f"method {self.name!r}: option {key} must be a positive integer, "
-                              f"got {value!r}")
+            raise OptionError(
+                f"method {self.name!r}: option {key} must be a positive integer, got {value!r}"
+            )
         return value
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
@@ -87,8 +88,9 @@ def seeded(seed: int) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-def infer(bound: BoundProgram, method: str = "forward", seed: int | None = None,
-          **options: Any) -> Result:
+def infer(
+    bound: BoundProgram, method: str = "forward", seed: int | None = None, **options: Any
+) -> Result:
     """Runs inference on a bound program and returns a :class:`~lmcascade.result.Result`.
 
     ``method`` is a registered name (see :func:`methods`); ``seed`` makes the run reproducible
@@ -107,8 +109,11 @@ def infer(bound: BoundProgram, method: str = "forward", seed: int | None = None,
     if not isinstance(bound, BoundProgram):
         from lmcascade.errors import ProgramError
 
-        hint = " Call the program with its arguments first: infer(prog(...))." if callable(
-            bound) else ""
+        hint = (
+            " Call the program with its arguments first: infer(prog(...))."
+            if callable(bound)
+            else ""
+        )
         raise ProgramError(f"infer needs a bound program, got {type(bound).__name__}.{hint}")
     cls = _REGISTRY.get(method)
     if cls is None:

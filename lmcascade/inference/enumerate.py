@@ -133,11 +133,13 @@ class Enumerate(InferenceMethod):
                 if p.done:
                     (dead if p.dead else complete).append(p)
             lm_open = [p for p in open_ if is_lm(p.waiting.effect.dist)]  # type: ignore[union-attr]
-            expansions = dict(zip(
-                map(id, lm_open),
-                expand_lm([p.waiting.effect.dist for p in lm_open], limit, engine.stats),  # type: ignore[union-attr]
-                strict=True,
-            ))
+            expansions = dict(
+                zip(
+                    map(id, lm_open),
+                    expand_lm([p.waiting.effect.dist for p in lm_open], limit, engine.stats),  # type: ignore[union-attr]
+                    strict=True,
+                )
+            )
             frontier = []
             for p in open_:
                 branch = p.waiting

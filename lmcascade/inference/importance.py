@@ -65,7 +65,11 @@ class ProposalPolicy(Policy):
         return Pending(
             runs,
             lambda rs: Site(
-                name, "sample", value, logsumexp([path_log_prob(r, value) for r in rs]), q,
+                name,
+                "sample",
+                value,
+                logsumexp([path_log_prob(r, value) for r in rs]),
+                q,
                 dist=dist,
             ),
         )
@@ -94,8 +98,9 @@ class Importance(InferenceMethod):
         proposal: BoundProgram | None = self.config["proposal"]
         if proposal is None:
             engine = Engine(Policy(), seed=seed)
-            return weighted_result(run_population(bound, n, engine, batch), engine,
-                                   "importance sampling")
+            return weighted_result(
+                run_population(bound, n, engine, batch), engine, "importance sampling"
+            )
         guide_engine = Engine(Policy(), seed=seed, stop_dead=False)
         guides = run_population(proposal, n, guide_engine, batch)
         for g in guides:

@@ -39,8 +39,12 @@ class Rejection(InferenceMethod):
     """``num_samples`` exact posterior samples within a budget of ``max_attempts`` traces."""
 
     name = "rejection"
-    options = {"num_samples": 100, "max_attempts": 100_000, "max_log_weight": None,
-               "batch_size": None}
+    options = {
+        "num_samples": 100,
+        "max_attempts": 100_000,
+        "max_log_weight": None,
+        "batch_size": None,
+    }
 
     def check_options(self) -> None:
         self.positive_int("num_samples")
@@ -49,8 +53,9 @@ class Rejection(InferenceMethod):
             self.positive_int("batch_size")
         bound = self.config["max_log_weight"]
         if bound is not None and not (isinstance(bound, int | float) and math.isfinite(bound)):
-            raise OptionError(f"method 'rejection': max_log_weight must be a finite number, "
-                              f"got {bound!r}")
+            raise OptionError(
+                f"method 'rejection': max_log_weight must be a finite number, got {bound!r}"
+            )
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
         want = self.config["num_samples"]
@@ -113,5 +118,6 @@ class Rejection(InferenceMethod):
             shortfall=want - len(accepted),
         )
         log_z = math.log(n_ok / attempts) + (max_lw or 0.0)
-        return Result([p.trace for p in accepted], [0.0] * len(accepted),
-                      log_evidence=log_z, stats=stats)
+        return Result(
+            [p.trace for p in accepted], [0.0] * len(accepted), log_evidence=log_z, stats=stats
+        )

@@ -97,6 +97,7 @@ class LanguageModel(ABC):
 
     def release(self, context: Context) -> None:
         """The engine no longer needs ``context``; free what it holds."""
+        context.state = None
 
     @abstractmethod
     def next_logprobs(self, contexts: Sequence[Context]) -> torch.Tensor:

@@ -45,10 +45,14 @@ class ToyTokenizer:
             else:
                 raise TokenizationError(
                     f"cannot tokenise {text!r}: no token of the vocabulary matches at character "
-                    f"{pos} ({text[pos:pos + 10]!r}); add such a token to the ToyLM vocab or change "
+                    f"{pos} ({text[pos : pos + 10]!r}); add such a token to the ToyLM vocab or change "
                     "the text"
                 )
         return ids
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token (this tokenizer is concatenative; eos has no text)."""
+        return "" if token_id == self.eos_id else self.vocab[token_id]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Concatenated token strings, eos left out."""
@@ -104,25 +108,34 @@ class ToyLM(LanguageModel):
         return len(self.vocab)
 
     def next_logprobs(self, contexts: Sequence[Context]) -> torch.Tensor:
-        rows = []
-        for ctx in contexts:
-            ids = tuple(ctx.ids)
-            raw = self._fn(ids)
-            row = torch.as_tensor(raw, dtype=torch.float64).reshape(-1)
-            if row.shape[0] != self.vocab_size or torch.isnan(row).any():
-                raise ModelError(
-                    f"ToyLM {self.name!r}: next_logprobs({ids}) must return {self.vocab_size} "
-                    f"numbers without NaN, got shape {tuple(row.shape)}"
-                )
-            if torch.isneginf(row).all():
-                raise ModelError(
-                    f"ToyLM {self.name!r}: next_logprobs({ids}) forbids every token; allow at "
-                    "least one (eos to stop)"
-                )
-            rows.append(row)
-        if not rows:
+        if not contexts:
             return torch.empty(0, self.vocab_size, dtype=torch.float64)
-        return torch.log_softmax(torch.stack(rows), dim=-1)
+        keys = [tuple(ctx.ids) for ctx in contexts]
+        raw = [self._fn(key) for key in keys]
+        try:
+            if all(isinstance(r, torch.Tensor) for r in raw):
+                table = torch.stack([r.to(torch.float64).reshape(-1) for r in raw])
+            else:
+                table = torch.tensor([list(map(float, r)) for r in raw], dtype=torch.float64)
+        except (RuntimeError, ValueError, TypeError):
+            table = None
+        if table is None or table.shape[1] != self.vocab_size:
+            bad = next(
+                (k, r) for k, r in zip(keys, raw, strict=True)
+                if torch.as_tensor(r).numel() != self.vocab_size
+            )
+            raise ModelError(
+                f"ToyLM {self.name!r}: next_logprobs({bad[0]}) must return {self.vocab_size} "
+                f"numbers, got {torch.as_tensor(bad[1]).numel()}"
+            )
+        bad_rows = torch.isnan(table).any(dim=1) | torch.isneginf(table).all(dim=1)
+        if bool(bad_rows.any()):
+            key = keys[int(bad_rows.nonzero()[0, 0])]
+            raise ModelError(
+                f"ToyLM {self.name!r}: next_logprobs({key}) returned NaN or forbids every "
+                "token; return finite scores (-inf forbids a token) and allow at least one"
+            )
+        return torch.log_softmax(table, dim=-1)
 
     def __repr__(self) -> str:
         return f"ToyLM({self.name!r}, vocab={self.vocab_size})"

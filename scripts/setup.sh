@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set-up on a fresh machine: a virtual environment in .venv with lmcascade, its extras and
+# its test tools.  Safe to run again; it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+# torch first, pinned: where a local CPU wheel of this release is available pip takes it in
+# seconds; elsewhere it is the standard build for the platform (CUDA on Linux x86-64).  A torch
+# that is already installed (a CUDA build, say) is kept.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  "${PIP[@]}" "torch==2.13.0"
+fi
+"${PIP[@]}" -e ".[dev,hf]"
