@@ -160,6 +160,7 @@ class LMRun:
     def _finish(self, end: str) -> None:
         self.done = True
         self.end = end
+        self.model.release(self.ctx)
         if end == "impossible":
             self.log_prob = -math.inf
             return
@@ -172,9 +173,22 @@ class LMRun:
 
     def fail(self) -> None:
         """Marks a forced run whose path does not end where it should (probability zero)."""
+        self.model.release(self.ctx)
         self.done = True
         self.end = "impossible"
         self.log_prob = -math.inf
+
+
+def call_model(
+    model: LanguageModel, contexts: Sequence[Context], stats: dict | None
+) -> torch.Tensor:
+    """One batched ``next_logprobs`` call, with its counts added to ``stats``."""
+    logprobs = model.next_logprobs(contexts)
+    if stats is not None:
+        for key, n in model.pop_counters().items():
+            stats[key] = stats.get(key, 0) + n
+        stats["model_calls"] = stats.get("model_calls", 0) + 1
+    return logprobs
 
 
 def step_runs(
@@ -199,7 +213,7 @@ def step_runs(
         groups.setdefault(id(run.model), []).append(run)
     for group in groups.values():
         model = group[0].model
-        logprobs = model.next_logprobs([r.ctx for r in group])
+        logprobs = call_model(model, [r.ctx for r in group], stats)
         device = logprobs.device
         temps = torch.tensor([r.dist.temperature for r in group], dtype=torch.float64)
         top_k = torch.tensor([r.dist.top_k or 0 for r in group], dtype=torch.long)
@@ -224,7 +238,6 @@ def step_runs(
         for run, tok, lp in zip(group, back[0], back[1], strict=True):
             run.feed(int(tok), lp)
         if stats is not None:
-            stats["model_calls"] = stats.get("model_calls", 0) + 1
             stats["tokens_generated"] = stats.get("tokens_generated", 0) + len(group) - n_forced
             stats["tokens_scored"] = stats.get("tokens_scored", 0) + n_forced
 

@@ -98,7 +98,7 @@ class LM:
     @cached_property
     def prompt_ids(self) -> list[int]:
         """The prompt's token ids (raises TokenizationError when it cannot be tokenised)."""
-        return self.model.encode(self.prompt)
+        return self.model.encode_prompt(self.prompt)
 
     @cached_property
     def max_stop_len(self) -> int:

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from lmcascade.decoding import LMRun
+from lmcascade.decoding import LMRun, call_model
 from lmcascade.distributions import is_lm, score, support
 from lmcascade.engine import Branch, Engine, Particle, Policy
 from lmcascade.errors import NotEnumerableError, TooManyTracesError
@@ -61,8 +61,7 @@ def expand_lm(dists: list, limit: int, stats: dict) -> list[list[LMRun]]:
         for items in groups.values():
             runs = [run for _, run in items]
             model = runs[0].model
-            logprobs = model.next_logprobs([r.ctx for r in runs])
-            stats["model_calls"] += 1
+            logprobs = call_model(model, [r.ctx for r in runs], stats)
             proc = process_logprobs(
                 logprobs,
                 torch.tensor([r.dist.temperature for r in runs], dtype=torch.float64),

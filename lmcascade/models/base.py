@@ -103,6 +103,14 @@ class LanguageModel(ABC):
     def next_logprobs(self, contexts: Sequence[Context]) -> torch.Tensor:
         """Normalised next-token log-probabilities, shape ``[len(contexts), vocab_size]``."""
 
+    def pop_counters(self) -> dict[str, int]:
+        """Model-specific counts since the last call (prefill tokens, forward passes...)."""
+        return {}
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt (models that start texts with a BOS token add it here)."""
+        return self.tokenizer.encode(text)
+
     def encode(self, text: str) -> list[int]:
         """Shorthand for ``self.tokenizer.encode``."""
         return self.tokenizer.encode(text)

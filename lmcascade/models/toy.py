@@ -121,7 +121,8 @@ class ToyLM(LanguageModel):
             table = None
         if table is None or table.shape[1] != self.vocab_size:
             bad = next(
-                (k, r) for k, r in zip(keys, raw, strict=True)
+                (k, r)
+                for k, r in zip(keys, raw, strict=True)
                 if torch.as_tensor(r).numel() != self.vocab_size
             )
             raise ModelError(

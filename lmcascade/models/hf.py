@@ -1,0 +1,300 @@
+"""TransformersLM: any Hugging Face causal language model, batched for populations.
+
+One forward pass per decoding step serves every context waiting on the model, whatever their
+lengths: cached keys/values of all rows sit on one left-padded time axis with an attention
+mask and explicit position ids (:mod:`lmcascade.models.kv`).  A prompt shared by many
+contexts is computed once; a prompt that extends something computed earlier (an earlier
+site's context, say) only computes its new tokens.  Forking a context shares its cache row;
+the next step gathers rows by index in one operation per layer.  Nothing is deep-copied.
+
+>>> from lmcascade.models.hf import TransformersLM  # doctest: +SKIP
+>>> lm = TransformersLM.from_pretrained("path/to/model")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmcascade.errors import ModelError
+from lmcascade.models.base import Context, LanguageModel
+from lmcascade.models.kv import KVBatch, Layers, PrefixIndex, gather, stack_prefixes
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' was asked for but no CUDA GPU is available; use 'auto'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 on CPU and bf16 on GPU unless told otherwise."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in table:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+    return table[dtype]
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer seen through lmcascade's Tokenizer protocol.
+
+    ``encode`` adds no special tokens (it tokenizes continuations); ``encode_prompt`` adds
+    what the tokenizer adds at the start of a text (a BOS token, for models that use one).
+    """
+
+    def __init__(self, tok: Any, eos_id: int | None = None) -> None:
+        self.hf = tok
+        eos = eos_id if eos_id is not None else tok.eos_token_id
+        if eos is None:
+            raise ModelError("the tokenizer has no eos token; pass eos_id=... to TransformersLM")
+        self.eos_id = int(eos)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=True))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode(
+            list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a context's cached tokens live: row ``row`` of ``batch``, ``n`` tokens."""
+
+    batch: KVBatch
+    row: int
+    n: int
+
+
+class TransformersLM(LanguageModel):
+    """A Hugging Face causal LM implementing the batched :class:`LanguageModel` protocol.
+
+    ``model`` is a loaded ``PreTrainedModel`` (or use :meth:`from_pretrained` with a local
+    folder); ``device="auto"`` picks CUDA when present; ``dtype`` defaults to fp32 on CPU and
+    bf16 on GPU.  ``memory_budget_gb`` caps the estimated memory of one batched step on CPU:
+    bigger steps are split (as CUDA out-of-memory errors are), and ``counters["oom_splits"]``
+    says how often.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str | None = None,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype | None = None,
+        eos_id: int | None = None,
+        memory_budget_gb: float | None = None,
+        prefix_cache_gb: float = 1.0,
+    ) -> None:
+        self.device_ = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device_)
+        self.hf = model.to(device=self.device_, dtype=self.dtype).eval()
+        self.config = model.config
+        self.tokenizer = HFTokenizer(tokenizer, eos_id)
+        self.name = name or getattr(model.config, "name_or_path", None) or type(model).__name__
+        self._vocab = int(model.get_output_embeddings().weight.shape[0])
+        self.memory_budget = None if memory_budget_gb is None else memory_budget_gb * 2**30
+        self.prefix_index = PrefixIndex(max_bytes=int(prefix_cache_gb * 2**30))
+        self.counters: dict[str, int] = {}
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> TransformersLM:
+        """Loads a model and tokenizer from a local folder (no network is used)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not os.path.isdir(path):
+            raise ModelError(f"no model folder at {str(path)!r}")
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        return cls(model, tok, name=kwargs.pop("name", os.path.basename(str(path))), **kwargs)
+
+    # -- protocol -------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    @property
+    def device(self) -> torch.device:
+        return self.device_
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode_prompt(text)
+
+    def release(self, context: Context) -> None:
+        """Offers the context's cache to later prompts that extend it, then drops the handle."""
+        place = context.state
+        if isinstance(place, Place) and place.n > 0:
+            self.prefix_index.insert(context.ids[: place.n], place.batch, place.row)
+        context.state = None
+
+    def pop_counters(self) -> dict[str, int]:
+        out, self.counters = self.counters, {}
+        return out
+
+    def next_logprobs(self, contexts: Sequence[Context]) -> torch.Tensor:
+        out = torch.empty(len(contexts), self._vocab, device=self.device_, dtype=torch.float32)
+        decode, prefill = [], []
+        for i, ctx in enumerate(contexts):
+            if not ctx.ids:
+                raise ModelError("a context needs at least one token; give the LM a prompt")
+            place = ctx.state
+            ready = isinstance(place, Place) and place.n == len(ctx.ids) - 1
+            (decode if ready else prefill).append(i)
+        with torch.inference_mode():
+            if prefill:
+                out[prefill] = self._split_on_oom(self._prefill, [contexts[i] for i in prefill])
+            if decode:
+                out[decode] = self._split_on_oom(self._decode, [contexts[i] for i in decode])
+        return torch.log_softmax(out, dim=-1)
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _split_on_oom(self, step, ctxs: list[Context]) -> torch.Tensor:
+        try:
+            return step(ctxs)
+        except torch.OutOfMemoryError as err:
+            if len(ctxs) == 1:
+                raise ModelError(
+                    f"model {self.name!r} ran out of memory on a single sequence of "
+                    f"{len(ctxs[0].ids)} tokens; use a smaller model, dtype='bf16', or shorter "
+                    "prompts"
+                ) from err
+            if self.device_.type == "cuda":
+                torch.cuda.empty_cache()
+            self._count("oom_splits")
+            half = len(ctxs) // 2
+            return torch.cat(
+                [self._split_on_oom(step, ctxs[:half]), self._split_on_oom(step, ctxs[half:])]
+            )
+
+    def _check_budget(self, rows: int, width: int) -> None:
+        if self.memory_budget is None or rows == 1:
+            return
+        per_token = 0
+        cfg = self.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_token = 2 * cfg.num_hidden_layers * heads * head_dim * torch.finfo(self.dtype).bits // 8
+        if 2 * rows * width * per_token > self.memory_budget:
+            raise torch.OutOfMemoryError("step over memory_budget_gb")
+
+    def _decode(self, ctxs: list[Context]) -> torch.Tensor:
+        places = [ctx.state for ctx in ctxs]
+        past = gather([(p.batch, p.row) for p in places])
+        self._check_budget(len(ctxs), past.width + 1)
+        ids = torch.tensor([[ctx.ids[-1]] for ctx in ctxs], device=self.device_)
+        mask = torch.cat([past.mask, past.mask.new_ones(len(ctxs), 1)], dim=1)
+        positions = torch.tensor([[p.n] for p in places], device=self.device_)
+        logits, layers = self._forward(ids, mask, positions, past.layers)
+        batch = KVBatch(layers, mask)
+        for row, (ctx, p) in enumerate(zip(ctxs, places, strict=True)):
+            ctx.state = Place(batch, row, p.n + 1)
+        self._count("decode_tokens", len(ctxs))
+        return logits
+
+    def _prefill(self, ctxs: list[Context]) -> torch.Tensor:
+        groups: dict[tuple[int, ...], list[Context]] = {}
+        for ctx in ctxs:
+            groups.setdefault(tuple(ctx.ids), []).append(ctx)
+        keys = list(groups)
+        prefixes: list[Layers | None] = []
+        reused: list[int] = []
+        for key in keys:
+            own = groups[key][0].state
+            k, place = self.prefix_index.longest(key[:-1])
+            if isinstance(own, Place) and own.n > k and own.n < len(key):
+                k, place = own.n, (own.batch, own.row)
+            prefixes.append(place[0].prefix(place[1], k) if k else None)
+            reused.append(k)
+        self._check_budget(len(keys), max(len(k) for k in keys))
+        past = stack_prefixes(prefixes, reused, self.device_)
+        suffix_len = [len(key) - k for key, k in zip(keys, reused, strict=True)]
+        width = max(suffix_len)
+        pad = self.tokenizer.eos_id
+        ids = torch.full((len(keys), width), pad, dtype=torch.long)
+        smask = torch.zeros(len(keys), width, dtype=torch.long)
+        positions = torch.zeros(len(keys), width, dtype=torch.long)
+        for r, (key, k, s) in enumerate(zip(keys, reused, suffix_len, strict=True)):
+            ids[r, width - s :] = torch.tensor(key[k:])
+            smask[r, width - s :] = 1
+            positions[r, width - s :] = torch.arange(k, k + s)
+        ids, smask, positions = (t.to(self.device_) for t in (ids, smask, positions))
+        mask = smask if past is None else torch.cat([past.mask, smask], dim=1)
+        logits, layers = self._forward(ids, mask, positions, past.layers if past else None)
+        keep = mask.bool()[:, None, :, None]
+        layers = [(k.masked_fill(~keep, 0), v.masked_fill(~keep, 0)) for k, v in layers]
+        batch = KVBatch(layers, mask)
+        row_of: dict[int, int] = {}
+        for r, key in enumerate(keys):
+            self.prefix_index.insert(key, batch, r)
+            for ctx in groups[key]:
+                ctx.state = Place(batch, r, len(key))
+                row_of[id(ctx)] = r
+        self._count("prefill_tokens", sum(suffix_len))
+        self._count("reused_prompt_tokens", sum(reused))
+        index = torch.tensor([row_of[id(ctx)] for ctx in ctxs], device=self.device_)
+        return logits.index_select(0, index)
+
+    def _forward(self, ids, mask, positions, past: Layers | None):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config)
+        if past is not None:
+            for layer, (k, v) in zip(cache.layers, past, strict=True):
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+        kwargs: dict[str, Any] = {self._cache_kw: cache}
+        if self._keep_kw:
+            kwargs[self._keep_kw] = 1
+        out = self.hf(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs
+        )
+        self._count("forward_passes")
+        new = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
+        layers = [(layer.keys, layer.values) for layer in new.layers]
+        return out.logits[:, -1, :].float(), layers
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    def __repr__(self) -> str:
+        return (
+            f"TransformersLM({self.name!r}, device={str(self.device_)!r}, "
+            f"dtype={str(self.dtype).removeprefix('torch.')}, vocab={self._vocab})"
+        )
