@@ -66,10 +66,14 @@ def main() -> None:
         "us_per_token": 1e6 * best / tokens,
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
-    print(f"{'traces':>8} {'model calls':>12} {'tokens':>8} {'wall s':>8} {'traces/s':>10} "
-          f"{'us/token':>9}")
-    print(f"{args.traces:>8} {row['model_calls']:>12} {tokens:>8} {best:>8.3f} "
-          f"{row['traces_per_s']:>10.0f} {row['us_per_token']:>9.2f}")
+    print(
+        f"{'traces':>8} {'model calls':>12} {'tokens':>8} {'wall s':>8} {'traces/s':>10} "
+        f"{'us/token':>9}"
+    )
+    print(
+        f"{args.traces:>8} {row['model_calls']:>12} {tokens:>8} {best:>8.3f} "
+        f"{row['traces_per_s']:>10.0f} {row['us_per_token']:>9.2f}"
+    )
     assert row["model_calls"] == 40, "the engine must make one batched call per decoding step"
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "bench_engine.json"

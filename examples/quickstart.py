@@ -53,8 +53,10 @@ if __name__ == "__main__":
     exact = lc.infer(program, method="enumerate")
     print("Which thought leads to a verified answer? (exact)")
     print(exact.summary())
-    for method, options in [("rejection", {"num_samples": 500}),
-                            ("importance", {"num_samples": 500})]:
+    for method, options in [
+        ("rejection", {"num_samples": 500}),
+        ("importance", {"num_samples": 500}),
+    ]:
         result = lc.infer(program, method=method, seed=0, **options)
         print()
         print(result.summary())

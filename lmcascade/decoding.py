@@ -122,15 +122,6 @@ class LMRun:
         twin._stop_scan = self._stop_scan
         return twin
 
-    @property
-    def next_forced(self) -> int | None:
-        """The token this run must take next, or None when it samples."""
-        if self.forced is None:
-            return None
-        if len(self.tokens) < len(self.forced):
-            return self.forced[len(self.tokens)]
-        return -1  # forced path exhausted before the generation ended
-
     def feed(self, token_id: int, log_prob: float) -> None:
         """Takes one token with its log-probability under the site's distribution."""
         self.tokens.append(token_id)
@@ -191,55 +182,116 @@ def call_model(
     return logprobs
 
 
+def shape_rows(
+    logprobs: torch.Tensor, dists: Sequence[LM], positions: Sequence[int], eos_id: int
+) -> torch.Tensor:
+    """Row ``i`` of ``logprobs`` as the distribution ``dists[i]`` draws its token number
+    ``positions[i]`` from: eos masked below ``min_tokens``, then temperature, top-k, top-p."""
+    early = [pos < d.min_tokens for d, pos in zip(dists, positions, strict=True)]
+    if any(early):
+        rows = torch.tensor(early, device=logprobs.device)
+        eos = torch.zeros(logprobs.shape[-1], dtype=torch.bool, device=logprobs.device)
+        eos[eos_id] = True
+        logprobs = torch.log_softmax(
+            logprobs.masked_fill(rows[:, None] & eos[None, :], float("-inf")), dim=-1
+        )
+    n = len(dists)
+    if all(d is dists[0] for d in dists):
+        d = dists[0]
+        temps = torch.full((n,), d.temperature, dtype=torch.float64)
+        top_k = torch.full((n,), d.top_k or 0, dtype=torch.long)
+        top_p = torch.full((n,), d.top_p, dtype=torch.float64)
+    else:
+        temps = torch.tensor([d.temperature for d in dists], dtype=torch.float64)
+        top_k = torch.tensor([d.top_k or 0 for d in dists], dtype=torch.long)
+        top_p = torch.tensor([d.top_p for d in dists], dtype=torch.float64)
+    return process_logprobs(logprobs, temps, top_k, top_p)
+
+
+def run_logprobs(runs: Sequence[LMRun], stats: dict | None) -> torch.Tensor:
+    """The distributions ``runs`` (all of one model) draw their next tokens from, computed
+    with one batched model call."""
+    model = runs[0].model
+    logprobs = call_model(model, [r.ctx for r in runs], stats)
+    return shape_rows(logprobs, [r.dist for r in runs], [len(r.tokens) for r in runs], model.eos_id)
+
+
+def _by_model(runs: Sequence[LMRun]) -> list[list[LMRun]]:
+    groups: dict[int, list[LMRun]] = {}
+    for run in runs:
+        groups.setdefault(id(run.model), []).append(run)
+    return list(groups.values())
+
+
+def score_forced(runs: Sequence[LMRun], stats: dict | None = None) -> None:
+    """Finishes forced runs by teacher forcing: one batched pass per model scores every
+    position of every path, then each run takes its tokens through the ending rules."""
+    for group in _by_model(runs):
+        model = group[0].model
+        todo = []
+        for r in group:
+            if len(r.forced or ()) > len(r.tokens):
+                todo.append(r)
+            else:
+                r.fail()  # nothing left to force, yet the generation has not ended
+        if not todo:
+            continue
+        paths = [r.forced[len(r.tokens) :] for r in todo]  # type: ignore[index]
+        rows = model.path_logprobs([r.ctx for r in todo], paths)
+        if stats is not None:
+            for key, n in model.pop_counters().items():
+                stats[key] = stats.get(key, 0) + n
+            stats["model_calls"] = stats.get("model_calls", 0) + 1
+            stats["tokens_scored"] = stats.get("tokens_scored", 0) + sum(map(len, paths))
+        dists = [r.dist for r, p in zip(todo, paths, strict=True) for _ in p]
+        positions = [
+            len(r.tokens) + j for r, p in zip(todo, paths, strict=True) for j in range(len(p))
+        ]
+        proc = shape_rows(torch.cat(rows), dists, positions, model.eos_id)
+        tokens = torch.tensor([t for p in paths for t in p], device=proc.device)
+        chosen = proc.gather(1, tokens[:, None]).squeeze(1).to(torch.float64).cpu().tolist()
+        offset = 0
+        for run, path in zip(todo, paths, strict=True):
+            for j, tok in enumerate(path):
+                if run.done:
+                    break
+                run.feed(tok, chosen[offset + j])
+            offset += len(path)
+            if not run.done:
+                run.fail()
+
+
 def step_runs(
     runs: Sequence[LMRun],
     generators: dict[torch.device, torch.Generator],
     stats: dict | None = None,
 ) -> None:
-    """Advances every unfinished run by one token: one batched call per model.
+    """Advances every unfinished run: sampled runs by one token (one batched call per model,
+    drawn on the model's device, only ids and log-probs read back); forced runs to their end
+    in one teacher-forced pass.
 
     ``generators`` maps a device to the ``torch.Generator`` used for draws there (created on
     first use, unseeded, if missing); ``stats`` gets ``model_calls``, ``tokens_generated`` and
     ``tokens_scored`` counts added.
     """
-    groups: dict[int, list[LMRun]] = {}
-    for run in runs:
-        if run.done:
-            continue
-        forced = run.next_forced
-        if forced == -1:
-            run.fail()
-            continue
-        groups.setdefault(id(run.model), []).append(run)
-    for group in groups.values():
-        model = group[0].model
-        logprobs = call_model(model, [r.ctx for r in group], stats)
-        device = logprobs.device
-        temps = torch.tensor([r.dist.temperature for r in group], dtype=torch.float64)
-        top_k = torch.tensor([r.dist.top_k or 0 for r in group], dtype=torch.long)
-        top_p = torch.tensor([r.dist.top_p for r in group], dtype=torch.float64)
-        proc = process_logprobs(logprobs, temps, top_k, top_p)
-        forced = [r.next_forced for r in group]
-        n_forced = sum(f is not None for f in forced)
-        if n_forced == len(group):
-            tokens = torch.tensor(forced, device=device)
-        else:
-            gen = generators.get(device)
-            if gen is None:
-                gen = generators[device] = torch.Generator(device=device)
-                gen.seed()
-            tokens = draw(proc, gen)
-            if n_forced:
-                mask = torch.tensor([f is not None for f in forced], device=device)
-                given = torch.tensor([f if f is not None else 0 for f in forced], device=device)
-                tokens = torch.where(mask, given, tokens)
+    live = [r for r in runs if not r.done]
+    forced = [r for r in live if r.forced is not None]
+    if forced:
+        score_forced(forced, stats)
+    for group in _by_model([r for r in live if r.forced is None]):
+        proc = run_logprobs(group, stats)
+        device = proc.device
+        gen = generators.get(device)
+        if gen is None:
+            gen = generators[device] = torch.Generator(device=device)
+            gen.seed()
+        tokens = draw(proc, gen)
         chosen = proc.gather(1, tokens[:, None]).squeeze(1)
         back = torch.stack([tokens.to(torch.float64), chosen.to(torch.float64)]).cpu().tolist()
         for run, tok, lp in zip(group, back[0], back[1], strict=True):
             run.feed(int(tok), lp)
         if stats is not None:
-            stats["tokens_generated"] = stats.get("tokens_generated", 0) + len(group) - n_forced
-            stats["tokens_scored"] = stats.get("tokens_scored", 0) + n_forced
+            stats["tokens_generated"] = stats.get("tokens_generated", 0) + len(group)
 
 
 def run_to_end(

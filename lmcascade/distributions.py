@@ -41,7 +41,7 @@ class LM:
     """The distribution over texts a language model generates from ``prompt``.
 
     Tokens are drawn from the model's next-token distribution after ``temperature`` (0 means
-    greedy), then ``top_k``, then ``top_p``.  Generation ends when eos is drawn (not part of the
+    greedy), then ``top_k``, then ``top_p``; eos cannot be drawn before ``min_tokens`` tokens.  Generation ends when eos is drawn (not part of the
     text), when the decoded text contains a ``stop`` string (the text is cut before its first
     occurrence), or after ``max_tokens`` tokens (eos counts as a token).
 
@@ -60,6 +60,7 @@ class LM:
         prompt: str,
         *,
         max_tokens: int = 64,
+        min_tokens: int = 0,
         stop: str | Sequence[str] | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -73,6 +74,10 @@ class LM:
             raise SiteError(f"LM prompt must be a string, got {type(prompt).__name__}")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise SiteError(f"LM max_tokens must be a positive integer, got {max_tokens!r}")
+        if not isinstance(min_tokens, int) or not 0 <= min_tokens <= max_tokens:
+            raise SiteError(
+                f"LM min_tokens must be an integer in [0, max_tokens], got {min_tokens!r}"
+            )
         if stop is None:
             stops: tuple[str, ...] = ()
         elif isinstance(stop, str):
@@ -90,6 +95,7 @@ class LM:
         self.model = model
         self.prompt = prompt
         self.max_tokens = max_tokens
+        self.min_tokens = min_tokens
         self.stop = stops
         self.temperature = float(temperature)
         self.top_k = top_k
@@ -110,6 +116,7 @@ class LM:
             "model": self.model.name,
             "prompt": self.prompt,
             "max_tokens": self.max_tokens,
+            "min_tokens": self.min_tokens,
             "stop": list(self.stop),
             "temperature": self.temperature,
             "top_k": self.top_k,
@@ -144,7 +151,7 @@ class LM:
         extra = "".join(
             f", {k}={v!r}"
             for k, v in self.params().items()
-            if k not in ("model", "prompt") and v not in (None, [], 1.0)
+            if k not in ("model", "prompt") and v not in (None, [], 1.0, 0)
         )
         return f"LM({self.model.name!r}, {self.prompt!r}{extra})"
 

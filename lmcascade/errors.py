@@ -55,6 +55,14 @@ class TokenizationError(ModelError):
     """A text cannot be tokenised by the model's tokenizer."""
 
 
+class ModelNotFoundError(ModelError):
+    """A model name is unknown, or its weights are not installed (the message names the fix)."""
+
+
+class ModelIntegrityError(ModelError):
+    """A model's weights do not match their pinned checksum."""
+
+
 # --- inference errors -----------------------------------------------------------------------
 
 
@@ -96,6 +104,8 @@ __all__ = [
     "ModelError",
     "VocabularyError",
     "TokenizationError",
+    "ModelNotFoundError",
+    "ModelIntegrityError",
     "InferenceError",
     "UnknownMethodError",
     "OptionError",

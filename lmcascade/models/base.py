@@ -103,6 +103,25 @@ class LanguageModel(ABC):
     def next_logprobs(self, contexts: Sequence[Context]) -> torch.Tensor:
         """Normalised next-token log-probabilities, shape ``[len(contexts), vocab_size]``."""
 
+    def path_logprobs(
+        self, contexts: Sequence[Context], paths: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
+        """Teacher forcing: row ``j`` of result ``i`` is the next-token distribution after
+        ``contexts[i]`` followed by ``paths[i][:j]`` (shape ``[len(paths[i]), vocab]``).
+
+        This default steps position by position, batched across paths; models that can score
+        a whole path in one pass (transformers) override it.
+        """
+        forks = [Context(ctx.ids) for ctx in contexts]
+        rows: list[list[torch.Tensor]] = [[] for _ in paths]
+        for j in range(max((len(p) for p in paths), default=0)):
+            active = [i for i, p in enumerate(paths) if j < len(p)]
+            out = self.next_logprobs([forks[i] for i in active])
+            for i, row in zip(active, out, strict=True):
+                rows[i].append(row)
+                forks[i].append(paths[i][j])
+        return [torch.stack(r) if r else torch.empty(0, self.vocab_size) for r in rows]
+
     def pop_counters(self) -> dict[str, int]:
         """Model-specific counts since the last call (prefill tokens, forward passes...)."""
         return {}

@@ -13,9 +13,10 @@ the next step gathers rows by index in one operation per layer.  Nothing is deep
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,23 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in table:
         raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
     return table[dtype]
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silences transformers' progress bars and info logs for a block, then restores them."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 class HFTokenizer:
@@ -139,9 +157,23 @@ class TransformersLM(LanguageModel):
 
         if not os.path.isdir(path):
             raise ModelError(f"no model folder at {str(path)!r}")
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         return cls(model, tok, name=kwargs.pop("name", os.path.basename(str(path))), **kwargs)
+
+    def chat(self, user: str, *, system: str | None = None) -> str:
+        """A prompt in the model's chat format, ending where the assistant's reply begins.
+
+        Models without a chat template get ``user`` back unchanged.
+        """
+        hf = self.tokenizer.hf
+        if not getattr(hf, "chat_template", None):
+            return user
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}
+        ]
+        return hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     # -- protocol -------------------------------------------------------------------------------
 
@@ -226,19 +258,39 @@ class TransformersLM(LanguageModel):
         for row, (ctx, p) in enumerate(zip(ctxs, places, strict=True)):
             ctx.state = Place(batch, row, p.n + 1)
         self._count("decode_tokens", len(ctxs))
-        return logits
+        return logits[:, -1]
 
     def _prefill(self, ctxs: list[Context]) -> torch.Tensor:
         groups: dict[tuple[int, ...], list[Context]] = {}
         for ctx in ctxs:
             groups.setdefault(tuple(ctx.ids), []).append(ctx)
         keys = list(groups)
+        owns = [groups[key][0].state for key in keys]
+        logits, batch = self._extend(keys, [1] * len(keys), owns)
+        row_of: dict[int, int] = {}
+        for r, key in enumerate(keys):
+            for ctx in groups[key]:
+                ctx.state = Place(batch, r, len(key))
+                row_of[id(ctx)] = r
+        index = torch.tensor([row_of[id(ctx)] for ctx in ctxs], device=self.device_)
+        return logits[:, -1].index_select(0, index)
+
+    def _extend(
+        self, keys: list[tuple[int, ...]], keep: list[int], owns: list[Any] | None = None
+    ) -> tuple[torch.Tensor, KVBatch]:
+        """Computes rows ``keys`` (reusing cached prefixes) in one forward pass.
+
+        Returns the logits of each row's last ``max(keep)`` positions (row ``r``'s last
+        ``keep[r]`` are meaningful) and the new cache batch, whose rows are offered to the
+        prefix index.
+        """
         prefixes: list[Layers | None] = []
         reused: list[int] = []
-        for key in keys:
-            own = groups[key][0].state
-            k, place = self.prefix_index.longest(key[:-1])
-            if isinstance(own, Place) and own.n > k and own.n < len(key):
+        for r, key in enumerate(keys):
+            limit = len(key) - keep[r]  # those positions' logits must be computed
+            k, place = self.prefix_index.longest(key[:limit])
+            own = owns[r] if owns else None
+            if isinstance(own, Place) and k < own.n <= limit:
                 k, place = own.n, (own.batch, own.row)
             prefixes.append(place[0].prefix(place[1], k) if k else None)
             reused.append(k)
@@ -246,8 +298,7 @@ class TransformersLM(LanguageModel):
         past = stack_prefixes(prefixes, reused, self.device_)
         suffix_len = [len(key) - k for key, k in zip(keys, reused, strict=True)]
         width = max(suffix_len)
-        pad = self.tokenizer.eos_id
-        ids = torch.full((len(keys), width), pad, dtype=torch.long)
+        ids = torch.full((len(keys), width), self.tokenizer.eos_id, dtype=torch.long)
         smask = torch.zeros(len(keys), width, dtype=torch.long)
         positions = torch.zeros(len(keys), width, dtype=torch.long)
         for r, (key, k, s) in enumerate(zip(keys, reused, suffix_len, strict=True)):
@@ -256,22 +307,34 @@ class TransformersLM(LanguageModel):
             positions[r, width - s :] = torch.arange(k, k + s)
         ids, smask, positions = (t.to(self.device_) for t in (ids, smask, positions))
         mask = smask if past is None else torch.cat([past.mask, smask], dim=1)
-        logits, layers = self._forward(ids, mask, positions, past.layers if past else None)
-        keep = mask.bool()[:, None, :, None]
-        layers = [(k.masked_fill(~keep, 0), v.masked_fill(~keep, 0)) for k, v in layers]
+        logits, layers = self._forward(
+            ids, mask, positions, past.layers if past else None, keep=max(keep)
+        )
+        real = mask.bool()[:, None, :, None]  # padding keys/values zeroed: never NaN
+        layers = [(k.masked_fill(~real, 0), v.masked_fill(~real, 0)) for k, v in layers]
         batch = KVBatch(layers, mask)
-        row_of: dict[int, int] = {}
         for r, key in enumerate(keys):
             self.prefix_index.insert(key, batch, r)
-            for ctx in groups[key]:
-                ctx.state = Place(batch, r, len(key))
-                row_of[id(ctx)] = r
         self._count("prefill_tokens", sum(suffix_len))
         self._count("reused_prompt_tokens", sum(reused))
-        index = torch.tensor([row_of[id(ctx)] for ctx in ctxs], device=self.device_)
-        return logits.index_select(0, index)
+        return logits, batch
 
-    def _forward(self, ids, mask, positions, past: Layers | None):
+    def path_logprobs(
+        self, contexts: Sequence[Context], paths: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
+        """Teacher forcing in one batched pass: row ``j`` of result ``i`` is the next-token
+        distribution after ``contexts[i]`` followed by ``paths[i][:j]``."""
+        keys = [
+            tuple(ctx.ids) + tuple(path[:-1]) for ctx, path in zip(contexts, paths, strict=True)
+        ]
+        keep = [len(path) for path in paths]
+        with torch.inference_mode():
+            logits, _ = self._extend(keys, keep)
+            logprobs = torch.log_softmax(logits, dim=-1)
+        width = logits.shape[1]
+        return [logprobs[r, width - n :] for r, n in enumerate(keep)]
+
+    def _forward(self, ids, mask, positions, past: Layers | None, keep: int = 1):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.config)
@@ -281,14 +344,21 @@ class TransformersLM(LanguageModel):
                 layer.keys, layer.values = k, v
         kwargs: dict[str, Any] = {self._cache_kw: cache}
         if self._keep_kw:
-            kwargs[self._keep_kw] = 1
+            kwargs[self._keep_kw] = keep
+        # Without padding the mask is plain causal: leaving it out lets attention take its
+        # fast causal path instead of materialising a mask.
+        dense = bool(mask.all())
         out = self.hf(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs
+            input_ids=ids,
+            attention_mask=None if dense else mask,
+            position_ids=positions,
+            use_cache=True,
+            **kwargs,
         )
         self._count("forward_passes")
         new = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
         layers = [(layer.keys, layer.values) for layer in new.layers]
-        return out.logits[:, -1, :].float(), layers
+        return out.logits[:, -keep:, :].float(), layers
 
     def _count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n

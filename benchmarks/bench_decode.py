@@ -1,0 +1,291 @@
+"""Batched population decoding on a real model, against Hugging Face baselines in the same run.
+
+For N = 1, 8, 32, 128 samples of 32 tokens from one chat prompt (eos masked until 32 tokens on
+every side, so every method does the same work):
+
+- engine: ``lc.infer(..., method="forward", num_samples=N)``;
+- (a) N sequential ``model.generate`` calls;
+- (b) one ``model.generate(num_return_sequences=N)``;
+- (c) the floor: a bare loop of batched forward passes with a KV cache (prompt encoded once,
+  cache expanded to N rows, 31 decode steps, arg-max tokens) — the model's own cost.
+
+Then N = 32 with a ~400-token shared prompt, reporting the prompt tokens computed, and the
+engine's peak memory at N = 128.  Targets (at N = 32): engine >= 8x (a), no slower than (b),
+within 1.3x of (c); prompt tokens computed = the prompt's length, not N times it.
+
+Run: ``.venv/bin/python benchmarks/bench_decode.py [--device cpu|cuda] [--sizes 1,8,32,128]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import lmcascade as lc
+
+RESULTS = Path(__file__).parent / "results"
+TOKENS = 32
+
+
+class PeakRSS:
+    """Samples the process's resident memory in a thread; ``peak_mb`` after the block."""
+
+    def __enter__(self):
+        self.peak = self.start = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+    @property
+    def added_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def engine_run(lm, prompt: str, n: int, seed: int = 0):
+    @lc.program
+    def sample_text():
+        text = yield lc.gen("text", lm, prompt, max_tokens=TOKENS, min_tokens=TOKENS)
+        return text
+
+    return lc.infer(sample_text(), method="forward", num_samples=n, seed=seed)
+
+
+def gen_kwargs(lm) -> dict:
+    return dict(
+        do_sample=True,
+        max_new_tokens=TOKENS,
+        min_new_tokens=TOKENS,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=lm.eos_id,
+    )
+
+
+def hf_sequential(lm, ids: torch.Tensor, n: int):
+    with torch.inference_mode():
+        for _ in range(n):
+            lm.hf.generate(ids, attention_mask=torch.ones_like(ids), **gen_kwargs(lm))
+
+
+def hf_batched(lm, ids: torch.Tensor, n: int):
+    with torch.inference_mode():
+        lm.hf.generate(
+            ids, attention_mask=torch.ones_like(ids), num_return_sequences=n, **gen_kwargs(lm)
+        )
+
+
+def floor_loop(lm, ids: torch.Tensor, n: int):
+    """The model's own cost: prefill once, expand the cache, then TOKENS - 1 decode steps."""
+    from transformers import DynamicCache
+
+    kw = lm._cache_kw
+    with torch.inference_mode():
+        cache = DynamicCache(config=lm.config)
+        out = lm.hf(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        cache.batch_repeat_interleave(n)
+        logits = out.logits[:, -1].float().expand(n, -1)
+        length = ids.shape[1]
+        for _ in range(TOKENS - 1):
+            tok = logits.argmax(-1, keepdim=True)
+            pos = torch.full((n, 1), length, device=ids.device)
+            out = lm.hf(
+                input_ids=tok, position_ids=pos, use_cache=True, logits_to_keep=1, **{kw: cache}
+            )
+            logits = out.logits[:, -1].float()
+            length += 1
+        logits.argmax(-1)
+
+
+def memory_probe(lm, prompt: str, n: int) -> None:
+    """Runs the engine once at ``n`` in this (fresh) process and prints its peak memory."""
+    if lm.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as mem:
+        result = engine_run(lm, prompt, n)
+    out = {
+        "n": n,
+        "peak_rss_mb": mem.peak_mb,
+        "added_rss_mb": mem.added_mb,
+        "oom_splits": result.stats.get("oom_splits", 0),
+    }
+    if lm.device.type == "cuda":
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=lc.models.DEFAULT_MODEL)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--sizes", default="1,8,32,128")
+    parser.add_argument(
+        "--sequential-cap",
+        type=int,
+        default=32,
+        help="at most this many sequential generate calls are timed; larger N "
+        "is extrapolated per call (marked in the output)",
+    )
+    parser.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    lm = lc.models.load(args.model, device=args.device)
+    device = lm.device
+    prompt = lm.chat("Write a long story about a lighthouse keeper and the sea.")
+    if args.memory_probe:
+        memory_probe(lm, prompt, args.memory_probe)
+        return
+    ids = torch.tensor([lm.encode_prompt(prompt)], device=device)
+
+    # warm-up: every path once
+    engine_run(lm, prompt, 2)
+    hf_batched(lm, ids, 2)
+    floor_loop(lm, ids, 2)
+
+    rows = []
+    print(
+        f"model {lm.name} on {device} ({torch.get_num_threads()} CPU threads), prompt "
+        f"{ids.shape[1]} tokens, {TOKENS} new tokens per sample"
+    )
+    print(
+        f"{'N':>5} {'engine s':>9} {'(a) seq s':>10} {'(b) gen s':>10} {'(c) floor s':>11} "
+        f"{'vs (a)':>7} {'vs (b)':>7} {'/ (c)':>6} {'tok/s':>8}"
+    )
+    for n in sizes:
+        t_engine, result = timed(lambda n=n: engine_run(lm, prompt, n), device)
+        calls = min(n, args.sequential_cap)
+        t_seq, _ = timed(lambda c=calls: hf_sequential(lm, ids, c), device)
+        t_seq *= n / calls
+        t_gen, _ = timed(lambda n=n: hf_batched(lm, ids, n), device)
+        t_floor, _ = timed(lambda n=n: floor_loop(lm, ids, n), device)
+        row = {
+            "n": n,
+            "engine_s": t_engine,
+            "hf_sequential_s": t_seq,
+            "hf_sequential_extrapolated": calls < n,
+            "hf_generate_s": t_gen,
+            "floor_s": t_floor,
+            "speedup_vs_sequential": t_seq / t_engine,
+            "speedup_vs_generate": t_gen / t_engine,
+            "ratio_to_floor": t_engine / t_floor,
+            "tokens_generated": result.stats["tokens_generated"],
+            "model_calls": result.stats["model_calls"],
+            "prefill_tokens": result.stats.get("prefill_tokens"),
+            "tokens_per_s": result.stats["tokens_generated"] / t_engine,
+        }
+        rows.append(row)
+        mark = "*" if calls < n else " "
+        print(
+            f"{n:>5} {t_engine:>9.2f} {t_seq:>9.2f}{mark} {t_gen:>10.2f} {t_floor:>11.2f} "
+            f"{row['speedup_vs_sequential']:>6.1f}x {row['speedup_vs_generate']:>6.2f}x "
+            f"{row['ratio_to_floor']:>6.2f} {row['tokens_per_s']:>8.0f}"
+        )
+
+    # a long shared prompt: computed once, not once per particle
+    long_prompt = lm.chat(
+        " ".join(["The keeper climbed the stairs and lit the lamp again."] * 36)
+        + " Continue the story."
+    )
+    long_ids = torch.tensor([lm.encode_prompt(long_prompt)], device=device)
+    t_long, long_result = timed(lambda: engine_run(lm, long_prompt, 32), device)
+    t_long_floor, _ = timed(lambda: floor_loop(lm, long_ids, 32), device)
+    shared = {
+        "n": 32,
+        "prompt_tokens": long_ids.shape[1],
+        "prefill_tokens": long_result.stats.get("prefill_tokens"),
+        "without_sharing": 32 * long_ids.shape[1],
+        "engine_s": t_long,
+        "floor_s": t_long_floor,
+        "ratio_to_floor": t_long / t_long_floor,
+    }
+    print(
+        f"shared prompt of {shared['prompt_tokens']} tokens, N = 32: prompt tokens computed "
+        f"{shared['prefill_tokens']} (not {shared['without_sharing']}); engine "
+        f"{t_long:.2f}s, floor {t_long_floor:.2f}s ({shared['ratio_to_floor']:.2f}x)"
+    )
+
+    probe = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--model",
+            args.model,
+            "--device",
+            args.device,
+            "--memory-probe",
+            str(max(sizes)),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    memory = json.loads(probe.stdout.strip().splitlines()[-1])
+    print(
+        f"peak memory at N = {memory['n']} (fresh process): {memory['peak_rss_mb']:.0f} MB "
+        f"RSS, {memory['added_rss_mb']:.0f} MB of it during the run"
+        + (f"; CUDA {memory['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in memory else "")
+    )
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    report = {
+        "benchmark": "decode",
+        "model": lm.name,
+        "device": str(device),
+        "card": card,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "prompt_tokens": ids.shape[1],
+        "new_tokens": TOKENS,
+        "rows": rows,
+        "shared_prompt": shared,
+        "memory": memory,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"bench_decode_{device.type}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
