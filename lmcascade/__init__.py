@@ -14,7 +14,7 @@ Write a cascade as a generator that yields effects, then pick how to run it:
 {'4': 0.731, '5': 0.269, '2': 0.0}
 """
 
-from lmcascade import errors, models
+from lmcascade import constraints, errors, models
 from lmcascade.distributions import LM
 from lmcascade.inference import infer, methods
 from lmcascade.program import (
@@ -42,6 +42,7 @@ __all__ = [
     "Trace",
     "call",
     "condition",
+    "constraints",
     "errors",
     "factor",
     "gen",

@@ -76,7 +76,13 @@ class Detokenizer:
 
 
 class LMRun:
-    """One generation (sampled, or forced along ``forced`` token ids) under an LM distribution."""
+    """One generation (sampled, or forced along ``forced`` token ids) under an LM distribution.
+
+    ``log_prob`` sums the tokens' log-probabilities under the site's distribution, ``log_q``
+    under the distribution they were drawn from (the constraint-masked one), and ``twist`` is
+    the site's potential at the current prefix: ``log_weight`` is the run's contribution to
+    its particle's weight while it is in progress.
+    """
 
     __slots__ = (
         "dist",
@@ -85,6 +91,11 @@ class LMRun:
         "forced",
         "tokens",
         "log_prob",
+        "log_q",
+        "twist",
+        "cstate",
+        "segment",
+        "entropy",
         "done",
         "end",
         "value",
@@ -101,34 +112,55 @@ class LMRun:
         self.forced = list(forced) if forced is not None else None
         self.tokens: list[int] = []
         self.log_prob = 0.0
+        self.log_q = 0.0
+        self.twist = dist.potential("") if dist.potential is not None else 0.0
+        self.cstate = dist.constraint.start(self.model) if dist.constraint is not None else None
+        self.segment = 0  # tokens since the last segment boundary
+        self.entropy = 0.0  # entropy of the distribution the last token was drawn from
         self.done = False
         self.end: str | None = None
         self.value: str | None = None
         self._detok = Detokenizer(self.model.tokenizer)
         self._stop_scan = 0
 
+    @property
+    def log_weight(self) -> float:
+        """p/q of the tokens so far, times the potential of the prefix (log scale)."""
+        if self.log_prob == -math.inf:
+            return -math.inf
+        return self.log_prob - self.log_q + self.twist
+
+    @property
+    def text(self) -> str:
+        """The text decoded so far."""
+        return self._detok.text
+
     def branch(self, ctx: Context) -> LMRun:
         """A copy of this run continuing on ``ctx`` (a fork of this run's context)."""
         twin = LMRun.__new__(LMRun)
-        twin.dist, twin.model, twin.ctx, twin.forced = self.dist, self.model, ctx, self.forced
+        for slot in LMRun.__slots__:
+            setattr(twin, slot, getattr(self, slot))
+        twin.ctx = ctx
         twin.tokens = list(self.tokens)
-        twin.log_prob, twin.done, twin.end, twin.value = (
-            self.log_prob,
-            self.done,
-            self.end,
-            self.value,
-        )
         twin._detok = self._detok.copy()
-        twin._stop_scan = self._stop_scan
         return twin
 
-    def feed(self, token_id: int, log_prob: float) -> None:
-        """Takes one token with its log-probability under the site's distribution."""
+    def feed(self, token_id: int, log_prob: float, log_q: float | None = None) -> None:
+        """Takes one token with its log-probability under the site's distribution (and under
+        the distribution it was drawn from, when that differs)."""
         self.tokens.append(token_id)
+        self.segment += 1
         self.log_prob += log_prob
+        self.log_q += log_prob if log_q is None else log_q
         if log_prob == -math.inf:
             self._finish("impossible")
             return
+        if self.dist.constraint is not None:
+            c = self.dist.constraint
+            if self.forced is not None and not bool(c.mask(self.model, self.cstate)[token_id]):
+                self._finish("impossible")  # a scored path that breaks the constraint
+                return
+            self.cstate = c.advance(self.model, self.cstate, token_id)
         if token_id == self.model.eos_id:
             self._finish("eos")
             return
@@ -139,6 +171,8 @@ class LMRun:
         if len(self.tokens) >= self.dist.max_tokens:
             self._finish("max_tokens")
             return
+        if self.dist.potential is not None and self.forced is None:
+            self.twist = float(self.dist.potential(self._detok.text))
         self.ctx.append(token_id)
 
     def _find_stop(self) -> int | None:
@@ -151,6 +185,7 @@ class LMRun:
     def _finish(self, end: str) -> None:
         self.done = True
         self.end = end
+        self.twist = 0.0
         self.model.release(self.ctx)
         if end == "impossible":
             self.log_prob = -math.inf
@@ -167,7 +202,21 @@ class LMRun:
         self.model.release(self.ctx)
         self.done = True
         self.end = "impossible"
+        self.twist = 0.0
         self.log_prob = -math.inf
+
+
+def constraint_masks(runs: Sequence[LMRun], like: torch.Tensor) -> torch.Tensor | None:
+    """Allowed-token masks of the runs' constraints, ``[len(runs), vocab]``; None if none."""
+    if all(r.dist.constraint is None for r in runs):
+        return None
+    ones = torch.ones(like.shape[-1], dtype=torch.bool, device=like.device)
+    return torch.stack(
+        [
+            ones if r.dist.constraint is None else r.dist.constraint.mask(r.model, r.cstate)
+            for r in runs
+        ]
+    )
 
 
 def call_model(
@@ -265,6 +314,7 @@ def step_runs(
     runs: Sequence[LMRun],
     generators: dict[torch.device, torch.Generator],
     stats: dict | None = None,
+    entropy: bool = False,
 ) -> None:
     """Advances every unfinished run: sampled runs by one token (one batched call per model,
     drawn on the model's device, only ids and log-probs read back); forced runs to their end
@@ -272,7 +322,8 @@ def step_runs(
 
     ``generators`` maps a device to the ``torch.Generator`` used for draws there (created on
     first use, unseeded, if missing); ``stats`` gets ``model_calls``, ``tokens_generated`` and
-    ``tokens_scored`` counts added.
+    ``tokens_scored`` counts added; with ``entropy`` each sampled run records the entropy of
+    the distribution its token was drawn from.
     """
     live = [r for r in runs if not r.done]
     forced = [r for r in live if r.forced is not None]
@@ -285,11 +336,26 @@ def step_runs(
         if gen is None:
             gen = generators[device] = torch.Generator(device=device)
             gen.seed()
-        tokens = draw(proc, gen)
-        chosen = proc.gather(1, tokens[:, None]).squeeze(1)
-        back = torch.stack([tokens.to(torch.float64), chosen.to(torch.float64)]).cpu().tolist()
-        for run, tok, lp in zip(group, back[0], back[1], strict=True):
-            run.feed(int(tok), lp)
+        mask = constraint_masks(group, proc)
+        if mask is None:
+            q = proc
+        else:  # draw from the locally masked distribution; the weight gets p/q
+            masked = proc.masked_fill(~mask, float("-inf"))
+            blocked = torch.isneginf(masked).all(dim=-1, keepdim=True)  # nothing allowed
+            q = torch.where(blocked, proc, torch.log_softmax(masked, dim=-1))
+        tokens = draw(q, gen)
+        chosen_p = proc.gather(1, tokens[:, None]).squeeze(1)
+        chosen_q = q.gather(1, tokens[:, None]).squeeze(1)
+        if mask is not None:
+            chosen_p = torch.where(blocked.squeeze(1), float("-inf"), chosen_p)
+        parts = [tokens.to(torch.float64), chosen_p.to(torch.float64), chosen_q.to(torch.float64)]
+        if entropy:
+            parts.append(-(q.exp() * q).nan_to_num(0.0).sum(dim=-1).to(torch.float64))
+        back = torch.stack(parts).cpu().tolist()
+        for i, run in enumerate(group):
+            run.feed(int(back[0][i]), back[1][i], back[2][i])
+            if entropy:
+                run.entropy = back[3][i]
         if stats is not None:
             stats["tokens_generated"] = stats.get("tokens_generated", 0) + len(group)
 

@@ -16,8 +16,9 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
+from typing import Any
 
 import torch
 from pyro.distributions import (
@@ -65,6 +66,8 @@ class LM:
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float = 1.0,
+        constraint: Any = None,
+        potential: Callable[[str], float] | None = None,
     ) -> None:
         if not isinstance(model, LanguageModel):
             raise SiteError(
@@ -92,6 +95,15 @@ class LM:
             raise SiteError(f"LM top_k must be None or an integer >= 1, got {top_k!r}")
         if not (isinstance(top_p, int | float) and 0 < top_p <= 1):
             raise SiteError(f"LM top_p must be in (0, 1], got {top_p!r}")
+        if constraint is not None and not hasattr(constraint, "mask"):
+            raise SiteError(
+                f"LM constraint must be an lmcascade constraint (lc.constraints.forbid, allow, "
+                f"max_word_length...), got {type(constraint).__name__}"
+            )
+        if potential is not None and not callable(potential):
+            raise SiteError("LM potential must be a function of the partial text")
+        self.constraint = constraint
+        self.potential = potential
         self.model = model
         self.prompt = prompt
         self.max_tokens = max_tokens
@@ -121,6 +133,8 @@ class LM:
             "temperature": self.temperature,
             "top_k": self.top_k,
             "top_p": self.top_p,
+            "constraint": repr(self.constraint) if self.constraint is not None else None,
+            "potential": getattr(self.potential, "__name__", None) if self.potential else None,
         }
 
     def sample(self, seed: int | None = None) -> str:

@@ -67,30 +67,64 @@ class Branch:
 
 
 class Particle:
-    """One execution of a bound program: its trace, and the generator replaying/extending it."""
+    """One execution of a bound program: its trace, and the generator replaying/extending it.
 
-    __slots__ = ("program", "trace", "waiting", "dead", "_gen", "_cursor", "_counters", "_send")
+    ``waiting`` is the site the particle is blocked on (model runs in progress, or a branch);
+    ``resolved`` a finished site not yet handed to the program; ``log_offset`` is added to the
+    trace's weight (SMC resets weights after resampling through it).
+    """
+
+    __slots__ = (
+        "program",
+        "trace",
+        "waiting",
+        "resolved",
+        "dead",
+        "log_offset",
+        "_gen",
+        "_cursor",
+        "_counters",
+        "_send",
+        "_current",
+    )
 
     def __init__(self, program: BoundProgram, trace: Trace | None = None) -> None:
         self.program = program
         self.trace = trace if trace is not None else Trace()
         self.waiting: Pending | Branch | None = None
+        self.resolved: Site | None = None
         self.dead = False
+        self.log_offset = 0.0
         self._gen: Any = None
         self._cursor = 0
         self._counters: dict[str, int] = {}
         self._send: Any = None
+        self._current: tuple[Effect, str] | None = None
 
     @property
     def done(self) -> bool:
         return self.trace.done
 
+    @property
+    def log_weight(self) -> float:
+        """The particle's current log-weight: finished sites, the site in progress, offset."""
+        lw = self.trace.log_weight + self.log_offset
+        if isinstance(self.waiting, Pending):
+            lw += sum(r.log_weight for r in self.waiting.runs)
+        return lw
+
     def clone(self) -> Particle:
-        """A copy that resumes by replaying the shared trace (no generator or model state copied)."""
-        if self.waiting is not None:
-            raise ProgramError("cannot clone a particle in the middle of a site")
+        """A copy that resumes by replaying the shared trace; a site in progress is forked
+        (its model contexts share their caches).  No generator or model state is copied."""
         twin = Particle(self.program, self.trace.copy())
         twin.dead = self.dead
+        twin.log_offset = self.log_offset
+        twin.resolved = self.resolved
+        if isinstance(self.waiting, Pending):
+            runs = [r.branch(r.model.fork(r.ctx)) for r in self.waiting.runs]
+            twin.waiting = Pending(runs, self.waiting.finish)
+        elif self.waiting is not None:
+            raise ProgramError("cannot clone a particle stopped at a branch point")
         return twin
 
     def close(self) -> None:
@@ -98,6 +132,7 @@ class Particle:
         if self._gen is not None:
             self._gen.close()
             self._gen = None
+        self._current = None
 
     def __repr__(self) -> str:
         state = "dead" if self.dead else "done" if self.done else "running"
@@ -187,8 +222,9 @@ class Policy:
 
 
 def lm_site(name: str, dist: Any, run: LMRun, proposal_log_prob: float | None = None) -> Site:
-    """The site record of a finished LM generation (proposal = the run itself by default)."""
-    q = run.log_prob if proposal_log_prob is None else proposal_log_prob
+    """The site record of a finished LM generation: ``log_prob`` under the site's distribution,
+    proposal log-prob under what the tokens were drawn from (the constraint-masked one)."""
+    q = run.log_q if proposal_log_prob is None else proposal_log_prob
     return Site(name, "sample", run.value, run.log_prob, q, tuple(run.tokens), dist)
 
 
@@ -212,6 +248,7 @@ class Engine:
         self.stop_dead = stop_dead
         self.max_sites = max_sites
         self.generators: dict[torch.device, torch.Generator] = {}
+        self.want_entropy = False
         self.stats: dict[str, Any] = {"model_calls": 0, "tokens_generated": 0, "tokens_scored": 0}
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -242,12 +279,12 @@ class Engine:
         for r in runs:
             if not r.done and r.model.device not in self.generators:
                 self.generator(r.model.device)
-        step_runs(runs, self.generators, self.stats)
+        step_runs(runs, self.generators, self.stats, entropy=self.want_entropy)
         for p in particles:
             pending = p.waiting
             if all(r.done for r in pending.runs):  # type: ignore[union-attr]
                 p.waiting = None
-                self.record(p, pending.finish(pending.runs))  # type: ignore[union-attr]
+                p.resolved = pending.finish(pending.runs)  # type: ignore[union-attr]
 
     def advance(self, p: Particle) -> None:
         """Runs ``p``'s program until it waits on a model, branches, dies or returns."""
@@ -258,53 +295,74 @@ class Engine:
             p._cursor = 0
             p._counters = {}
             p._send = None
+            p._current = None
         while True:
-            try:
-                eff = p._gen.send(p._send)
-            except StopIteration as stop:
+            if p._current is None:
+                eff = self._next_effect(p)
+                if eff is None:
+                    return
+                name = self._name(p, eff.name)
                 if p._cursor < len(p.trace):
+                    self._replay(p, eff, name)
+                    continue
+                p._current = (eff, name)
+            eff, name = p._current
+            if p.resolved is not None:
+                site, p.resolved = p.resolved, None
+                if site.name != name:
                     raise ReplayDivergenceError(
-                        f"program {p.program.name!r} returned before its recorded site "
-                        f"{p.trace.sites[p._cursor].name!r} on replay; it must be deterministic "
-                        "given its site values (draw randomness with lc.sample)"
-                    ) from None
-                p.trace.value = stop.value
-                p.trace.done = True
-                p._gen = None
-                return
-            if not isinstance(eff, EFFECT_TYPES):
-                last = p.trace.sites[-1].name if p._cursor else None
-                where = f"after site {last!r}" if last else "before its first site"
-                hint = (
-                    " Compose sub-programs with `yield from sub(...)`."
-                    if isinstance(eff, BoundProgram)
-                    else ""
-                )
-                raise BadYieldError(
-                    f"program {p.program.name!r} yielded {eff!r} ({type(eff).__name__}) {where}; "
-                    f"yield effects such as lc.sample, lc.observe, lc.factor, lc.condition, "
-                    f"lc.call or lc.gen.{hint}"
-                )
-            name = self._name(p, eff.name)
-            if p._cursor < len(p.trace):
-                self._replay(p, eff, name)
-                continue
-            if len(p.trace) >= self.max_sites:
-                raise ProgramError(
-                    f"program {p.program.name!r} reached {self.max_sites} sites at {name!r}; "
-                    "is a loop unbounded? Raise max_sites if this is intended"
-                )
-            try:
-                out = self.policy.resolve(self, p, eff, name)
-            except LMCascadeError as err:
-                raise at_site(name, err) from None
+                        f"program {p.program.name!r} diverged on replay: the site in progress "
+                        f"was {site.name!r}, the program now yields {name!r}"
+                    )
+                out: Any = site
+            else:
+                if len(p.trace) >= self.max_sites:
+                    raise ProgramError(
+                        f"program {p.program.name!r} reached {self.max_sites} sites at "
+                        f"{name!r}; is a loop unbounded? Raise max_sites if this is intended"
+                    )
+                try:
+                    out = self.policy.resolve(self, p, eff, name)
+                except LMCascadeError as err:
+                    raise at_site(name, err) from None
             if isinstance(out, Site):
+                p._current = None
                 self.record(p, out)
                 if p.done:
                     return
             else:
                 p.waiting = out
                 return
+
+    def _next_effect(self, p: Particle) -> Effect | None:
+        """The program's next effect, or None once it has returned (recorded as done)."""
+        try:
+            eff = p._gen.send(p._send)
+        except StopIteration as stop:
+            if p._cursor < len(p.trace):
+                raise ReplayDivergenceError(
+                    f"program {p.program.name!r} returned before its recorded site "
+                    f"{p.trace.sites[p._cursor].name!r} on replay; it must be deterministic "
+                    "given its site values (draw randomness with lc.sample)"
+                ) from None
+            p.trace.value = stop.value
+            p.trace.done = True
+            p._gen = None
+            return None
+        if not isinstance(eff, EFFECT_TYPES):
+            last = p.trace.sites[-1].name if p._cursor else None
+            where = f"after site {last!r}" if last else "before its first site"
+            hint = (
+                " Compose sub-programs with `yield from sub(...)`."
+                if isinstance(eff, BoundProgram)
+                else ""
+            )
+            raise BadYieldError(
+                f"program {p.program.name!r} yielded {eff!r} ({type(eff).__name__}) {where}; "
+                f"yield effects such as lc.sample, lc.observe, lc.factor, lc.condition, "
+                f"lc.call or lc.gen.{hint}"
+            )
+        return eff
 
     def record(self, p: Particle, site: Site) -> None:
         """Appends a new site to ``p``'s trace and sends its value to the program next."""

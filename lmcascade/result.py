@@ -82,6 +82,7 @@ class Result:
         self.stats: dict[str, Any] = dict(stats or {})
         self.method = method
         self.options = dict(options or {})
+        self.genealogy: list[list[int]] = []  # ancestor indices per resampling (SMC)
 
     @property
     def values(self) -> list:

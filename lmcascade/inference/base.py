@@ -6,7 +6,7 @@ options, seeds every random source, times the run and fills the common stats.
 
 >>> from lmcascade.inference import methods
 >>> sorted(methods())
-['enumerate', 'forward', 'importance', 'rejection']
+['enumerate', 'forward', 'importance', 'rejection', 'smc']
 """
 
 from __future__ import annotations

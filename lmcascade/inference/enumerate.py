@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from lmcascade.decoding import LMRun, run_logprobs
+from lmcascade.decoding import LMRun, constraint_masks, run_logprobs
 from lmcascade.distributions import is_lm, score, support
 from lmcascade.engine import Branch, Engine, Particle, Policy
 from lmcascade.errors import NotEnumerableError, TooManyTracesError
@@ -60,7 +60,11 @@ def expand_lm(dists: list, limit: int, stats: dict) -> list[list[LMRun]]:
         for items in groups.values():
             runs = [run for _, run in items]
             model = runs[0].model
-            proc = run_logprobs(runs, stats).cpu()
+            proc = run_logprobs(runs, stats)
+            mask = constraint_masks(runs, proc)
+            if mask is not None:  # a constraint is a condition: disallowed tokens are pruned
+                proc = proc.masked_fill(~mask, float("-inf"))
+            proc = proc.cpu()
             for (i, run), row in zip(items, proc, strict=True):
                 for tok in torch.nonzero(row > -math.inf).flatten().tolist():
                     child = run.branch(model.fork(run.ctx))
