@@ -46,6 +46,10 @@ class LM:
     text), when the decoded text contains a ``stop`` string (the text is cut before its first
     occurrence), or after ``max_tokens`` tokens (eos counts as a token).
 
+    ``constraint`` (see :mod:`lmcascade.constraints`) is a hard condition on the text, enforced
+    token by token with mass-corrected weights; ``potential`` is a function of the partial text
+    used as an SMC twist (it steers, and leaves the target unchanged).
+
     >>> import lmcascade as lc
     >>> from lmcascade.models import ToyLM
     >>> lm = ToyLM(["hi", "<eos>"], lambda ctx: [0.0, 0.0])

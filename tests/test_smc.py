@@ -275,3 +275,15 @@ def test_smc_on_tiny_hf_model_matches_enumeration():
     r = lc.infer(constrained(), method="smc", particles=50, seed=0)
     assert all("a" not in v and "Q" not in v for v in r.values)
     assert torch.isfinite(torch.tensor(r.log_evidence))
+
+
+def test_ancestry_and_plot(tmp_path):
+    from lmcascade.viz import ancestry, plot_smc
+
+    lineage = ancestry([[0, 0, 1], [2, 1, 1]], 3)
+    # final particle 0 came from 2 at the second resampling, which came from 1 at the first
+    assert lineage[:, 0].tolist() == [1, 2, 0]
+    assert lineage[:, 1].tolist() == [0, 1, 1]
+    r = lc.infer(twisted(), method="smc", particles=16, ess_threshold=1.0, seed=0)
+    path = plot_smc(r, tmp_path / "smc.png")
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,8 @@ of the evidence.  Resampling points are set by ``resample_every``:
 - ``"site"`` — when every particle has reached the start of a new LM site (or finished):
   cascade-level SMC over whole generations.
 
-Particles that are ahead wait at their boundary while the others catch up; finished particles
+A progress bar appears on runs longer than two seconds in a terminal (``progress=False``
+turns it off).  Particles that are ahead wait at their boundary while the others catch up; finished particles
 wait until the end.  Constraints (``lc.LM(..., constraint=...)``) and potentials
 (``potential=f``) enter the weights token by token; see :mod:`lmcascade.constraints`.
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from lmcascade.engine import Engine, Particle, Pending, Policy
 from lmcascade.errors import OptionError
@@ -62,6 +64,7 @@ class SMC(InferenceMethod):
         "segment_min": 1,
         "segment_max": 64,
         "max_steps": 100_000,
+        "progress": True,
     }
 
     def check_options(self) -> None:
@@ -105,6 +108,13 @@ class SMC(InferenceMethod):
         genealogy: list[list[int]] = []
         ess_history: list[float] = []
         steps = resamples = 0
+        bar = tqdm(
+            desc="smc",
+            unit="step",
+            delay=2.0,
+            leave=False,
+            disable=None if cfg["progress"] else True,
+        )
 
         while True:
             for p in particles:
@@ -130,6 +140,9 @@ class SMC(InferenceMethod):
                 to_step = live
             engine.step(to_step)
             steps += 1
+            bar.update(1)
+            if steps % 8 == 0 and ess_history:
+                bar.set_postfix(live=len(live), ess=f"{ess_history[-1]:.1f}", refresh=False)
             if steps > cfg["max_steps"]:
                 raise OptionError(f"method 'smc': more than max_steps={cfg['max_steps']} steps")
             if mode == "token":
@@ -140,6 +153,7 @@ class SMC(InferenceMethod):
                 )
                 resamples += did
 
+        bar.close()
         log_weights = [p.log_weight for p in particles]
         if all(lw == -math.inf for lw in log_weights):
             raise zero_weight_error(particles, "smc")
