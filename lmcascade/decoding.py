@@ -99,6 +99,7 @@ class LMRun:
         "done",
         "end",
         "value",
+        "expert",
         "_detok",
         "_stop_scan",
     )
@@ -113,7 +114,15 @@ class LMRun:
         self.tokens: list[int] = []
         self.log_prob = 0.0
         self.log_q = 0.0
-        self.twist = dist.potential("") if dist.potential is not None else 0.0
+        # A potential is a function of the prefix, or another LM whose prefix probability
+        # steers the run (its context, ``expert``, advances with this run's tokens).
+        self.expert: Context | None = None
+        self.twist = 0.0
+        if getattr(dist.potential, "is_lm", False):
+            if forced is None:
+                self.expert = dist.potential.model.open(dist.potential.prompt_ids)
+        elif dist.potential is not None:
+            self.twist = float(dist.potential(""))
         self.cstate = dist.constraint.start(self.model) if dist.constraint is not None else None
         self.segment = 0  # tokens since the last segment boundary
         self.entropy = 0.0  # entropy of the distribution the last token was drawn from
@@ -141,6 +150,8 @@ class LMRun:
         for slot in LMRun.__slots__:
             setattr(twin, slot, getattr(self, slot))
         twin.ctx = ctx
+        if self.expert is not None:
+            twin.expert = self.dist.potential.model.fork(self.expert)
         twin.tokens = list(self.tokens)
         twin._detok = self._detok.copy()
         return twin
@@ -171,8 +182,11 @@ class LMRun:
         if len(self.tokens) >= self.dist.max_tokens:
             self._finish("max_tokens")
             return
-        if self.dist.potential is not None and self.forced is None:
-            self.twist = float(self.dist.potential(self._detok.text))
+        if self.forced is None and self.dist.potential is not None:
+            if self.expert is not None:
+                self.expert.append(token_id)
+            else:
+                self.twist = float(self.dist.potential(self._detok.text))
         self.ctx.append(token_id)
 
     def _find_stop(self) -> int | None:
@@ -182,11 +196,17 @@ class LMRun:
         self._stop_scan = len(text)
         return min(hits) if hits else None
 
+    def _release(self) -> None:
+        self.model.release(self.ctx)
+        if self.expert is not None:
+            self.dist.potential.model.release(self.expert)
+            self.expert = None
+
     def _finish(self, end: str) -> None:
         self.done = True
         self.end = end
         self.twist = 0.0
-        self.model.release(self.ctx)
+        self._release()
         if end == "impossible":
             self.log_prob = -math.inf
             return
@@ -199,7 +219,7 @@ class LMRun:
 
     def fail(self) -> None:
         """Marks a forced run whose path does not end where it should (probability zero)."""
-        self.model.release(self.ctx)
+        self._release()
         self.done = True
         self.end = "impossible"
         self.twist = 0.0
@@ -310,6 +330,30 @@ def score_forced(runs: Sequence[LMRun], stats: dict | None = None) -> None:
                 run.fail()
 
 
+def _expert_logprobs(
+    runs: Sequence[LMRun], tokens: torch.Tensor, stats: dict | None
+) -> list[float] | None:
+    """For runs steered by another LM: that LM's log-probability of each run's new token
+    (one batched call per expert model); None when no run has one."""
+    steered = [i for i, r in enumerate(runs) if r.expert is not None]
+    if not steered:
+        return None
+    out = [0.0] * len(runs)
+    groups: dict[int, list[int]] = {}
+    for i in steered:
+        groups.setdefault(id(runs[i].dist.potential.model), []).append(i)
+    for rows in groups.values():
+        experts = [runs[i].dist.potential for i in rows]
+        model = experts[0].model
+        logprobs = call_model(model, [runs[i].expert for i in rows], stats)
+        shaped = shape_rows(logprobs, experts, [len(runs[i].tokens) for i in rows], model.eos_id)
+        index = torch.tensor(rows, device=tokens.device)
+        picked = shaped.gather(1, tokens[index].to(shaped.device)[:, None]).squeeze(1)
+        for i, lp in zip(rows, picked.to(torch.float64).cpu().tolist(), strict=True):
+            out[i] = lp
+    return out
+
+
 def step_runs(
     runs: Sequence[LMRun],
     generators: dict[torch.device, torch.Generator],
@@ -351,8 +395,11 @@ def step_runs(
         parts = [tokens.to(torch.float64), chosen_p.to(torch.float64), chosen_q.to(torch.float64)]
         if entropy:
             parts.append(-(q.exp() * q).nan_to_num(0.0).sum(dim=-1).to(torch.float64))
+        expert_lp = _expert_logprobs(group, tokens, stats)
         back = torch.stack(parts).cpu().tolist()
         for i, run in enumerate(group):
+            if expert_lp is not None and run.expert is not None:
+                run.twist += expert_lp[i]
             run.feed(int(back[0][i]), back[1][i], back[2][i])
             if entropy:
                 run.entropy = back[3][i]

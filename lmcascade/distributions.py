@@ -48,7 +48,9 @@ class LM:
 
     ``constraint`` (see :mod:`lmcascade.constraints`) is a hard condition on the text, enforced
     token by token with mass-corrected weights; ``potential`` is a function of the partial text
-    used as an SMC twist (it steers, and leaves the target unchanged).
+    used as an SMC twist (it steers, and leaves the target unchanged) — or another ``LM``
+    sharing the tokenizer, whose probability of the prefix is the twist (product of experts,
+    steered token by token).
 
     >>> import lmcascade as lc
     >>> from lmcascade.models import ToyLM
@@ -104,8 +106,15 @@ class LM:
                 f"LM constraint must be an lmcascade constraint (lc.constraints.forbid, allow, "
                 f"max_word_length...), got {type(constraint).__name__}"
             )
-        if potential is not None and not callable(potential):
-            raise SiteError("LM potential must be a function of the partial text")
+        if getattr(potential, "is_lm", False):
+            if potential.model.vocab_size != model.vocab_size or (
+                potential.model.eos_id != model.eos_id
+            ):
+                raise SiteError(
+                    "an LM used as a potential must share the site's tokenizer (same vocabulary)"
+                )
+        elif potential is not None and not callable(potential):
+            raise SiteError("LM potential must be a function of the partial text, or an lc.LM")
         self.constraint = constraint
         self.potential = potential
         self.model = model
@@ -138,7 +147,11 @@ class LM:
             "top_k": self.top_k,
             "top_p": self.top_p,
             "constraint": repr(self.constraint) if self.constraint is not None else None,
-            "potential": getattr(self.potential, "__name__", None) if self.potential else None,
+            "potential": None
+            if self.potential is None
+            else repr(self.potential)
+            if getattr(self.potential, "is_lm", False)
+            else getattr(self.potential, "__name__", "potential"),
         }
 
     def sample(self, seed: int | None = None) -> str:
