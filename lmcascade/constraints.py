@@ -68,6 +68,11 @@ class Constraint:
             self._masks[key] = cached
         return cached
 
+    def complete(self, model, state: Any) -> bool:
+        """Whether a text ending in ``state`` satisfies the constraint (regexes need a full
+        match; vocabulary masks are always satisfied)."""
+        return True
+
     def check(self, model, token_ids: Iterable[int]) -> bool:
         """Whether a token path respects the constraint."""
         state = self.start(model)
@@ -131,6 +136,114 @@ class MaxWordLength(Constraint):
 
     def __repr__(self) -> str:
         return f"max_word_length({self.n})"
+
+
+SENTINEL = "\ue000"  # appended to regexes that match the empty string (see Regex)
+
+
+class Regex(Constraint):
+    """The text must fully match a regular expression, enforced token by token.
+
+    The expression is compiled against each model's vocabulary (token bytes) into a
+    token-level automaton by ``outlines-core``; states are automaton states and eos is allowed
+    only where the text so far is a complete match.  The pattern is anchored as ``(?:R)$``
+    (without the end anchor the automaton drops tokens that extend an already complete
+    match); a pattern that matches the empty string is compiled with a sentinel token
+    appended instead, and a state is complete when the sentinel could follow.
+    """
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        if not isinstance(pattern, str) or not pattern:
+            raise SiteError(f"regex needs a non-empty pattern string, got {pattern!r}")
+        self.pattern = pattern
+        self._compiled: dict[int, tuple[Any, int | None]] = {}
+
+    def _index(self, model) -> tuple[Any, int | None]:
+        key = id(model)
+        if key not in self._compiled:
+            from outlines_core import Index, Vocabulary
+
+            pieces = model.token_bytes()
+            table: dict[bytes, list[int]] = {}
+            for i, piece in enumerate(pieces):
+                if piece:
+                    table.setdefault(piece, []).append(i)
+            try:
+                index = Index(f"(?:{self.pattern})$", Vocabulary(model.eos_id, table))
+                sentinel = None
+            except ValueError as err:
+                if "universal start state" not in str(err):
+                    raise SiteError(
+                        f"regex {self.pattern!r} cannot be compiled for model {model.name!r}: {err}"
+                    ) from None
+                mark = SENTINEL.encode("utf-8")
+                sentinel = len(pieces)
+                table = {b: ids for b, ids in table.items() if b"\xee" not in b}
+                table[mark] = [sentinel]
+                index = Index(f"(?:{self.pattern}){SENTINEL}", Vocabulary(model.eos_id, table))
+            self._compiled[key] = (index, sentinel)
+        return self._compiled[key]
+
+    def start(self, model) -> int:
+        return self._index(model)[0].get_initial_state()
+
+    def advance(self, model, state: int, token_id: int) -> int:
+        if token_id == model.eos_id:
+            return state
+        nxt = self._index(model)[0].get_next_state(state, token_id)
+        return state if nxt is None else nxt
+
+    def complete(self, model, state: int) -> bool:
+        index, sentinel = self._index(model)
+        if sentinel is None:
+            return bool(index.is_final_state(state))
+        after = index.get_next_state(state, sentinel)
+        return after is not None and bool(index.is_final_state(after))
+
+    def mask(self, model, state: Any) -> torch.Tensor:
+        key = (id(model), state)
+        cached = self._masks.get(key)
+        if cached is None:
+            index, sentinel = self._index(model)
+            allowed = torch.zeros(model.vocab_size, dtype=torch.bool)
+            ids = [i for i in (index.get_allowed_tokens(state) or []) if i != sentinel]
+            allowed[torch.tensor(ids, dtype=torch.long)] = True
+            allowed[model.eos_id] = self.complete(model, state)
+            cached = allowed.to(model.device)
+            self._masks[key] = cached
+        return cached
+
+    def __repr__(self) -> str:
+        return f"regex({self.pattern!r})"
+
+
+def regex(pattern: str) -> Regex:
+    """The generated text must fully match ``pattern`` (compiled with outlines-core).
+
+    >>> regex(r"[0-9]+")
+    regex('[0-9]+')
+    """
+    return Regex(pattern)
+
+
+def json_schema(schema: Any, *, whitespace: str = "") -> Regex:
+    """The generated text must be JSON valid under ``schema`` (a dict or a JSON string);
+    ``whitespace`` is the regex allowed between tokens of the JSON ("" for compact JSON).
+
+    >>> json_schema({"type": "integer"})
+    regex('(-)?(0|[1-9][0-9]*)')
+    """
+    import json
+
+    from outlines_core.json_schema import build_regex_from_schema
+
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    try:
+        pattern = build_regex_from_schema(text, whitespace_pattern=whitespace)
+    except (ValueError, TypeError) as err:
+        raise SiteError(f"cannot turn this JSON schema into a constraint: {err}") from None
+    return Regex(pattern)
 
 
 def forbid(*substrings: str) -> Forbid:

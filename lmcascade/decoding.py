@@ -203,6 +203,13 @@ class LMRun:
             self.expert = None
 
     def _finish(self, end: str) -> None:
+        c = self.dist.constraint
+        if (
+            end in ("stop", "max_tokens")
+            and c is not None
+            and not c.complete(self.model, self.cstate)
+        ):
+            end = "impossible"  # ended before the constraint was satisfied (an unfinished match)
         self.done = True
         self.end = end
         self.twist = 0.0

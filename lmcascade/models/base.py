@@ -122,6 +122,14 @@ class LanguageModel(ABC):
                 forks[i].append(paths[i][j])
         return [torch.stack(r) if r else torch.empty(0, self.vocab_size) for r in rows]
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Each token's bytes as it appears in text (None for special tokens such as eos);
+        used to compile regular-expression constraints against the vocabulary."""
+        out: list[bytes | None] = []
+        for i in range(self.vocab_size):
+            out.append(None if i == self.eos_id else self.decode([i]).encode("utf-8"))
+        return out
+
     def pop_counters(self) -> dict[str, int]:
         """Model-specific counts since the last call (prefill tokens, forward passes...)."""
         return {}

@@ -76,6 +76,19 @@ def quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: printable stand-in character -> byte."""
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars = keep[:]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer seen through lmcascade's Tokenizer protocol.
 
@@ -194,6 +207,23 @@ class TransformersLM(LanguageModel):
         if isinstance(place, Place) and place.n > 0:
             self.prefix_index.insert(context.ids[: place.n], place.batch, place.row)
         context.state = None
+
+    def token_bytes(self) -> list[bytes | None]:
+        """Token bytes; byte-level BPE vocabularies (GPT-2 style) are mapped back exactly."""
+        hf = self.tokenizer.hf
+        special = set(hf.all_special_ids) | {self.eos_id}
+        pieces = hf.convert_ids_to_tokens(list(range(self._vocab)))
+        table = _byte_decoder()
+        byte_level = all(p is None or all(c in table for c in p) for p in pieces[:2000])
+        out: list[bytes | None] = []
+        for i, piece in enumerate(pieces):
+            if i in special or piece is None:
+                out.append(None)
+            elif byte_level and all(c in table for c in piece):
+                out.append(bytes(table[c] for c in piece))
+            else:
+                out.append(self.tokenizer.decode([i]).encode("utf-8"))
+        return out
 
     def pop_counters(self) -> dict[str, int]:
         out, self.counters = self.counters, {}
