@@ -138,6 +138,70 @@ class MaxWordLength(Constraint):
         return f"max_word_length({self.n})"
 
 
+class Predicate(Constraint):
+    """An arbitrary Python test of the partial text, sampled by adaptive weighted rejection.
+
+    ``prefix_ok(text)`` says whether a partial text can still be extended to a valid one;
+    ``complete_ok(text)`` (default: ``prefix_ok``) whether a finished text is valid.  Samplers
+    never evaluate it on the whole vocabulary: candidates are drawn without replacement
+    (Gumbel-max order) and tested one at a time until one passes, and the weight gets an
+    unbiased estimate of the allowed probability mass (Lipkin et al. 2025, recursive AWRS).
+    Exact enumeration and scoring, which need the full allowed set, evaluate every token.
+    The state is the text generated so far.
+    """
+
+    by_rejection = True
+
+    def __init__(self, prefix_ok, complete_ok=None) -> None:
+        super().__init__()
+        if not callable(prefix_ok) or (complete_ok is not None and not callable(complete_ok)):
+            raise SiteError("predicate needs functions of the partial text returning bool")
+        self.prefix_ok = prefix_ok
+        self.complete_ok = complete_ok or prefix_ok
+        self.calls = 0
+
+    def start(self, model) -> str:
+        return ""
+
+    def advance(self, model, state: str, token_id: int) -> str:
+        if token_id == model.eos_id:
+            return state
+        return state + self.token_texts(model)[token_id]
+
+    def accepts(self, model, state: str, token_id: int) -> bool:
+        """One evaluation of the predicate: may ``token_id`` follow ``state``?"""
+        self.calls += 1
+        if token_id == model.eos_id:
+            return bool(self.complete_ok(state))
+        return bool(self.prefix_ok(state + self.token_texts(model)[token_id]))
+
+    def complete(self, model, state: str) -> bool:
+        return bool(self.complete_ok(state))
+
+    def mask(self, model, state: Any) -> torch.Tensor:
+        key = (id(model), state)
+        cached = self._masks.get(key)
+        if cached is None:
+            allowed = [self.accepts(model, state, i) for i in range(model.vocab_size)]
+            cached = torch.tensor(allowed, dtype=torch.bool, device=model.device)
+            if len(self._masks) > 10_000:
+                self._masks.clear()
+            self._masks[key] = cached
+        return cached
+
+    def __repr__(self) -> str:
+        return f"predicate({getattr(self.prefix_ok, '__name__', 'fn')})"
+
+
+def predicate(prefix_ok, complete_ok=None) -> Predicate:
+    """A constraint given by Python functions of the partial (and of the finished) text.
+
+    >>> predicate(lambda text: text.count("a") <= 1)
+    predicate(<lambda>)
+    """
+    return Predicate(prefix_ok, complete_ok)
+
+
 SENTINEL = "\ue000"  # appended to regexes that match the empty string (see Regex)
 
 

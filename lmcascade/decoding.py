@@ -233,17 +233,59 @@ class LMRun:
         self.log_prob = -math.inf
 
 
-def constraint_masks(runs: Sequence[LMRun], like: torch.Tensor) -> torch.Tensor | None:
-    """Allowed-token masks of the runs' constraints, ``[len(runs), vocab]``; None if none."""
-    if all(r.dist.constraint is None for r in runs):
+def by_rejection(run: LMRun) -> bool:
+    """Whether the run's constraint is sampled by rejection (a Python predicate)."""
+    return getattr(run.dist.constraint, "by_rejection", False)
+
+
+def constraint_masks(
+    runs: Sequence[LMRun], like: torch.Tensor, sampling: bool = False
+) -> torch.Tensor | None:
+    """Allowed-token masks of the runs' constraints, ``[len(runs), vocab]``; None if none.
+    When ``sampling``, predicate constraints are left unmasked (rejection handles them)."""
+
+    def skip(r: LMRun) -> bool:
+        return r.dist.constraint is None or (sampling and by_rejection(r))
+
+    if all(skip(r) for r in runs):
         return None
     ones = torch.ones(like.shape[-1], dtype=torch.bool, device=like.device)
     return torch.stack(
-        [
-            ones if r.dist.constraint is None else r.dist.constraint.mask(r.model, r.cstate)
-            for r in runs
-        ]
+        [ones if skip(r) else r.dist.constraint.mask(r.model, r.cstate) for r in runs]
     )
+
+
+AWRS_CANDIDATES = 32
+
+
+def awrs(run: LMRun, order: list[int], logp: list[float], more) -> tuple[int, float]:
+    """Recursive adaptive weighted rejection sampling for one run.
+
+    ``order`` lists candidate tokens in Gumbel-max order (a sample without replacement from
+    the run's distribution) with their log-probabilities ``logp``; ``more()`` returns the full
+    order when the candidates run out.  Returns the first token the predicate accepts — an
+    exact draw from the constrained distribution — and ``log Z_hat``, an unbiased estimate of
+    the allowed probability mass (``-inf`` when nothing is allowed).
+    """
+    c, model, state = run.dist.constraint, run.model, run.cstate
+    rejected, log_m, j = 0.0, 0.0, 0
+    while True:
+        if j + 1 >= len(order) and len(order) < run.model.vocab_size:
+            order, logp = more()
+        if j >= len(order) or logp[j] == -math.inf:
+            return int(order[max(j - 1, 0)]), -math.inf
+        tok, lp = int(order[j]), logp[j]
+        last = j + 1 == len(order) or logp[j + 1] == -math.inf
+        log_q = 0.0 if last else min(lp - math.log1p(-rejected), 0.0)
+        if c.accepts(model, state, tok):
+            if last or c.accepts(model, state, int(order[j + 1])):
+                return tok, log_m
+            return tok, log_m + log_q
+        if last or rejected + math.exp(lp) >= 1 - 1e-9:
+            return tok, -math.inf
+        log_m += math.log1p(-math.exp(log_q))
+        rejected += math.exp(lp)
+        j += 1
 
 
 def call_model(
@@ -361,6 +403,31 @@ def _expert_logprobs(
     return out
 
 
+def _sample_by_rejection(group, rows, proc, gen, back) -> None:
+    """AWRS for the runs ``rows`` of ``group``: Gumbel-max candidate orders are computed on the
+    device (the top few per row read back), the predicate is tested on the host, and ``back``
+    (token, log p, log q rows) is overwritten with the accepted tokens and their weights."""
+    index = torch.tensor(rows, device=proc.device)
+    logp = proc.index_select(0, index).to(torch.float64)
+    u = torch.rand(logp.shape, generator=gen, device=logp.device, dtype=torch.float64)
+    keys = logp - torch.log(-torch.log(u.clamp_min(1e-300)))
+    k = min(AWRS_CANDIDATES, logp.shape[-1])
+    top = keys.topk(k, dim=-1).indices
+    ids = top.cpu().tolist()
+    lps = logp.gather(1, top).cpu().tolist()
+    for n, i in enumerate(rows):
+
+        def more(n=n):
+            full = keys[n].argsort(descending=True)
+            return full.cpu().tolist(), logp[n, full].cpu().tolist()
+
+        tok, log_z = awrs(group[i], ids[n], lps[n], more)
+        lp = float(logp[n, tok])
+        back[0][i] = tok
+        back[1][i] = lp if log_z > -math.inf else -math.inf
+        back[2][i] = lp - log_z if log_z > -math.inf else 0.0
+
+
 def step_runs(
     runs: Sequence[LMRun],
     generators: dict[torch.device, torch.Generator],
@@ -387,7 +454,7 @@ def step_runs(
         if gen is None:
             gen = generators[device] = torch.Generator(device=device)
             gen.seed()
-        mask = constraint_masks(group, proc)
+        mask = constraint_masks(group, proc, sampling=True)
         if mask is None:
             q = proc
         else:  # draw from the locally masked distribution; the weight gets p/q
@@ -402,8 +469,12 @@ def step_runs(
         parts = [tokens.to(torch.float64), chosen_p.to(torch.float64), chosen_q.to(torch.float64)]
         if entropy:
             parts.append(-(q.exp() * q).nan_to_num(0.0).sum(dim=-1).to(torch.float64))
-        expert_lp = _expert_logprobs(group, tokens, stats)
         back = torch.stack(parts).cpu().tolist()
+        rejection_rows = [i for i, r in enumerate(group) if by_rejection(r)]
+        if rejection_rows:
+            _sample_by_rejection(group, rejection_rows, proc, gen, back)
+            tokens = torch.tensor([int(t) for t in back[0]], device=device)
+        expert_lp = _expert_logprobs(group, tokens, stats)
         for i, run in enumerate(group):
             if expert_lp is not None and run.expert is not None:
                 run.twist += expert_lp[i]

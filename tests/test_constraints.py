@@ -115,3 +115,76 @@ def test_regex_on_the_real_model():
 
     r = lc.infer(legs(), method="smc", particles=4, seed=0)
     assert all(re.fullmatch(r"[0-9]{1,2}", v) for v in r.values)
+
+
+# --- Python predicates, sampled by adaptive weighted rejection ------------------------------
+
+WIDE = ToyLM(
+    [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(100)] + ["<eos>"],
+    lambda ctx: [-0.02 * i for i in range(100)] + [-1.0 + 0.8 * len(ctx)],
+    name="wide",
+)
+
+
+def at_most_one_a(text):
+    return text.count("a") <= 1 and "bb" not in text
+
+
+def predicate_program(model=WIDE, max_tokens=3):
+    c = lc.constraints.predicate(at_most_one_a)
+
+    @lc.program
+    def prog():
+        text = yield lc.gen("text", model, "", max_tokens=max_tokens, constraint=c)
+        return text
+
+    return prog(), c
+
+
+def test_predicate_enumeration_is_the_global_conditional():
+    prog, _ = predicate_program(DIGITS_FREE, 4)
+
+    @lc.program
+    def cond():
+        text = yield lc.gen("text", DIGITS_FREE, "", max_tokens=4)
+        yield lc.condition("ok", at_most_one_a(text))
+        return text
+
+    got, want = lc.infer(prog, method="enumerate"), lc.infer(cond(), method="enumerate")
+    assert got.log_evidence == pytest.approx(want.log_evidence, abs=1e-9)
+    for k, p in want.distribution().items():
+        assert got.distribution()[k] == pytest.approx(p, abs=1e-9)
+
+
+DIGITS_FREE = ToyLM(
+    ["a", "b", "ab", "c", "<eos>"],
+    lambda ctx: [0.5, 0.2, -0.3, 0.0, -1.0 + 0.5 * len(ctx)],
+    name="abc",
+)
+
+
+def test_awrs_is_properly_weighted_and_cheap():
+    import numpy as np
+
+    from stats import tv_bound, tv_distance
+
+    prog, c = predicate_program(DIGITS_FREE, 4)
+    exact = lc.infer(prog, method="enumerate")
+    r = lc.infer(prog, method="importance", num_samples=4000, seed=0)
+    assert tv_distance(r.distribution(), exact.distribution()) < tv_bound(
+        r.ess, len(exact.distribution())
+    )
+    z = math.exp(exact.log_evidence)
+    est = np.array(
+        [
+            math.exp(lc.infer(prog, method="smc", particles=16, seed=s).log_evidence)
+            for s in range(200)
+        ]
+    )
+    assert abs(est.mean() - z) < 3 * est.std(ddof=1) / math.sqrt(len(est))
+    # on a 101-token vocabulary the predicate is tested a few times per token, not 101 times
+    wide, wc = predicate_program(WIDE, 3)
+    wc.calls = 0
+    s = lc.infer(wide, method="smc", particles=50, seed=0)
+    assert wc.calls < 10 * s.stats["tokens_generated"]
+    assert all(at_most_one_a(v) for v, w in zip(s.values, s.weights, strict=True) if w > 0)
