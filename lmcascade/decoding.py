@@ -483,6 +483,10 @@ def step_runs(
                 run.entropy = back[3][i]
         if stats is not None:
             stats["tokens_generated"] = stats.get("tokens_generated", 0) + len(group)
+            eos = group[0].model.eos_id
+            stats["eos_generated"] = stats.get("eos_generated", 0) + sum(
+                int(t) == eos for t in back[0]
+            )
 
 
 def run_to_end(
