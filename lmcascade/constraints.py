@@ -25,6 +25,7 @@ state.  eos is always allowed.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,15 +38,25 @@ class Constraint:
     """Base class: a stateless vocabulary mask (subclasses override :meth:`allowed`)."""
 
     def __init__(self) -> None:
-        self._masks: dict[tuple[int, Any], torch.Tensor] = {}
-        self._texts: dict[int, list[str]] = {}
+        # Everything derived from a model lives as long as the model does (never keyed by
+        # id(), which a later model can reuse).
+        self._per_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def cache(self, model) -> dict:
+        """This constraint's cache for ``model`` (masks by state, token texts, automata)."""
+        found = self._per_model.get(model)
+        if found is None:
+            found = self._per_model[model] = {"masks": {}}
+        return found
 
     def token_texts(self, model) -> list[str]:
-        """Each token's text (cached per model)."""
-        key = id(model)
-        if key not in self._texts:
-            self._texts[key] = [model.decode([i]) for i in range(model.vocab_size)]
-        return self._texts[key]
+        """Each token's text, from its exact bytes (cached per model)."""
+        cache = self.cache(model)
+        if "texts" not in cache:
+            cache["texts"] = [
+                b.decode("utf-8", errors="replace") if b else "" for b in model.token_bytes()
+            ]
+        return cache["texts"]
 
     def start(self, model) -> Any:
         return None
@@ -58,14 +69,14 @@ class Constraint:
 
     def mask(self, model, state: Any) -> torch.Tensor:
         """Boolean mask over the vocabulary on the model's device (eos always allowed)."""
-        key = (id(model), state)
-        cached = self._masks.get(key)
+        masks = self.cache(model)["masks"]
+        cached = masks.get(state)
         if cached is None:
             texts = self.token_texts(model)
             allowed = [self.allowed(t, state) for t in texts]
             allowed[model.eos_id] = True
             cached = torch.tensor(allowed, dtype=torch.bool, device=model.device)
-            self._masks[key] = cached
+            masks[state] = cached
         return cached
 
     def complete(self, model, state: Any) -> bool:
@@ -160,33 +171,44 @@ class Predicate(Constraint):
         self.complete_ok = complete_ok or prefix_ok
         self.calls = 0
 
-    def start(self, model) -> str:
-        return ""
+    def start(self, model) -> bytes:
+        return b""
 
-    def advance(self, model, state: str, token_id: int) -> str:
+    def _bytes(self, model) -> list[bytes]:
+        cache = self.cache(model)
+        if "bytes" not in cache:
+            cache["bytes"] = [b or b"" for b in model.token_bytes()]
+        return cache["bytes"]
+
+    def advance(self, model, state: bytes, token_id: int) -> bytes:
         if token_id == model.eos_id:
             return state
-        return state + self.token_texts(model)[token_id]
+        return state + self._bytes(model)[token_id]
 
-    def accepts(self, model, state: str, token_id: int) -> bool:
+    @staticmethod
+    def _text(data: bytes) -> str:
+        # an incomplete character at the end is left out until its last byte arrives
+        return data.decode("utf-8", errors="ignore")
+
+    def accepts(self, model, state: bytes, token_id: int) -> bool:
         """One evaluation of the predicate: may ``token_id`` follow ``state``?"""
         self.calls += 1
         if token_id == model.eos_id:
-            return bool(self.complete_ok(state))
-        return bool(self.prefix_ok(state + self.token_texts(model)[token_id]))
+            return bool(self.complete_ok(self._text(state)))
+        return bool(self.prefix_ok(self._text(state + self._bytes(model)[token_id])))
 
-    def complete(self, model, state: str) -> bool:
-        return bool(self.complete_ok(state))
+    def complete(self, model, state: bytes) -> bool:
+        return bool(self.complete_ok(self._text(state)))
 
     def mask(self, model, state: Any) -> torch.Tensor:
-        key = (id(model), state)
-        cached = self._masks.get(key)
+        masks = self.cache(model)["masks"]
+        cached = masks.get(state)
         if cached is None:
             allowed = [self.accepts(model, state, i) for i in range(model.vocab_size)]
             cached = torch.tensor(allowed, dtype=torch.bool, device=model.device)
-            if len(self._masks) > 10_000:
-                self._masks.clear()
-            self._masks[key] = cached
+            if len(masks) > 10_000:
+                masks.clear()
+            masks[state] = cached
         return cached
 
     def __repr__(self) -> str:
@@ -221,11 +243,10 @@ class Regex(Constraint):
         if not isinstance(pattern, str) or not pattern:
             raise SiteError(f"regex needs a non-empty pattern string, got {pattern!r}")
         self.pattern = pattern
-        self._compiled: dict[int, tuple[Any, int | None]] = {}
 
     def _index(self, model) -> tuple[Any, int | None]:
-        key = id(model)
-        if key not in self._compiled:
+        cache = self.cache(model)
+        if "index" not in cache:
             from outlines_core import Index, Vocabulary
 
             pieces = model.token_bytes()
@@ -246,8 +267,8 @@ class Regex(Constraint):
                 table = {b: ids for b, ids in table.items() if b"\xee" not in b}
                 table[mark] = [sentinel]
                 index = Index(f"(?:{self.pattern}){SENTINEL}", Vocabulary(model.eos_id, table))
-            self._compiled[key] = (index, sentinel)
-        return self._compiled[key]
+            cache["index"] = (index, sentinel)
+        return cache["index"]
 
     def start(self, model) -> int:
         return self._index(model)[0].get_initial_state()
@@ -266,8 +287,8 @@ class Regex(Constraint):
         return after is not None and bool(index.is_final_state(after))
 
     def mask(self, model, state: Any) -> torch.Tensor:
-        key = (id(model), state)
-        cached = self._masks.get(key)
+        masks = self.cache(model)["masks"]
+        cached = masks.get(state)
         if cached is None:
             index, sentinel = self._index(model)
             allowed = torch.zeros(model.vocab_size, dtype=torch.bool)
@@ -275,7 +296,7 @@ class Regex(Constraint):
             allowed[torch.tensor(ids, dtype=torch.long)] = True
             allowed[model.eos_id] = self.complete(model, state)
             cached = allowed.to(model.device)
-            self._masks[key] = cached
+            masks[state] = cached
         return cached
 
     def __repr__(self) -> str:

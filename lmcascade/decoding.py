@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmcascade.errors import SiteError
 from lmcascade.models.base import Context, LanguageModel, Tokenizer
 from lmcascade.sampling import draw, process_logprobs
 
@@ -102,6 +103,7 @@ class LMRun:
         "expert",
         "_detok",
         "_stop_scan",
+        "seg_start",
     )
 
     def __init__(
@@ -125,6 +127,7 @@ class LMRun:
             self.twist = float(dist.potential(""))
         self.cstate = dist.constraint.start(self.model) if dist.constraint is not None else None
         self.segment = 0  # tokens since the last segment boundary
+        self.seg_start = 0  # length of the text at the last segment boundary
         self.entropy = 0.0  # entropy of the distribution the last token was drawn from
         self.done = False
         self.end: str | None = None
@@ -187,6 +190,11 @@ class LMRun:
                 self.expert.append(token_id)
             else:
                 self.twist = float(self.dist.potential(self._detok.text))
+                if math.isnan(self.twist) or self.twist == math.inf:
+                    raise SiteError(
+                        f"the potential returned {self.twist} for {self._detok.text!r}; a "
+                        "log-potential must be a finite number or -inf"
+                    )
         self.ctx.append(token_id)
 
     def _find_stop(self) -> int | None:
@@ -195,6 +203,10 @@ class LMRun:
         hits = [i for s in self.dist.stop if (i := text.find(s, start)) >= 0]
         self._stop_scan = len(text)
         return min(hits) if hits else None
+
+    def release(self) -> None:
+        """Gives the run's model contexts back (it will not be continued)."""
+        self._release()
 
     def _release(self) -> None:
         self.model.release(self.ctx)

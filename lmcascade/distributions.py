@@ -93,6 +93,7 @@ class LM:
             stops = (stop,)
         else:
             stops = tuple(stop)
+        stops = tuple(dict.fromkeys(stops))  # each stop string once (they are alternatives)
         if any(not isinstance(s, str) or s == "" for s in stops):
             raise SiteError(f"LM stop must be a non-empty string or a list of them, got {stop!r}")
         if not (isinstance(temperature, int | float) and temperature >= 0):

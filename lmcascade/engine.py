@@ -55,6 +55,7 @@ class Pending:
 
     runs: list[LMRun]
     finish: Callable[[list[LMRun]], Site]
+    released: bool = False  # SMC: allowed past the boundary at the site's start
 
 
 @dataclass

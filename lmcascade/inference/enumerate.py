@@ -70,11 +70,10 @@ def expand_lm(dists: list, limit: int, stats: dict) -> list[list[LMRun]]:
                     child = run.branch(model.fork(run.ctx))
                     child.feed(tok, float(row[tok]))
                     if child.done:
-                        model.release(child.ctx)
                         done[i].append(child)
                     else:
                         frontier.append((i, child))
-                model.release(run.ctx)
+                run.release()
         if sum(map(len, done)) + len(frontier) > limit:
             raise TooManyTracesError(
                 f"enumerating LM site(s) exceeds max_traces={limit} generations; shorten "

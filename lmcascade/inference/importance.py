@@ -22,6 +22,8 @@ each target site it covers takes the proposal's value and is weighted by
 
 from __future__ import annotations
 
+import math
+
 from lmcascade.decoding import LMRun, logsumexp, path_log_prob, scoring_runs
 from lmcascade.distributions import is_lm, score
 from lmcascade.engine import Engine, Particle, Pending, Policy
@@ -44,7 +46,11 @@ class ProposalPolicy(Policy):
         gsite = guide[name] if guide is not None and name in guide else None
         if gsite is None or gsite.kind != "sample":
             return super().sample(engine, particle, eff, name)
-        dist, value, q = eff.dist, gsite.value, gsite.log_prob
+        # q is the density the proposal actually drew from (masked, for a constrained site)
+        dist, value = eff.dist, gsite.value
+        q = gsite.log_prob if gsite.proposal_log_prob is None else gsite.proposal_log_prob
+        if gsite.log_prob == -math.inf:  # the proposal's own site failed: weight zero
+            return Site(name, "sample", value, -math.inf, 0.0, gsite.token_ids, dist)
         if not is_lm(dist):
             try:
                 p = score(dist, value)

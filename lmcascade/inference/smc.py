@@ -103,8 +103,6 @@ class SMC(InferenceMethod):
         engine = Engine(Policy(), seed=seed)
         engine.want_entropy = cfg["segment_entropy"] is not None
         particles = [Particle(bound) for _ in range(n)]
-        released: set[int] = set()  # pending sites allowed past their starting boundary
-        seg_start: dict[int, int] = {}  # run id -> text length at its last segment boundary
         genealogy: list[list[int]] = []
         ess_history: list[float] = []
         steps = resamples = 0
@@ -125,7 +123,7 @@ class SMC(InferenceMethod):
             if mode == "token":
                 to_step = live
             else:
-                to_step = [p for p in live if not self._held(p, released, seg_start)]
+                to_step = [p for p in live if not self._held(p)]
             if not to_step:  # everyone is at a boundary: a resampling point
                 particles, did = self._resampling_point(
                     particles, resample, rng, genealogy, ess_history
@@ -133,10 +131,10 @@ class SMC(InferenceMethod):
                 resamples += did
                 live = [p for p in particles if isinstance(p.waiting, Pending)]
                 for p in live:
-                    released.add(id(p.waiting))
+                    p.waiting.released = True  # type: ignore[union-attr]
                     for r in p.waiting.runs:  # type: ignore[union-attr]
                         r.segment = 0
-                        seg_start[id(r)] = len(r.text)
+                        r.seg_start = len(r.text)
                 to_step = live
             engine.step(to_step)
             steps += 1
@@ -173,10 +171,10 @@ class SMC(InferenceMethod):
         result.genealogy = genealogy
         return result
 
-    def _held(self, p: Particle, released: set[int], seg_start: dict[int, int]) -> bool:
+    def _held(self, p: Particle) -> bool:
         """Whether ``p`` waits at a boundary for the rest of the population."""
         pending = p.waiting
-        if id(pending) not in released:
+        if not pending.released:  # type: ignore[union-attr]
             return True  # a new site has just started
         if self.config["resample_every"] != "segment":
             return False
@@ -189,7 +187,7 @@ class SMC(InferenceMethod):
             if cfg["segment_tokens"] is not None and r.segment >= cfg["segment_tokens"]:
                 return True
             stop = cfg["segment_stop"]
-            if stop is not None and stop in r.text[seg_start.get(id(r), 0) :]:
+            if stop is not None and stop in r.text[r.seg_start :]:
                 return True
             limit = cfg["segment_entropy"]
             if limit is not None and r.segment >= cfg["segment_min"] and r.entropy > limit:
@@ -223,7 +221,7 @@ class SMC(InferenceMethod):
             if i not in used:
                 if isinstance(p.waiting, Pending):
                     for r in p.waiting.runs:
-                        r.model.release(r.ctx)
+                        r.release()
                 p.close()
         genealogy.append([int(a) for a in ancestors])
         return new, True

@@ -215,6 +215,10 @@ class TransformersLM(LanguageModel):
         pieces = hf.convert_ids_to_tokens(list(range(self._vocab)))
         table = _byte_decoder()
         byte_level = all(p is None or all(c in table for c in p) for p in pieces[:2000])
+        # Other tokenizers (SentencePiece) drop a token's leading space when it is decoded
+        # alone: decode it after an anchor token and keep what the token added.
+        anchor = next(i for i in range(self._vocab) if i not in special)
+        base = self.tokenizer.decode([anchor])
         out: list[bytes | None] = []
         for i, piece in enumerate(pieces):
             if i in special or piece is None:
@@ -222,7 +226,7 @@ class TransformersLM(LanguageModel):
             elif byte_level and all(c in table for c in piece):
                 out.append(bytes(table[c] for c in piece))
             else:
-                out.append(self.tokenizer.decode([i]).encode("utf-8"))
+                out.append(self.tokenizer.decode([anchor, i])[len(base) :].encode("utf-8"))
         return out
 
     def pop_counters(self) -> dict[str, int]:
@@ -354,6 +358,8 @@ class TransformersLM(LanguageModel):
     ) -> list[torch.Tensor]:
         """Teacher forcing in one batched pass: row ``j`` of result ``i`` is the next-token
         distribution after ``contexts[i]`` followed by ``paths[i][:j]``."""
+        if any(not ctx.ids for ctx in contexts):
+            raise ModelError("a context needs at least one token; give the LM a prompt")
         keys = [
             tuple(ctx.ids) + tuple(path[:-1]) for ctx, path in zip(contexts, paths, strict=True)
         ]
