@@ -63,6 +63,39 @@ class ModelIntegrityError(ModelError):
     """A model's weights do not match their pinned checksum."""
 
 
+# --- text DSL errors ------------------------------------------------------------------------
+
+
+class DSLError(LMCascadeError):
+    """A problem in a ``.lmc`` source, located by file, line and column.
+
+    The message shows ``file:line:col``, the offending line with a caret under the column,
+    and what to do.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        filename: str = "<string>",
+        line: int = 0,
+        col: int = 0,
+        source: str | None = None,
+    ) -> None:
+        self.filename, self.line, self.col, self.reason = filename, line, col, message
+        text = f"{filename}:{line}:{col}: {message}"
+        if source is not None and line > 0:
+            lines = source.splitlines()
+            if line <= len(lines):
+                code = lines[line - 1]
+                text += f"\n  {code}\n  {' ' * max(col - 1, 0)}^"
+        super().__init__(text)
+
+
+class DSLSyntaxError(DSLError):
+    """The source does not follow the grammar (the message says what was expected)."""
+
+
 # --- inference errors -----------------------------------------------------------------------
 
 
@@ -106,6 +139,8 @@ __all__ = [
     "TokenizationError",
     "ModelNotFoundError",
     "ModelIntegrityError",
+    "DSLError",
+    "DSLSyntaxError",
     "InferenceError",
     "UnknownMethodError",
     "OptionError",

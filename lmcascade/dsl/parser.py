@@ -1,0 +1,354 @@
+"""Parsing ``.lmc`` sources into the syntax tree of :mod:`lmcascade.dsl.ast`.
+
+The grammar is the data file ``grammar.lark`` (LALR); a lark ``Transformer`` maps each rule to
+one AST node and keeps its line and column.  Every problem becomes a
+:class:`~lmcascade.errors.DSLSyntaxError` showing ``file:line:col``, the line with a caret and
+what was expected — no lark exception ever reaches the user.
+
+>>> module = parse('model lm = "smollm2-135m"\\nprogram hi() { t ~ lm("Hello {name}") return t }')
+>>> module.models[0].ref, module.programs[0].name
+('smollm2-135m', 'hi')
+>>> parse('program f( { }', filename="bad.lmc")
+Traceback (most recent call last):
+...
+lmcascade.errors.DSLSyntaxError: bad.lmc:1:12: unexpected "{"; expected ")" or a name
+  program f( { }
+             ^
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from importlib import resources
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import (
+    LarkError,
+    UnexpectedCharacters,
+    UnexpectedEOF,
+    UnexpectedInput,
+    UnexpectedToken,
+    VisitError,
+)
+from lark.lexer import PatternStr
+
+from lmcascade.dsl import ast
+from lmcascade.errors import DSLError, DSLSyntaxError
+
+FRIENDLY = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "STRING": "a string",
+    "COMP_OP": "a comparison",
+    "ADD_OP": '"+" or "-"',
+    "MUL_OP": '"*", "/" or "%"',
+    "$END": "the end of the file",
+}
+ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\", "{": "{", "}": "}"}
+
+
+@lru_cache(maxsize=1)
+def grammar() -> Lark:
+    text = resources.files("lmcascade.dsl").joinpath("grammar.lark").read_text()
+    return Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def describe_terminal(name: str) -> str:
+    if name in FRIENDLY:
+        return FRIENDLY[name]
+    try:
+        pattern = grammar().get_terminal(name).pattern
+    except KeyError:
+        return name.lower()
+    return f'"{pattern.value}"' if isinstance(pattern, PatternStr) else name.lower()
+
+
+def expected_text(names) -> str:
+    items = sorted({describe_terminal(n) for n in names})
+    if len(items) > 1:
+        return ", ".join(items[:-1]) + " or " + items[-1]
+    return items[0] if items else "something else"
+
+
+class _Kwarg(tuple):
+    """A ``name=value`` argument on its way into a Call."""
+
+
+class ToAst(Transformer):
+    """One method per grammar rule, each returning an AST node with its position."""
+
+    def __init__(self, filename: str, source: str) -> None:
+        super().__init__()
+        self.filename, self.source = filename, source
+
+    def error(self, message: str, line: int, col: int) -> DSLSyntaxError:
+        return DSLSyntaxError(
+            message, filename=self.filename, line=line, col=col, source=self.source
+        )
+
+    # top level
+    @v_args(meta=True)
+    def start(self, meta, items):
+        models = tuple(i for i in items if isinstance(i, ast.ModelDecl))
+        programs = tuple(i for i in items if isinstance(i, ast.ProgramDef))
+        return ast.Module(1, 1, self.filename, models, programs, self.source)
+
+    @v_args(meta=True)
+    def model_decl(self, meta, items):
+        name, ref = items
+        text = self._unescape(ref)
+        return ast.ModelDecl(meta.line, meta.column, str(name), text)
+
+    @v_args(meta=True)
+    def program(self, meta, items):
+        name, params, body = items
+        return ast.ProgramDef(meta.line, meta.column, str(name), tuple(params or ()), body)
+
+    def params(self, items):
+        names = [str(t) for t in items]
+        for i, tok in enumerate(items):
+            if names.index(names[i]) != i:
+                raise self.error(f"parameter {names[i]!r} is listed twice", tok.line, tok.column)
+        return tuple(names)
+
+    def block(self, items):
+        return tuple(items)
+
+    # statements
+    @v_args(meta=True)
+    def sample_stmt(self, meta, items):
+        return ast.Sample(meta.line, meta.column, str(items[0]), items[1])
+
+    @v_args(meta=True)
+    def assign_stmt(self, meta, items):
+        return ast.Assign(meta.line, meta.column, str(items[0]), items[1])
+
+    @v_args(meta=True)
+    def observe_stmt(self, meta, items):
+        return ast.Observe(meta.line, meta.column, items[0], items[1])
+
+    @v_args(meta=True)
+    def condition_stmt(self, meta, items):
+        return ast.Condition(meta.line, meta.column, items[0])
+
+    @v_args(meta=True)
+    def factor_stmt(self, meta, items):
+        return ast.Factor(meta.line, meta.column, items[0])
+
+    @v_args(meta=True)
+    def if_stmt(self, meta, items):
+        test, body, orelse = items
+        if isinstance(orelse, ast.If):
+            orelse = (orelse,)
+        return ast.If(meta.line, meta.column, test, body, tuple(orelse or ()))
+
+    @v_args(meta=True)
+    def for_stmt(self, meta, items):
+        return ast.For(meta.line, meta.column, str(items[0]), items[1], items[2])
+
+    @v_args(meta=True)
+    def repeat_stmt(self, meta, items):
+        return ast.Repeat(meta.line, meta.column, items[0], items[1])
+
+    @v_args(meta=True)
+    def return_stmt(self, meta, items):
+        return ast.Return(meta.line, meta.column, items[0])
+
+    # calls
+    @v_args(meta=True)
+    def call(self, meta, items):
+        name, args = items
+        positional, keywords, seen = [], [], set()
+        for arg in args or ():
+            if isinstance(arg, _Kwarg):
+                key, value, tok = arg
+                if key in seen:
+                    raise self.error(f"argument {key!r} is given twice", tok.line, tok.column)
+                seen.add(key)
+                keywords.append((key, value))
+            else:
+                if keywords:
+                    raise self.error(
+                        "a positional argument follows a keyword argument",
+                        getattr(arg, "line", meta.line),
+                        getattr(arg, "col", meta.column),
+                    )
+                positional.append(arg)
+        return ast.Call(meta.line, meta.column, str(name), tuple(positional), tuple(keywords))
+
+    def args(self, items):
+        return [i for i in items if i is not None]
+
+    def kwarg(self, items):
+        return _Kwarg((str(items[0]), items[1], items[0]))
+
+    # expressions
+    @v_args(meta=True)
+    def or_expr(self, meta, items):
+        return ast.BoolOp(meta.line, meta.column, "or", tuple(items))
+
+    @v_args(meta=True)
+    def and_expr(self, meta, items):
+        return ast.BoolOp(meta.line, meta.column, "and", tuple(items))
+
+    @v_args(meta=True)
+    def not_op(self, meta, items):
+        return ast.Not(meta.line, meta.column, items[0])
+
+    @v_args(meta=True)
+    def comparison(self, meta, items):
+        left, op, right = items
+        return ast.Compare(meta.line, meta.column, str(op), left, right)
+
+    @v_args(meta=True)
+    def contains(self, meta, items):
+        return ast.Compare(meta.line, meta.column, "in", items[0], items[1])
+
+    @v_args(meta=True)
+    def sum(self, meta, items):
+        return self._fold(meta, items)
+
+    @v_args(meta=True)
+    def term(self, meta, items):
+        return self._fold(meta, items)
+
+    def _fold(self, meta, items):
+        node = items[0]
+        for op, right in zip(items[1::2], items[2::2], strict=True):
+            node = ast.BinOp(meta.line, meta.column, str(op), node, right)
+        return node
+
+    @v_args(meta=True)
+    def neg(self, meta, items):
+        return ast.Neg(meta.line, meta.column, items[0])
+
+    @v_args(meta=True)
+    def index(self, meta, items):
+        return ast.Index(meta.line, meta.column, items[0], items[1])
+
+    def number(self, items):
+        tok = items[0]
+        text = str(tok)
+        value = int(text) if re.fullmatch(r"\d+", text) else float(text)
+        return ast.Num(tok.line, tok.column, value)
+
+    def string(self, items):
+        tok = items[0]
+        return ast.Str(tok.line, tok.column, self._template(tok))
+
+    @v_args(meta=True)
+    def true(self, meta, items):
+        return ast.Bool(meta.line, meta.column, True)
+
+    @v_args(meta=True)
+    def false(self, meta, items):
+        return ast.Bool(meta.line, meta.column, False)
+
+    def var(self, items):
+        tok = items[0]
+        return ast.Var(tok.line, tok.column, str(tok))
+
+    @v_args(meta=True)
+    def list(self, meta, items):
+        return ast.ListExpr(meta.line, meta.column, tuple(i for i in items if i is not None))
+
+    # strings
+    def _unescape(self, tok: Token, keep_braces: bool = False) -> str:
+        body, out, i = str(tok)[1:-1], [], 0
+        while i < len(body):
+            ch = body[i]
+            if ch == "\\":
+                nxt = body[i + 1]
+                if nxt not in ESCAPES:
+                    raise self.error(
+                        f'unknown escape \\{nxt} in a string (use \\n, \\t, \\", \\\\, \\{{ '
+                        "or \\})",
+                        tok.line,
+                        tok.column + 1 + i,
+                    )
+                out.append("\\" + nxt if keep_braces and nxt in "{}" else ESCAPES[nxt])
+                i += 2
+            else:
+                out.append(ch)
+                i += 1
+        return "".join(out)
+
+    def _template(self, tok: Token) -> tuple[str | ast.Var, ...]:
+        """Literal text and ``{name}`` placeholders (``\\{`` and ``\\}`` are literal braces)."""
+        text = self._unescape(tok, keep_braces=True)
+        parts: list[str | ast.Var] = []
+        buf, i = [], 0
+        while i < len(text):
+            ch = text[i]
+            if ch == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
+                buf.append(text[i + 1])
+                i += 2
+            elif ch == "{":
+                end = text.find("}", i)
+                name = text[i + 1 : end] if end > 0 else ""
+                if end < 0 or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                    raise self.error(
+                        "a placeholder must be {name} with a variable name (write \\{ for a "
+                        "literal brace)",
+                        tok.line,
+                        tok.column + 1 + i,
+                    )
+                if buf:
+                    parts.append("".join(buf))
+                    buf = []
+                parts.append(ast.Var(tok.line, tok.column + 1 + i, name))
+                i = end + 1
+            elif ch == "}":
+                raise self.error(
+                    "unmatched } in a string (write \\} for a literal brace)",
+                    tok.line,
+                    tok.column + 1 + i,
+                )
+            else:
+                buf.append(ch)
+                i += 1
+        if buf or not parts:
+            parts.append("".join(buf))
+        return tuple(parts)
+
+
+def parse(source: str, filename: str = "<string>") -> ast.Module:
+    """Parses ``.lmc`` source text into an :class:`~lmcascade.dsl.ast.Module`."""
+    if not isinstance(source, str):
+        raise DSLError(f"source must be text, got {type(source).__name__}", filename=filename)
+    try:
+        tree = grammar().parse(source)
+    except UnexpectedInput as err:
+        raise _syntax_error(err, source, filename) from None
+    except LarkError as err:  # pragma: no cover - any other lark failure is still ours to report
+        raise DSLSyntaxError(f"cannot parse: {err}", filename=filename) from None
+    try:
+        return ToAst(filename, source).transform(tree)
+    except VisitError as err:
+        if isinstance(err.orig_exc, DSLError):
+            raise err.orig_exc from None
+        raise DSLSyntaxError(f"cannot parse: {err.orig_exc}", filename=filename) from None
+
+
+def _syntax_error(err: UnexpectedInput, source: str, filename: str) -> DSLSyntaxError:
+    line, col = getattr(err, "line", 0) or 0, getattr(err, "column", 0) or 0
+    if isinstance(err, UnexpectedCharacters):
+        char = source[err.pos_in_stream] if err.pos_in_stream < len(source) else ""
+        hint = " (strings use double quotes)" if char == "'" else ""
+        message = f"unexpected character {char!r}{hint}; expected {expected_text(err.allowed)}"
+    elif isinstance(err, UnexpectedToken):
+        tok = err.token
+        if tok.type == "$END":
+            message = f"unexpected end of file; expected {expected_text(err.expected)}"
+            lines = source.splitlines() or [""]
+            line, col = len(lines), len(lines[-1]) + 1
+        else:
+            message = f'unexpected "{tok}"; expected {expected_text(err.expected)}'
+    elif isinstance(err, UnexpectedEOF):
+        lines = source.splitlines() or [""]
+        line, col = len(lines), len(lines[-1]) + 1
+        message = f"unexpected end of file; expected {expected_text(err.expected)}"
+    else:  # pragma: no cover
+        message = str(err)
+    return DSLSyntaxError(message, filename=filename, line=line, col=col, source=source)
