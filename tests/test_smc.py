@@ -277,7 +277,8 @@ def test_bad_options():
             lc.infer(hard_constraint(), method="smc", **opts)
 
 
-def test_smc_on_tiny_hf_model_matches_enumeration():
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["resample_every"])
+def test_smc_on_tiny_hf_model_matches_enumeration(mode):
     pytest.importorskip("transformers")
     from tiny_hf import tiny_lm
 
@@ -290,7 +291,7 @@ def test_smc_on_tiny_hf_model_matches_enumeration():
         return text
 
     want = lc.infer(constrained(), method="enumerate").distribution()
-    got, ess = pooled(constrained(), 2, particles=300, ess_threshold=0.8)
+    got, ess = pooled(constrained(), 2, particles=300, ess_threshold=0.8, **mode)
     assert tv_distance(got, want) < tv_bound(ess, len(want))
     r = lc.infer(constrained(), method="smc", particles=50, seed=0)
     assert all("a" not in v and "Q" not in v for v in r.values)
