@@ -16,6 +16,7 @@ Write a cascade as a generator that yields effects, then pick how to run it:
 
 from lmcascade import constraints, errors, models
 from lmcascade.distributions import LM
+from lmcascade.dsl.compiler import load
 from lmcascade.inference import infer, methods
 from lmcascade.program import (
     BoundProgram,
@@ -47,6 +48,7 @@ __all__ = [
     "factor",
     "gen",
     "infer",
+    "load",
     "methods",
     "models",
     "observe",

@@ -96,6 +96,15 @@ class DSLSyntaxError(DSLError):
     """The source does not follow the grammar (the message says what was expected)."""
 
 
+class DSLCheckError(DSLError):
+    """The source parses but cannot run: an undefined name, an unknown model or tool, a wrong
+    number of arguments, a duplicate site, a type error visible in the source."""
+
+
+class DSLRuntimeError(DSLError):
+    """A ``.lmc`` program failed while running (a loop over its limit, a bad value)."""
+
+
 # --- inference errors -----------------------------------------------------------------------
 
 
@@ -141,6 +150,8 @@ __all__ = [
     "ModelIntegrityError",
     "DSLError",
     "DSLSyntaxError",
+    "DSLCheckError",
+    "DSLRuntimeError",
     "InferenceError",
     "UnknownMethodError",
     "OptionError",

@@ -4,6 +4,8 @@ This release parses and reports syntax errors; semantic checks, the IR graph, co
 runnable program (``lc.load``) and the CLI build on it.
 """
 
+from lmcascade.dsl.check import check
+from lmcascade.dsl.compiler import load
 from lmcascade.dsl.parser import parse
 
-__all__ = ["parse"]
+__all__ = ["check", "load", "parse"]

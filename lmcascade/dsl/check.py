@@ -1,0 +1,246 @@
+"""Static checks of a parsed ``.lmc`` module, each failure a positioned ``DSLCheckError``.
+
+Checked before anything runs: undefined variables (including ones set on only one branch of an
+``if``), unknown models, distributions, tools and functions (with a suggestion), calls with the
+wrong number of arguments, a sample statement whose right side is not a model or distribution,
+the same site sampled twice in straight-line code, and type errors visible in literals.
+
+>>> from lmcascade.dsl.parser import parse
+>>> check(parse('program f() { return y }', filename="f.lmc"), models={}, tools={})
+Traceback (most recent call last):
+...
+lmcascade.errors.DSLCheckError: f.lmc:1:22: undefined variable 'y'
+  program f() { return y }
+                       ^
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+from lmcascade.dsl import ast
+from lmcascade.errors import DSLCheckError
+
+# name -> (min positional, max positional)
+DISTRIBUTIONS = {
+    "categorical": (2, 2),
+    "bernoulli": (1, 1),
+    "normal": (2, 2),
+    "uniform": (2, 2),
+    "beta": (2, 2),
+    "poisson": (1, 1),
+    "geometric": (1, 1),
+    "binomial": (2, 2),
+}
+BUILTINS = {
+    "len": (1, 1),
+    "str": (1, 1),
+    "int": (1, 1),
+    "float": (1, 1),
+    "round": (1, 2),
+    "min": (1, 99),
+    "max": (1, 99),
+    "abs": (1, 1),
+    "lower": (1, 1),
+    "upper": (1, 1),
+    "strip": (1, 1),
+    "split": (1, 2),
+    "join": (2, 2),
+    "contains": (2, 2),
+}
+LM_OPTIONS = {"max_tokens", "min_tokens", "stop", "temperature", "top_k", "top_p"}
+
+
+class Checker:
+    """Walks one module; ``errors`` collects every problem (the first is raised)."""
+
+    def __init__(self, module: ast.Module, models: Iterable[str], tools: dict) -> None:
+        self.module = module
+        self.models = set(models) | {m.name for m in module.models}
+        self.tools = tools
+        self.programs = {p.name: p for p in module.programs}
+
+    def fail(self, node: ast.Node, message: str) -> DSLCheckError:
+        return DSLCheckError(
+            message,
+            filename=self.module.filename,
+            line=node.line,
+            col=node.col,
+            source=self.module.source,
+        )
+
+    def run(self) -> None:
+        seen: dict[str, ast.ProgramDef] = {}
+        for prog in self.module.programs:
+            if prog.name in seen:
+                raise self.fail(prog, f"program {prog.name!r} is defined twice")
+            seen[prog.name] = prog
+            self.block(prog.body, set(prog.params), loop=False, sampled=set())
+
+    # statements: returns the set of names defined after the block
+    def block(self, body, defined: set[str], loop: bool, sampled: set[str]) -> set[str]:
+        defined = set(defined)
+        for stmt in body:
+            defined = self.stmt(stmt, defined, loop, sampled)
+        return defined
+
+    def stmt(self, s, defined: set[str], loop: bool, sampled: set[str]) -> set[str]:
+        if isinstance(s, ast.Sample):
+            self.site_call(s.call, defined)
+            if not loop:
+                if s.target in sampled:
+                    raise self.fail(
+                        s, f"site {s.target!r} is sampled twice; give each sample its own name"
+                    )
+                sampled.add(s.target)
+            return defined | {s.target}
+        if isinstance(s, ast.Assign):
+            self.expr(s.value, defined)
+            return defined | {s.target}
+        if isinstance(s, ast.Observe):
+            self.expr(s.value, defined)
+            self.site_call(s.call, defined)
+            return defined
+        if isinstance(s, ast.Condition | ast.Factor | ast.Return):
+            self.expr(s.value, defined)
+            if isinstance(s, ast.Factor) and isinstance(s.value, ast.Str | ast.ListExpr):
+                raise self.fail(s.value, "factor needs a number (a log-weight)")
+            return defined
+        if isinstance(s, ast.If):
+            self.expr(s.test, defined)
+            left = self.block(s.body, defined, loop, set(sampled))
+            right = self.block(s.orelse, defined, loop, set(sampled))
+            return left & right
+        if isinstance(s, ast.For):
+            self.expr(s.iterable, defined)
+            if isinstance(s.iterable, ast.Num | ast.Bool):
+                raise self.fail(s.iterable, "for needs a list or a string to loop over")
+            self.block(s.body, defined | {s.var}, True, sampled)
+            return defined
+        if isinstance(s, ast.Repeat):
+            self.expr(s.count, defined)
+            if isinstance(s.count, ast.Str | ast.ListExpr | ast.Bool) or (
+                isinstance(s.count, ast.Num) and (s.count.value < 0 or s.count.value % 1)
+            ):
+                raise self.fail(s.count, "repeat needs a whole number of times")
+            self.block(s.body, defined, True, sampled)
+            return defined
+        raise self.fail(s, f"unsupported statement {type(s).__name__}")  # pragma: no cover
+
+    def site_call(self, call: ast.Call, defined: set[str]) -> None:
+        """The right side of ``~``: a model or a distribution."""
+        if call.func in self.models:
+            if len(call.args) != 1:
+                raise self.fail(
+                    call,
+                    f"model {call.func!r} takes one prompt, got "
+                    f"{len(call.args)} positional arguments",
+                )
+            for key, _ in call.kwargs:
+                if key not in LM_OPTIONS:
+                    raise self.fail(
+                        call,
+                        f"unknown option {key!r} for model {call.func!r}; "
+                        f"options: {', '.join(sorted(LM_OPTIONS))}",
+                    )
+        elif call.func in DISTRIBUTIONS:
+            self.arity(call, DISTRIBUTIONS[call.func], "distribution")
+        else:
+            known = sorted(self.models | set(DISTRIBUTIONS))
+            raise self.fail(
+                call,
+                f"{call.func!r} is not a model or distribution"
+                f"{self.suggest(call.func, known)}; declare models with "
+                '`model NAME = "..."` or bind them when loading',
+            )
+        for arg in call.args:
+            self.expr(arg, defined)
+        for _, value in call.kwargs:
+            self.expr(value, defined)
+
+    def arity(self, call: ast.Call, bounds: tuple[int, int], what: str) -> None:
+        low, high = bounds
+        n = len(call.args)
+        if not low <= n <= high:
+            want = str(low) if low == high else f"{low} to {high}"
+            raise self.fail(call, f"{what} {call.func!r} takes {want} arguments, got {n}")
+
+    def expr(self, e, defined: set[str]) -> None:
+        if isinstance(e, ast.Var):
+            if e.name not in defined:
+                raise self.fail(
+                    e, f"undefined variable {e.name!r}{self.suggest(e.name, sorted(defined))}"
+                )
+        elif isinstance(e, ast.Str):
+            for part in e.parts:
+                if isinstance(part, ast.Var):
+                    self.expr(part, defined)
+        elif isinstance(e, ast.ListExpr):
+            for item in e.items:
+                self.expr(item, defined)
+        elif isinstance(e, ast.BinOp):
+            self.expr(e.left, defined)
+            self.expr(e.right, defined)
+            lits = (e.left, e.right)
+            if any(isinstance(x, ast.Str) for x in lits) and any(
+                isinstance(x, ast.Num | ast.Bool) for x in lits
+            ):
+                raise self.fail(
+                    e,
+                    f"cannot use {e.op!r} between text and a number; "
+                    "convert with str(...) or int(...)",
+                )
+        elif isinstance(e, ast.Compare):
+            self.expr(e.left, defined)
+            self.expr(e.right, defined)
+        elif isinstance(e, ast.BoolOp):
+            for v in e.values:
+                self.expr(v, defined)
+        elif isinstance(e, ast.Not | ast.Neg):
+            self.expr(e.value, defined)
+        elif isinstance(e, ast.Index):
+            self.expr(e.value, defined)
+            self.expr(e.index, defined)
+        elif isinstance(e, ast.Call):
+            self.call(e, defined)
+
+    def call(self, call: ast.Call, defined: set[str]) -> None:
+        """A call inside an expression: a tool, a builtin or another program."""
+        if call.func in self.programs:
+            params = self.programs[call.func].params
+            self.arity(call, (len(params), len(params)), "program")
+        elif call.func in BUILTINS:
+            self.arity(call, BUILTINS[call.func], "function")
+        elif call.func in self.tools:
+            pass
+        elif call.func in self.models or call.func in DISTRIBUTIONS:
+            raise self.fail(
+                call,
+                f"{call.func!r} draws a random value: use it in a sample "
+                f"statement, `x ~ {call.func}(...)`",
+            )
+        else:
+            known = sorted(set(self.programs) | set(BUILTINS) | set(self.tools))
+            raise self.fail(
+                call,
+                f"unknown function or tool {call.func!r}"
+                f"{self.suggest(call.func, known)}; pass tools to "
+                "lc.load(..., tools={...})",
+            )
+        if call.kwargs and call.func not in self.tools:
+            raise self.fail(call, f"{call.func!r} takes no keyword arguments")
+        for arg in call.args:
+            self.expr(arg, defined)
+        for _, value in call.kwargs:
+            self.expr(value, defined)
+
+    @staticmethod
+    def suggest(name: str, known: list[str]) -> str:
+        close = difflib.get_close_matches(name, known, n=1)
+        return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check(module: ast.Module, *, models: Iterable[str], tools: dict) -> None:
+    """Raises the first :class:`~lmcascade.errors.DSLCheckError` found in ``module``."""
+    Checker(module, models, tools).run()
