@@ -14,9 +14,10 @@ Write a cascade as a generator that yields effects, then pick how to run it:
 {'4': 0.731, '5': 0.269, '2': 0.0}
 """
 
-from lmcascade import constraints, errors, models
+from lmcascade import constraints, dsl, errors, models
 from lmcascade.distributions import LM
 from lmcascade.dsl.compiler import load
+from lmcascade.graph import graph
 from lmcascade.inference import infer, methods
 from lmcascade.program import (
     BoundProgram,
@@ -46,7 +47,9 @@ __all__ = [
     "constraints",
     "errors",
     "factor",
+    "dsl",
     "gen",
+    "graph",
     "infer",
     "load",
     "methods",

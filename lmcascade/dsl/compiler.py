@@ -41,6 +41,7 @@ from lmcascade.distributions import (
 from lmcascade.dsl import ast
 from lmcascade.dsl.check import check
 from lmcascade.dsl.parser import parse
+from lmcascade.dsl.tools import DEFAULT_TOOLS
 from lmcascade.errors import DSLError, DSLRuntimeError, LMCascadeError
 from lmcascade.program import Program
 
@@ -118,19 +119,20 @@ class Interpreter:
 
     def _program(self, definition: ast.ProgramDef) -> Program:
         interp = self
-
-        def run(*args):
-            env = dict(zip(definition.params, args, strict=True))
-            value = yield from interp.block(definition.body, env, 0)
-            return value[1] if isinstance(value, tuple) else None
-
-        run.__name__ = run.__qualname__ = definition.name
-        run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        signature = inspect.Signature(
             [
                 inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD)
                 for p in definition.params
             ]
         )
+
+        def run(*args, **kwargs):
+            env = dict(signature.bind(*args, **kwargs).arguments)
+            value = yield from interp.block(definition.body, env, 0)
+            return value[1] if isinstance(value, tuple) else None
+
+        run.__name__ = run.__qualname__ = definition.name
+        run.__signature__ = signature  # type: ignore[attr-defined]
         return Program(run)
 
     # statements: a block returns ("return", value) when a return statement ran
@@ -295,7 +297,7 @@ def load(
         raise DSLError(f"no .lmc file at {path!r}")
     module = parse(text, filename=filename)
     bound = dict(models or {})
-    tools = dict(tools or {})
+    tools = {**DEFAULT_TOOLS, **(tools or {})}
     check(module, models=set(bound) | {m.name for m in module.models}, tools=tools)
     for decl in module.models:
         if decl.name not in bound:
