@@ -132,3 +132,30 @@ def test_help_everywhere():
     ):
         out = cli(*args)
         assert out.returncode == 0 and "usage" in out.stdout.lower()
+
+
+INPUTS = {"grammar_tour.lmc": {"question": "What is 2 + 2?", "n": 2},
+          "verify.lmc": {"a": 2, "b": 3}}
+
+
+def test_every_example_program_parses_checks_graphs_and_runs():
+    for path in sorted((ROOT / "examples" / "lmc").glob("*.lmc")):
+        module = parse(path.read_text(), filename=path.name)
+        lc.dsl.check(module, models={m.name for m in module.models},
+                     tools=lc.dsl.compiler.DEFAULT_TOOLS)
+        g = from_program(module.programs[0], {m.name for m in module.models})
+        assert any(d["kind"] == "sample" for _, d in g.nodes(data=True))
+        programs = lc.load(path)
+        bound = getattr(programs, module.programs[0].name)(**INPUTS[path.name])
+        r = lc.infer(bound, method="forward", num_samples=2, seed=0)
+        assert len(r.values) == 2
+
+
+def test_svg_needs_graphviz_or_says_so(tmp_path):
+    import shutil
+
+    out = cli("graph", TOUR, "-o", tmp_path / "g.svg")
+    if shutil.which("dot"):
+        assert out.returncode == 0
+    else:
+        assert out.returncode == 1 and "Graphviz" in out.stderr
