@@ -191,14 +191,19 @@ class Interpreter:
             return ("return", (yield from self.expr(s.value, env)))
         return None
 
-    def distribution(self, call: ast.Call, env: dict):
-        """The distribution of a site, and how to turn its raw value into the variable."""
+    def arguments(self, call: ast.Call, env: dict):
+        """A call's positional and keyword argument values, evaluated left to right."""
         args = []
         for a in call.args:
             args.append((yield from self.expr(a, env)))
         kwargs = {}
         for key, v in call.kwargs:
             kwargs[key] = yield from self.expr(v, env)
+        return args, kwargs
+
+    def distribution(self, call: ast.Call, env: dict):
+        """The distribution of a site, and how to turn its raw value into the variable."""
+        args, kwargs = yield from self.arguments(call, env)
         try:
             if call.func in self.models:
                 return LM(self.models[call.func], args[0], **kwargs), lambda v: v
@@ -258,12 +263,7 @@ class Interpreter:
         raise self.fail(e, f"unsupported expression {type(e).__name__}")  # pragma: no cover
 
     def call(self, call: ast.Call, env: dict):
-        args = []
-        for a in call.args:
-            args.append((yield from self.expr(a, env)))
-        kwargs = {}
-        for key, v in call.kwargs:
-            kwargs[key] = yield from self.expr(v, env)
+        args, kwargs = yield from self.arguments(call, env)
         if call.func in self.programs:
             return (yield from self.programs[call.func](*args))
         if call.func in self.tools:
