@@ -72,8 +72,8 @@ def from_program(program: ast.ProgramDef, models: set[str] | None = None) -> nx.
         g.add_node(node, kind="input", label=p, line=program.line, col=program.col)
         defined[p] = node
 
-    def add(node: str, reads: set[str], calls: list[ast.Call], parent: str | None, **attrs):
-        g.add_node(node, **attrs)
+    def add(node: str, s, reads: set[str], calls: list[ast.Call], parent: str | None, **attrs):
+        g.add_node(node, line=s.line, col=s.col, **attrs)
         if parent:
             g.add_edge(parent, node, kind="contains")
         for name in reads:
@@ -98,6 +98,7 @@ def from_program(program: ast.ProgramDef, models: set[str] | None = None) -> nx.
                 node = f"{s.target}{at}"
                 add(
                     node,
+                    s,
                     reads,
                     calls,
                     parent,
@@ -105,8 +106,6 @@ def from_program(program: ast.ProgramDef, models: set[str] | None = None) -> nx.
                     label=f"{s.target} ~ {s.call.func}",
                     model=None if is_dist else s.call.func,
                     distribution=s.call.func if is_dist else "LM",
-                    line=s.line,
-                    col=s.col,
                 )
                 defined[s.target] = node
             elif isinstance(s, ast.Assign):
@@ -114,13 +113,12 @@ def from_program(program: ast.ProgramDef, models: set[str] | None = None) -> nx.
                 node = f"{s.target}{at}"
                 add(
                     node,
+                    s,
                     reads,
                     calls,
                     parent,
                     kind="assign",
                     label=f"{s.target} = ...",
-                    line=s.line,
-                    col=s.col,
                 )
                 defined[s.target] = node
             elif isinstance(s, ast.Observe | ast.Condition | ast.Factor | ast.Return):
@@ -131,16 +129,7 @@ def from_program(program: ast.ProgramDef, models: set[str] | None = None) -> nx.
                     )
                 else:
                     reads, calls = _reads(s.value)
-                add(
-                    f"{kind}{at}",
-                    reads,
-                    calls,
-                    parent,
-                    kind=kind,
-                    label=kind,
-                    line=s.line,
-                    col=s.col,
-                )
+                add(f"{kind}{at}", s, reads, calls, parent, kind=kind, label=kind)
             elif isinstance(s, ast.If | ast.For | ast.Repeat):
                 kind = type(s).__name__.lower()
                 head = (
@@ -150,7 +139,7 @@ def from_program(program: ast.ProgramDef, models: set[str] | None = None) -> nx.
                 )
                 reads, calls = _reads(head)
                 node = f"{kind}{at}"
-                add(node, reads, calls, parent, kind=kind, label=kind, line=s.line, col=s.col)
+                add(node, s, reads, calls, parent, kind=kind, label=kind)
                 if isinstance(s, ast.For):
                     defined[s.var] = node
                 block(s.body, node)

@@ -33,10 +33,6 @@ class Str(Node):
 
     parts: tuple[str | Var, ...]
 
-    @property
-    def is_template(self) -> bool:
-        return any(isinstance(p, Var) for p in self.parts)
-
 
 @dataclass(frozen=True)
 class Bool(Node):
