@@ -157,7 +157,8 @@ class LM:
 
     def sample(self, seed: int | None = None) -> str:
         """One text drawn from the distribution."""
-        from lmcascade.decoding import LMRun, run_to_end
+        from lmcascade.lm.run import LMRun
+        from lmcascade.lm.step import run_to_end
 
         gen = torch.Generator(device=self.model.device)
         if seed is None:
@@ -171,7 +172,8 @@ class LM:
     def log_prob(self, text: str) -> float:
         """Log-probability of generating exactly ``text`` (teacher forcing its tokens, plus the
         probability of the ending event), batched over the ways a generation can end."""
-        from lmcascade.decoding import logsumexp, path_log_prob, run_to_end, scoring_runs
+        from lmcascade.lm.scoring import logsumexp, path_log_prob, scoring_runs
+        from lmcascade.lm.step import run_to_end
 
         if not isinstance(text, str):
             raise SiteError(f"LM.log_prob needs a string, got {type(text).__name__}")

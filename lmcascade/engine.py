@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 
-from lmcascade.decoding import LMRun, logsumexp, path_log_prob, scoring_runs, step_runs
 from lmcascade.distributions import draw_value, is_lm, score
 from lmcascade.errors import (
     BadYieldError,
@@ -45,6 +44,9 @@ from lmcascade.errors import (
     ReplayDivergenceError,
     SiteError,
 )
+from lmcascade.lm.run import LMRun
+from lmcascade.lm.scoring import logsumexp, path_log_prob, scoring_runs
+from lmcascade.lm.step import step_runs
 from lmcascade.program import EFFECT_TYPES, BoundProgram, Call, Condition, Effect, Factor, Observe
 from lmcascade.trace import Site, Trace
 

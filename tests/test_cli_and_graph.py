@@ -134,15 +134,18 @@ def test_help_everywhere():
         assert out.returncode == 0 and "usage" in out.stdout.lower()
 
 
-INPUTS = {"grammar_tour.lmc": {"question": "What is 2 + 2?", "n": 2},
-          "verify.lmc": {"a": 2, "b": 3}}
+INPUTS = {
+    "grammar_tour.lmc": {"question": "What is 2 + 2?", "n": 2},
+    "verify.lmc": {"a": 2, "b": 3},
+}
 
 
 def test_every_example_program_parses_checks_graphs_and_runs():
     for path in sorted((ROOT / "examples" / "lmc").glob("*.lmc")):
         module = parse(path.read_text(), filename=path.name)
-        lc.dsl.check(module, models={m.name for m in module.models},
-                     tools=lc.dsl.compiler.DEFAULT_TOOLS)
+        lc.dsl.check(
+            module, models={m.name for m in module.models}, tools=lc.dsl.compiler.DEFAULT_TOOLS
+        )
         g = from_program(module.programs[0], {m.name for m in module.models})
         assert any(d["kind"] == "sample" for _, d in g.nodes(data=True))
         programs = lc.load(path)

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import lmcascade as lc
-from lmcascade.decoding import Detokenizer, LMRun, run_to_end
 from lmcascade.errors import ModelError, SiteError, TokenizationError, VocabularyError
+from lmcascade.lm import Detokenizer, LMRun
+from lmcascade.lm.shaping import process_logprobs
+from lmcascade.lm.step import run_to_end
 from lmcascade.models import ToyLM
-from lmcascade.sampling import draw, process_logprobs
+from lmcascade.samplers.ancestral import draw
 
 
 def const(*p):

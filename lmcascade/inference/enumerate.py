@@ -28,11 +28,12 @@ import math
 
 import torch
 
-from lmcascade.decoding import LMRun, constraint_masks, run_logprobs
 from lmcascade.distributions import is_lm, score, support
 from lmcascade.engine import Branch, Engine, Particle, Policy
 from lmcascade.errors import NotEnumerableError, TooManyTracesError
 from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
+from lmcascade.lm.run import LMRun
+from lmcascade.lm.step import constraint_masks, run_logprobs
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result
 from lmcascade.trace import Site

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 
-from lmcascade.decoding import LMRun, logsumexp, path_log_prob, scoring_runs
 from lmcascade.distributions import is_lm, score
 from lmcascade.engine import Engine, Particle, Pending, Policy
 from lmcascade.errors import OptionError, SiteError
 from lmcascade.inference.base import InferenceMethod, register
 from lmcascade.inference.forward import run_population, weighted_result
+from lmcascade.lm.run import LMRun
+from lmcascade.lm.scoring import logsumexp, path_log_prob, scoring_runs
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result
 from lmcascade.trace import Site, Trace

@@ -1,4 +1,4 @@
-"""Token-level sampling on the model's device: temperature, top-k, top-p and the draw.
+"""The distribution a token is drawn from: eos masking, temperature, top-k and top-p.
 
 All functions work on a whole batch at once with per-row parameters, so particles of
 different LM sites (different temperatures, say) share one call.  The order is the one
@@ -12,7 +12,13 @@ tensor([[0.6250, 0.3750, 0.0000]])
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from lmcascade.distributions import LM
 
 
 def process_logprobs(
@@ -53,18 +59,27 @@ def process_logprobs(
     return torch.log_softmax(out.masked_fill(~keep_orig, float("-inf")), dim=-1)
 
 
-def draw(logprobs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token id per row from normalised ``logprobs``, drawn on their device.
-
-    Inverse-CDF sampling in float64: one uniform per row located in the cumulative
-    distribution (many times faster than ``torch.multinomial`` over a large vocabulary).
-    A token of probability zero is never returned.
-    """
-    probs = logprobs.to(torch.float64).exp()
-    cdf = probs.cumsum(dim=-1)
-    u = torch.rand(
-        (probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float64
-    )
-    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)
-    ok = probs.gather(1, idx) > 0
-    return torch.where(ok, idx, probs.argmax(dim=-1, keepdim=True)).squeeze(-1)
+def shape_rows(
+    logprobs: torch.Tensor, dists: Sequence[LM], positions: Sequence[int], eos_id: int
+) -> torch.Tensor:
+    """Row ``i`` of ``logprobs`` as the distribution ``dists[i]`` draws its token number
+    ``positions[i]`` from: eos masked below ``min_tokens``, then temperature, top-k, top-p."""
+    early = [pos < d.min_tokens for d, pos in zip(dists, positions, strict=True)]
+    if any(early):
+        rows = torch.tensor(early, device=logprobs.device)
+        eos = torch.zeros(logprobs.shape[-1], dtype=torch.bool, device=logprobs.device)
+        eos[eos_id] = True
+        logprobs = torch.log_softmax(
+            logprobs.masked_fill(rows[:, None] & eos[None, :], float("-inf")), dim=-1
+        )
+    n = len(dists)
+    if all(d is dists[0] for d in dists):
+        d = dists[0]
+        temps = torch.full((n,), d.temperature, dtype=torch.float64)
+        top_k = torch.full((n,), d.top_k or 0, dtype=torch.long)
+        top_p = torch.full((n,), d.top_p, dtype=torch.float64)
+    else:
+        temps = torch.tensor([d.temperature for d in dists], dtype=torch.float64)
+        top_k = torch.tensor([d.top_k or 0 for d in dists], dtype=torch.long)
+        top_p = torch.tensor([d.top_p for d in dists], dtype=torch.float64)
+    return process_logprobs(logprobs, temps, top_k, top_p)

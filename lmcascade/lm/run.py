@@ -1,0 +1,198 @@
+"""LMRun: the state machine of one generation under an LM distribution.
+
+An :class:`LMRun` takes tokens with their log-probabilities, tracks the decoded text
+incrementally, and knows when the generation has ended (eos, a stop string, or
+``max_tokens``).  The same machine *scores* a given token path by forcing its tokens, so
+sampling and scoring can never disagree.
+
+>>> import lmcascade as lc
+>>> from lmcascade.models import ToyLM
+>>> from lmcascade.lm.step import run_to_end
+>>> lm = ToyLM(["a", "b", "<eos>"], lambda ctx: [0.0, 0.0, 0.0])
+>>> run = LMRun(lc.LM(lm, "", max_tokens=2), forced=[0, 1])
+>>> run_to_end([run], {})
+>>> run.value, run.end, round(run.log_prob, 4)
+('ab', 'max_tokens', -2.1972)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from lmcascade.errors import SiteError
+from lmcascade.lm.detok import Detokenizer
+from lmcascade.models.base import Context, LanguageModel
+
+if TYPE_CHECKING:
+    from lmcascade.distributions import LM
+
+
+class LMRun:
+    """One generation (sampled, or forced along ``forced`` token ids) under an LM distribution.
+
+    ``log_prob`` sums the tokens' log-probabilities under the site's distribution, ``log_q``
+    under the distribution they were drawn from (the constraint-masked one), and ``twist`` is
+    the site's potential at the current prefix: ``log_weight`` is the run's contribution to
+    its particle's weight while it is in progress.
+    """
+
+    __slots__ = (
+        "dist",
+        "model",
+        "ctx",
+        "forced",
+        "tokens",
+        "log_prob",
+        "log_q",
+        "twist",
+        "cstate",
+        "segment",
+        "entropy",
+        "done",
+        "end",
+        "value",
+        "expert",
+        "_detok",
+        "_stop_scan",
+        "seg_start",
+    )
+
+    def __init__(
+        self, dist: LM, ctx: Context | None = None, forced: Sequence[int] | None = None
+    ) -> None:
+        self.dist = dist
+        self.model: LanguageModel = dist.model
+        self.ctx = ctx if ctx is not None else self.model.open(dist.prompt_ids)
+        self.forced = list(forced) if forced is not None else None
+        self.tokens: list[int] = []
+        self.log_prob = 0.0
+        self.log_q = 0.0
+        # A potential is a function of the prefix, or another LM whose prefix probability
+        # steers the run (its context, ``expert``, advances with this run's tokens).
+        self.expert: Context | None = None
+        self.twist = 0.0
+        if getattr(dist.potential, "is_lm", False):
+            if forced is None:
+                self.expert = dist.potential.model.open(dist.potential.prompt_ids)
+        elif dist.potential is not None:
+            self.twist = float(dist.potential(""))
+        self.cstate = dist.constraint.start(self.model) if dist.constraint is not None else None
+        self.segment = 0  # tokens since the last segment boundary
+        self.seg_start = 0  # length of the text at the last segment boundary
+        self.entropy = 0.0  # entropy of the distribution the last token was drawn from
+        self.done = False
+        self.end: str | None = None
+        self.value: str | None = None
+        self._detok = Detokenizer(self.model.tokenizer)
+        self._stop_scan = 0
+
+    @property
+    def log_weight(self) -> float:
+        """p/q of the tokens so far, times the potential of the prefix (log scale)."""
+        if self.log_prob == -math.inf:
+            return -math.inf
+        return self.log_prob - self.log_q + self.twist
+
+    @property
+    def text(self) -> str:
+        """The text decoded so far."""
+        return self._detok.text
+
+    def branch(self, ctx: Context) -> LMRun:
+        """A copy of this run continuing on ``ctx`` (a fork of this run's context)."""
+        twin = LMRun.__new__(LMRun)
+        for slot in LMRun.__slots__:
+            setattr(twin, slot, getattr(self, slot))
+        twin.ctx = ctx
+        if self.expert is not None:
+            twin.expert = self.dist.potential.model.fork(self.expert)
+        twin.tokens = list(self.tokens)
+        twin._detok = self._detok.copy()
+        return twin
+
+    def feed(self, token_id: int, log_prob: float, log_q: float | None = None) -> None:
+        """Takes one token with its log-probability under the site's distribution (and under
+        the distribution it was drawn from, when that differs)."""
+        self.tokens.append(token_id)
+        self.segment += 1
+        self.log_prob += log_prob
+        self.log_q += log_prob if log_q is None else log_q
+        if log_prob == -math.inf:
+            self._finish("impossible")
+            return
+        if self.dist.constraint is not None:
+            c = self.dist.constraint
+            if self.forced is not None and not bool(c.mask(self.model, self.cstate)[token_id]):
+                self._finish("impossible")  # a scored path that breaks the constraint
+                return
+            self.cstate = c.advance(self.model, self.cstate, token_id)
+        if token_id == self.model.eos_id:
+            self._finish("eos")
+            return
+        delta = self._detok.push(token_id)
+        if delta and self.dist.stop and self._find_stop() is not None:
+            self._finish("stop")
+            return
+        if len(self.tokens) >= self.dist.max_tokens:
+            self._finish("max_tokens")
+            return
+        if self.forced is None and self.dist.potential is not None:
+            if self.expert is not None:
+                self.expert.append(token_id)
+            else:
+                self.twist = float(self.dist.potential(self._detok.text))
+                if math.isnan(self.twist) or self.twist == math.inf:
+                    raise SiteError(
+                        f"the potential returned {self.twist} for {self._detok.text!r}; a "
+                        "log-potential must be a finite number or -inf"
+                    )
+        self.ctx.append(token_id)
+
+    def _find_stop(self) -> int | None:
+        text = self._detok.text
+        start = max(0, self._stop_scan - self.dist.max_stop_len + 1)
+        hits = [i for s in self.dist.stop if (i := text.find(s, start)) >= 0]
+        self._stop_scan = len(text)
+        return min(hits) if hits else None
+
+    def release(self) -> None:
+        """Gives the run's model contexts back (it will not be continued)."""
+        self._release()
+
+    def _release(self) -> None:
+        self.model.release(self.ctx)
+        if self.expert is not None:
+            self.dist.potential.model.release(self.expert)
+            self.expert = None
+
+    def _finish(self, end: str) -> None:
+        c = self.dist.constraint
+        if (
+            end in ("stop", "max_tokens")
+            and c is not None
+            and not c.complete(self.model, self.cstate)
+        ):
+            end = "impossible"  # ended before the constraint was satisfied (an unfinished match)
+        self.done = True
+        self.end = end
+        self.twist = 0.0
+        self._release()
+        if end == "impossible":
+            self.log_prob = -math.inf
+            return
+        text = self.model.decode([t for t in self.tokens if t != self.model.eos_id])
+        if self.dist.stop:
+            hits = [i for s in self.dist.stop if (i := text.find(s)) >= 0]
+            if hits:
+                text = text[: min(hits)]
+        self.value = text
+
+    def fail(self) -> None:
+        """Marks a forced run whose path does not end where it should (probability zero)."""
+        self._release()
+        self.done = True
+        self.end = "impossible"
+        self.twist = 0.0
+        self.log_prob = -math.inf

@@ -1,0 +1,105 @@
+"""Scoring texts and token paths under an LM distribution by teacher forcing.
+
+>>> import lmcascade as lc
+>>> from lmcascade.models import ToyLM
+>>> lm = ToyLM(["a", "<eos>"], lambda ctx: [0.0, 0.0])
+>>> runs = scoring_runs(lc.LM(lm, "a", max_tokens=1), "a")
+>>> score_forced(runs)
+>>> round(logsumexp([path_log_prob(r, "a") for r in runs]), 4)  # "a" then the length limit
+-0.6931
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmcascade.lm.run import LMRun
+from lmcascade.lm.shaping import shape_rows
+
+if TYPE_CHECKING:
+    from lmcascade.distributions import LM
+
+
+def _by_model(runs: Sequence[LMRun]) -> list[list[LMRun]]:
+    groups: dict[int, list[LMRun]] = {}
+    for run in runs:
+        groups.setdefault(id(run.model), []).append(run)
+    return list(groups.values())
+
+
+def score_forced(runs: Sequence[LMRun], stats: dict | None = None) -> None:
+    """Finishes forced runs by teacher forcing: one batched pass per model scores every
+    position of every path, then each run takes its tokens through the ending rules."""
+    for group in _by_model(runs):
+        model = group[0].model
+        todo = []
+        for r in group:
+            if len(r.forced or ()) > len(r.tokens):
+                todo.append(r)
+            else:
+                r.fail()  # nothing left to force, yet the generation has not ended
+        if not todo:
+            continue
+        paths = [r.forced[len(r.tokens) :] for r in todo]  # type: ignore[index]
+        rows = model.path_logprobs([r.ctx for r in todo], paths)
+        if stats is not None:
+            for key, n in model.pop_counters().items():
+                stats[key] = stats.get(key, 0) + n
+            stats["model_calls"] = stats.get("model_calls", 0) + 1
+            stats["tokens_scored"] = stats.get("tokens_scored", 0) + sum(map(len, paths))
+        dists = [r.dist for r, p in zip(todo, paths, strict=True) for _ in p]
+        positions = [
+            len(r.tokens) + j for r, p in zip(todo, paths, strict=True) for j in range(len(p))
+        ]
+        proc = shape_rows(torch.cat(rows), dists, positions, model.eos_id)
+        tokens = torch.tensor([t for p in paths for t in p], device=proc.device)
+        chosen = proc.gather(1, tokens[:, None]).squeeze(1).to(torch.float64).cpu().tolist()
+        offset = 0
+        for run, path in zip(todo, paths, strict=True):
+            for j, tok in enumerate(path):
+                if run.done:
+                    break
+                run.feed(tok, chosen[offset + j])
+            offset += len(path)
+            if not run.done:
+                run.fail()
+
+
+def scoring_runs(dist: LM, text: str) -> list[LMRun]:
+    """Forced runs for every way a generation can end with value ``text``.
+
+    The alternatives are disjoint token paths: the text's tokens then eos, then each stop
+    string's tokens, or the text's tokens alone when they reach ``max_tokens``.
+    """
+    ids = dist.model.encode(text)
+    paths = [ids + [dist.model.eos_id], ids]
+    paths += [ids + dist.model.encode(s) for s in dist.stop]
+    return [LMRun(dist, forced=p) for p in paths]
+
+
+def path_log_prob(run: LMRun, expected_value: str | None = None) -> float:
+    """Log-probability of a finished forced run: its token path, if it ends exactly there.
+
+    A path that ends early or late, or whose value differs from ``expected_value``, has
+    probability zero under the distribution.
+    """
+    if not run.done or run.end == "impossible":
+        return -math.inf
+    if run.forced is not None and len(run.tokens) != len(run.forced):
+        return -math.inf
+    if expected_value is not None and run.value != expected_value:
+        return -math.inf
+    return run.log_prob
+
+
+def logsumexp(values: Sequence[float]) -> float:
+    """Stable log(sum(exp(values))) of plain floats (``-inf`` for none)."""
+    finite = [v for v in values if v != -math.inf]
+    if not finite:
+        return -math.inf
+    m = max(finite)
+    return m + math.log(sum(math.exp(v - m) for v in finite))

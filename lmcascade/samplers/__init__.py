@@ -1,0 +1,1 @@
+"""Token samplers: how a decoding step chooses each run's next token(s)."""

@@ -1,0 +1,78 @@
+"""Adaptive weighted rejection sampling (AWRS) for Python predicate constraints.
+
+Candidates are drawn without replacement (Gumbel-max order, computed on the device) and the
+predicate is tested on the host one candidate at a time; the accepted token is an exact draw
+from the constrained distribution and the weight gets an unbiased estimate of the allowed
+mass (Lipkin et al. 2025).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmcascade.lm.run import LMRun
+
+
+def by_rejection(run: LMRun) -> bool:
+    """Whether the run's constraint is sampled by rejection (a Python predicate)."""
+    return getattr(run.dist.constraint, "by_rejection", False)
+
+
+AWRS_CANDIDATES = 32
+
+
+def awrs(run: LMRun, order: list[int], logp: list[float], more) -> tuple[int, float]:
+    """Recursive adaptive weighted rejection sampling for one run.
+
+    ``order`` lists candidate tokens in Gumbel-max order (a sample without replacement from
+    the run's distribution) with their log-probabilities ``logp``; ``more()`` returns the full
+    order when the candidates run out.  Returns the first token the predicate accepts — an
+    exact draw from the constrained distribution — and ``log Z_hat``, an unbiased estimate of
+    the allowed probability mass (``-inf`` when nothing is allowed).
+    """
+    c, model, state = run.dist.constraint, run.model, run.cstate
+    rejected, log_m, j = 0.0, 0.0, 0
+    while True:
+        if j + 1 >= len(order) and len(order) < run.model.vocab_size:
+            order, logp = more()
+        if j >= len(order) or logp[j] == -math.inf:
+            return int(order[max(j - 1, 0)]), -math.inf
+        tok, lp = int(order[j]), logp[j]
+        last = j + 1 == len(order) or logp[j + 1] == -math.inf
+        log_q = 0.0 if last else min(lp - math.log1p(-rejected), 0.0)
+        if c.accepts(model, state, tok):
+            if last or c.accepts(model, state, int(order[j + 1])):
+                return tok, log_m
+            return tok, log_m + log_q
+        if last or rejected + math.exp(lp) >= 1 - 1e-9:
+            return tok, -math.inf
+        log_m += math.log1p(-math.exp(log_q))
+        rejected += math.exp(lp)
+        j += 1
+
+
+def _sample_by_rejection(group, rows, proc, gen, back) -> None:
+    """AWRS for the runs ``rows`` of ``group``: Gumbel-max candidate orders are computed on the
+    device (the top few per row read back), the predicate is tested on the host, and ``back``
+    (token, log p, log q rows) is overwritten with the accepted tokens and their weights."""
+    index = torch.tensor(rows, device=proc.device)
+    logp = proc.index_select(0, index).to(torch.float64)
+    u = torch.rand(logp.shape, generator=gen, device=logp.device, dtype=torch.float64)
+    keys = logp - torch.log(-torch.log(u.clamp_min(1e-300)))
+    k = min(AWRS_CANDIDATES, logp.shape[-1])
+    top = keys.topk(k, dim=-1).indices
+    ids = top.cpu().tolist()
+    lps = logp.gather(1, top).cpu().tolist()
+    for n, i in enumerate(rows):
+
+        def more(n=n):
+            full = keys[n].argsort(descending=True)
+            return full.cpu().tolist(), logp[n, full].cpu().tolist()
+
+        tok, log_z = awrs(group[i], ids[n], lps[n], more)
+        lp = float(logp[n, tok])
+        back[0][i] = tok
+        back[1][i] = lp if log_z > -math.inf else -math.inf
+        back[2][i] = lp - log_z if log_z > -math.inf else 0.0
