@@ -47,7 +47,16 @@ from lmcascade.errors import (
 from lmcascade.lm.run import LMRun
 from lmcascade.lm.scoring import logsumexp, path_log_prob, scoring_runs
 from lmcascade.lm.step import step_runs
-from lmcascade.program import EFFECT_TYPES, BoundProgram, Call, Condition, Effect, Factor, Observe
+from lmcascade.program import (
+    EFFECT_TYPES,
+    BoundProgram,
+    Call,
+    Condition,
+    Effect,
+    Factor,
+    Observe,
+    send,
+)
 from lmcascade.trace import Site, Trace
 
 
@@ -89,6 +98,7 @@ class Particle:
         "_counters",
         "_send",
         "_current",
+        "_scope",
     )
 
     def __init__(self, program: BoundProgram, trace: Trace | None = None) -> None:
@@ -103,6 +113,7 @@ class Particle:
         self._counters: dict[str, int] = {}
         self._send: Any = None
         self._current: tuple[Effect, str] | None = None
+        self._scope: tuple[str, ...] = ()
 
     @property
     def done(self) -> bool:
@@ -299,6 +310,7 @@ class Engine:
             p._counters = {}
             p._send = None
             p._current = None
+            p._scope = ()
         while True:
             if p._current is None:
                 eff = self._next_effect(p)
@@ -340,7 +352,7 @@ class Engine:
     def _next_effect(self, p: Particle) -> Effect | None:
         """The program's next effect, or None once it has returned (recorded as done)."""
         try:
-            eff = p._gen.send(p._send)
+            eff, p._scope = send(p._gen, p._send, p._scope)
         except StopIteration as stop:
             if p._cursor < len(p.trace):
                 raise ReplayDivergenceError(

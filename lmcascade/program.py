@@ -250,3 +250,13 @@ def program(fn: Callable[..., Generator]) -> Program:
 
 
 EFFECT_TYPES = (Sample, Observe, Factor, Condition, Call)
+
+
+def send(gen: Iterator, value: Any, scope: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
+    """Resumes a program's generator with ``value`` inside name scope ``scope``; returns the
+    next thing it yields and the scope it is in then.  (StopIteration propagates.)
+
+    Many programs' generators are interleaved by the engine, so the scope a generator is in
+    travels with its particle and is only current while the generator runs.
+    """
+    return gen.send(value), scope
