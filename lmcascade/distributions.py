@@ -35,6 +35,9 @@ from pyro.distributions import (
 )
 
 from lmcascade.errors import SiteError
+from lmcascade.lm.run import LMRun
+from lmcascade.lm.scoring import logsumexp, path_log_prob, scoring_runs
+from lmcascade.lm.step import run_to_end
 from lmcascade.models.base import LanguageModel
 
 
@@ -157,9 +160,6 @@ class LM:
 
     def sample(self, seed: int | None = None) -> str:
         """One text drawn from the distribution."""
-        from lmcascade.lm.run import LMRun
-        from lmcascade.lm.step import run_to_end
-
         gen = torch.Generator(device=self.model.device)
         if seed is None:
             gen.seed()
@@ -172,9 +172,6 @@ class LM:
     def log_prob(self, text: str) -> float:
         """Log-probability of generating exactly ``text`` (teacher forcing its tokens, plus the
         probability of the ending event), batched over the ways a generation can end."""
-        from lmcascade.lm.scoring import logsumexp, path_log_prob, scoring_runs
-        from lmcascade.lm.step import run_to_end
-
         if not isinstance(text, str):
             raise SiteError(f"LM.log_prob needs a string, got {type(text).__name__}")
         runs = scoring_runs(self, text)

@@ -1,16 +1,31 @@
-"""The population engine: runs many particles of one program, batching their model requests.
+"""The population engine: one stepping loop that every inference method runs on.
 
 A :class:`Particle` is a trace plus, as a cache, the live generator that produced it.  The
 engine drives every particle until it asks for a language model (or finishes), then makes one
-batched call per model for all waiting particles, hands the tokens back and repeats.  What a
-*new* site means — sample from the prior, take a proposal's value, branch over all values —
-is decided by a :class:`Policy`; inference methods differ mainly in their policy and in what
-they do between steps.
+batched decoding step for all waiting particles — *distributions* (one model call per model),
+*choose* (the engine's token sampler), *feed* (see :mod:`lmcascade.lm.step`) — hands finished
+sites back and repeats.  Methods differ in three pluggable things, never in a copy of the loop:
 
-Generators cannot be copied, so a cloned particle starts a fresh generator and **replays** its
-trace: recorded values are sent back in order (tool calls are not re-run) until the recorded
-sites are used up, then execution continues live.  A program that yields different sites on
-replay is not deterministic given its choices, and gets a :class:`ReplayDivergenceError`.
+- the :class:`~lmcascade.policy.Policy`: what a new site means (sample from the prior, or
+  alternatives for enumeration);
+- the token sampler (:mod:`lmcascade.samplers`): ancestral draws, greedy, all children...;
+- the :class:`Schedule`: which waiting particles step now and what happens between steps
+  (SMC holds particles at boundaries and resamples; enumeration bounds the population).
+
+When a policy returns alternatives, or a sampler gives a run several children, the particle
+branches: the engine adds a particle per extra alternative.
+
+**A particle's weight** is assembled in one place, :attr:`Particle.log_weight`: the trace's
+weight (``log p - log q`` of each finished sample site, plus every observe, factor and
+condition), plus the site in progress (its run's ``log p - log q`` so far and the potential's
+twist), plus ``log_offset`` (SMC's reset after resampling).
+
+**Replay.**  Generators cannot be copied, so a cloned particle starts a fresh generator and
+*resumes*: its own recorded sites are sent back in order (tool calls are not re-run) until
+they are used up, then execution continues live.  A program that yields different sites on
+resume is not deterministic given its choices, and gets a :class:`ReplayDivergenceError`.
+Beyond its own sites, a particle may take values by name from another trace (``replay``),
+rescored under the program's distributions (:func:`lmcascade.policy.rescore`).
 
 >>> import lmcascade as lc
 >>> from lmcascade.models import ToyLM
@@ -21,8 +36,7 @@ replay is not deterministic given its choices, and gets a :class:`ReplayDivergen
 ...     y = yield lc.gen("y", lm, x, max_tokens=3)
 ...     return x + "|" + y
 >>> engine = Engine(seed=0)
->>> particles = [Particle(two()) for _ in range(100)]
->>> engine.run(particles)
+>>> particles = engine.run([Particle(two()) for _ in range(100)])
 >>> engine.stats["model_calls"] <= 6   # 100 particles, two 3-token sites: batched per step
 True
 """
@@ -30,65 +44,42 @@ True
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from lmcascade.distributions import draw_value, is_lm, score
+from lmcascade.distributions import is_lm
 from lmcascade.errors import (
     BadYieldError,
     LMCascadeError,
     ProgramError,
     ReplayDivergenceError,
-    SiteError,
 )
-from lmcascade.lm.run import LMRun
-from lmcascade.lm.scoring import logsumexp, path_log_prob, scoring_runs
-from lmcascade.lm.step import step_runs
-from lmcascade.program import (
-    EFFECT_TYPES,
-    BoundProgram,
-    Call,
-    Condition,
-    Effect,
-    Factor,
-    Observe,
-    send,
-)
+from lmcascade.lm.step import Observer, step_runs
+from lmcascade.policy import Policy, rescore
+from lmcascade.program import EFFECT_TYPES, BoundProgram, Effect, send
+from lmcascade.requests import Pending
+from lmcascade.samplers import ANCESTRAL, TokenSampler
 from lmcascade.trace import Site, Trace
 
-
-@dataclass
-class Pending:
-    """A site waiting on language-model runs; ``finish`` builds the site once all have ended."""
-
-    runs: list[LMRun]
-    finish: Callable[[list[LMRun]], Site]
-    released: bool = False  # SMC: allowed past the boundary at the site's start
-
-
-@dataclass
-class Branch:
-    """A sample site left open for the caller to fill (exact enumeration uses it)."""
-
-    name: str
-    effect: Effect
-    data: dict = field(default_factory=dict)
+__all__ = ["Engine", "Particle", "Pending", "Policy", "Schedule"]
 
 
 class Particle:
     """One execution of a bound program: its trace, and the generator replaying/extending it.
 
-    ``waiting`` is the site the particle is blocked on (model runs in progress, or a branch);
+    ``waiting`` is the request the particle is blocked on (model runs in progress);
     ``resolved`` a finished site not yet handed to the program; ``log_offset`` is added to the
-    trace's weight (SMC resets weights after resampling through it).
+    weight (SMC resets weights after resampling through it); ``replay`` is a trace whose
+    values the particle takes by site name, rescored (importance proposals, MCMC moves).
     """
 
     __slots__ = (
         "program",
         "trace",
+        "replay",
         "waiting",
         "resolved",
         "dead",
@@ -101,10 +92,13 @@ class Particle:
         "_scope",
     )
 
-    def __init__(self, program: BoundProgram, trace: Trace | None = None) -> None:
+    def __init__(
+        self, program: BoundProgram, trace: Trace | None = None, replay: Trace | None = None
+    ) -> None:
         self.program = program
         self.trace = trace if trace is not None else Trace()
-        self.waiting: Pending | Branch | None = None
+        self.replay = replay
+        self.waiting: Pending | None = None
         self.resolved: Site | None = None
         self.dead = False
         self.log_offset = 0.0
@@ -123,23 +117,32 @@ class Particle:
     def log_weight(self) -> float:
         """The particle's current log-weight: finished sites, the site in progress, offset."""
         lw = self.trace.log_weight + self.log_offset
-        if isinstance(self.waiting, Pending):
+        if self.waiting is not None:
             lw += sum(r.log_weight for r in self.waiting.runs)
         return lw
 
-    def clone(self) -> Particle:
-        """A copy that resumes by replaying the shared trace; a site in progress is forked
-        (its model contexts share their caches).  No generator or model state is copied."""
-        twin = Particle(self.program, self.trace.copy())
+    def clone(self, waiting: Pending | None = None) -> Particle:
+        """A copy that resumes by replaying the shared trace.  A site in progress is forked
+        (its model contexts share their caches) unless ``waiting`` gives the clone its own.
+        No generator or model state is copied."""
+        twin = Particle(self.program, self.trace.copy(), self.replay)
         twin.dead = self.dead
         twin.log_offset = self.log_offset
         twin.resolved = self.resolved
-        if isinstance(self.waiting, Pending):
-            runs = [r.branch(r.model.fork(r.ctx)) for r in self.waiting.runs]
-            twin.waiting = Pending(runs, self.waiting.finish)
+        if waiting is not None:
+            twin.waiting = waiting
         elif self.waiting is not None:
-            raise ProgramError("cannot clone a particle stopped at a branch point")
+            runs = [r.branch(r.model.fork(r.ctx)) for r in self.waiting.runs]
+            twin.waiting = Pending(runs, self.waiting.finish, dict(self.waiting.meta))
         return twin
+
+    def release(self) -> None:
+        """Drops the particle: its model contexts and its live generator."""
+        if self.waiting is not None:
+            for r in self.waiting.runs:
+                if not r.done:
+                    r.release()
+        self.close()
 
     def close(self) -> None:
         """Drops the live generator (the trace stays)."""
@@ -161,108 +164,47 @@ def at_site(name: str, err: LMCascadeError) -> LMCascadeError:
     return type(err)(f"site {name!r}: {msg}")
 
 
-class Policy:
-    """How new sites are resolved.  This base class samples from the prior.
+class Schedule:
+    """When waiting particles step and what happens between steps.  This default steps every
+    waiting particle every time and does nothing in between (forward sampling, importance,
+    rejection, enumeration); SMC's schedule holds particles at boundaries and resamples."""
 
-    Subclasses override :meth:`sample` (or others) to propose from elsewhere; each returns a
-    finished :class:`Site`, a :class:`Pending` request for model runs, or a :class:`Branch`.
-    """
+    def select(
+        self, engine: Engine, particles: list[Particle], waiting: list[Particle]
+    ) -> tuple[list[Particle], list[Particle]]:
+        """The population (possibly changed) and which of its waiting particles step now."""
+        return particles, waiting
 
-    def resolve(self, engine: Engine, particle: Particle, eff: Effect, name: str):
-        if isinstance(eff, Factor):
-            return self.factor(eff, name)
-        if isinstance(eff, Condition):
-            return Site(name, "condition", bool(eff.ok), 0.0 if eff.ok else -math.inf)
-        if isinstance(eff, Call):
-            return self.call(eff, name)
-        if isinstance(eff, Observe):
-            return self.observe(eff, name)
-        return self.sample(engine, particle, eff, name)
-
-    def sample(self, engine: Engine, particle: Particle, eff: Effect, name: str):
-        dist = eff.dist  # type: ignore[attr-defined]
-        if is_lm(dist):
-            return Pending([LMRun(dist)], lambda runs: lm_site(name, dist, runs[0]))
-        try:
-            value, lp = draw_value(dist)
-        except (RuntimeError, ValueError, NotImplementedError) as err:
-            raise SiteError(f"site {name!r}: sampling {dist!r} failed: {err}") from err
-        return Site(name, "sample", value, lp, lp, dist=dist)
-
-    def observe(self, eff: Observe, name: str):
-        if is_lm(eff.dist):
-            if not isinstance(eff.value, str):
-                raise SiteError(
-                    f"site {name!r}: observing an LM needs a string value, got "
-                    f"{type(eff.value).__name__}"
-                )
-            runs = scoring_runs(eff.dist, eff.value)
-            return Pending(
-                runs,
-                lambda rs: Site(
-                    name,
-                    "observe",
-                    eff.value,
-                    logsumexp([path_log_prob(r, eff.value) for r in rs]),
-                    dist=eff.dist,
-                ),
-            )
-        try:
-            lp = score(eff.dist, eff.value)
-        except (RuntimeError, ValueError, TypeError) as err:
-            raise SiteError(
-                f"site {name!r}: cannot score value {eff.value!r} under {eff.dist!r}: {err}"
-            ) from err
-        return Site(name, "observe", eff.value, lp, dist=eff.dist)
-
-    def factor(self, eff: Factor, name: str) -> Site:
-        try:
-            lw = float(eff.log_weight)
-        except (TypeError, ValueError, RuntimeError):
-            raise SiteError(
-                f"site {name!r}: factor needs a number (a log-weight), got {eff.log_weight!r}"
-            ) from None
-        if math.isnan(lw) or lw == math.inf:
-            raise SiteError(f"site {name!r}: factor log-weight is {lw}; it must be finite or -inf")
-        return Site(name, "factor", lw, lw)
-
-    def call(self, eff: Call, name: str) -> Site:
-        try:
-            result = eff.fn(*eff.args, **eff.kwargs)
-        except Exception as err:
-            err.add_note(f"raised in lmcascade call site {name!r}")
-            raise
-        return Site(name, "call", result)
-
-
-def lm_site(name: str, dist: Any, run: LMRun, proposal_log_prob: float | None = None) -> Site:
-    """The site record of a finished LM generation: ``log_prob`` under the site's distribution,
-    proposal log-prob under what the tokens were drawn from (the constraint-masked one)."""
-    q = run.log_q if proposal_log_prob is None else proposal_log_prob
-    return Site(name, "sample", run.value, run.log_prob, q, tuple(run.tokens), dist)
+    def after_step(self, engine: Engine, particles: list[Particle]) -> list[Particle]:
+        """Called after every decoding step; returns the population."""
+        return particles
 
 
 class Engine:
     """Drives particles of a program; one batched model call per decoding step per model.
 
+    ``policy`` resolves new sites, ``sampler`` chooses tokens (ancestral by default);
     ``seed`` seeds the token draws (one ``torch.Generator`` per device); ``stop_dead`` ends a
-    particle as soon as its weight is zero; ``max_sites`` stops a runaway program.
+    particle as soon as its weight is zero; ``max_sites`` stops a runaway program;
+    ``observers`` see each step's distributions (:class:`~lmcascade.lm.step.Rows`).
     """
 
     def __init__(
         self,
         policy: Policy | None = None,
         *,
+        sampler: TokenSampler | None = None,
         seed: int | None = None,
         stop_dead: bool = True,
         max_sites: int = 10_000,
     ) -> None:
         self.policy = policy or Policy()
+        self.sampler = sampler or ANCESTRAL
         self.seed = seed
         self.stop_dead = stop_dead
         self.max_sites = max_sites
         self.generators: dict[torch.device, torch.Generator] = {}
-        self.want_entropy = False
+        self.observers: list[Observer] = []
         self.stats: dict[str, Any] = {"model_calls": 0, "tokens_generated": 0, "tokens_scored": 0}
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -275,35 +217,63 @@ class Engine:
                 gen.manual_seed(self.seed)
         return gen
 
-    # -- running ------------------------------------------------------------------------------
+    # -- the loop -----------------------------------------------------------------------------
 
-    def run(self, particles: Sequence[Particle]) -> None:
-        """Runs every particle until it finishes or stops at a :class:`Branch`."""
+    def run(
+        self, particles: Sequence[Particle], schedule: Schedule | None = None
+    ) -> list[Particle]:
+        """Runs the population until every particle has finished; returns it (branching may
+        have added particles; a schedule may have replaced some)."""
+        schedule = schedule or Schedule()
+        population = list(particles)
         while True:
-            for p in particles:
-                self.advance(p)
-            waiting = [p for p in particles if isinstance(p.waiting, Pending)]
+            population = self.advance_all(population)
+            waiting = [p for p in population if p.waiting is not None]
             if not waiting:
-                return
-            self.step(waiting)
+                return population
+            population, to_step = schedule.select(self, population, waiting)
+            population.extend(self.step(to_step))
+            population = schedule.after_step(self, population)
 
-    def step(self, particles: Sequence[Particle]) -> None:
-        """One decoding step for every LM run of ``particles``; finishes sites whose runs ended."""
+    def advance_all(self, particles: Sequence[Particle]) -> list[Particle]:
+        """Advances every particle to its next model request (or its end), adding the
+        particles that branch off on the way."""
+        out: list[Particle] = []
+        queue = deque(particles)
+        while queue:
+            p = queue.popleft()
+            queue.extend(self.advance(p))
+            out.append(p)
+        return out
+
+    def step(self, particles: Sequence[Particle]) -> list[Particle]:
+        """One decoding step for every LM run of ``particles``; finishes sites whose runs ended.
+        Returns the particles that branched off (a sampler that gave a run several children)."""
         runs = [r for p in particles for r in p.waiting.runs]  # type: ignore[union-attr]
         for r in runs:
-            if not r.done and r.model.device not in self.generators:
+            if not r.done and r.forced is None:
                 self.generator(r.model.device)
-        step_runs(runs, self.generators, self.stats, entropy=self.want_entropy)
+        branches = step_runs(runs, self.generators, self.stats, self.sampler, self.observers)
+        born: list[Particle] = []
         for p in particles:
+            pending = p.waiting
+            assert pending is not None
+            if branches and len(pending.runs) == 1 and pending.runs[0] in branches:
+                for child in branches[pending.runs[0]]:
+                    born.append(p.clone(Pending([child], pending.finish, dict(pending.meta))))
+        for p in [*particles, *born]:
             pending = p.waiting
             if all(r.done for r in pending.runs):  # type: ignore[union-attr]
                 p.waiting = None
                 p.resolved = pending.finish(pending.runs)  # type: ignore[union-attr]
+        return born
 
-    def advance(self, p: Particle) -> None:
-        """Runs ``p``'s program until it waits on a model, branches, dies or returns."""
+    def advance(self, p: Particle) -> list[Particle]:
+        """Runs ``p``'s program until it waits on a model, dies or returns.  Returns the
+        particles that branch off when a policy gives a site several alternatives."""
         if p.done or p.waiting is not None:
-            return
+            return []
+        born: list[Particle] = []
         if p._gen is None:
             p._gen = iter(p.program)
             p._cursor = 0
@@ -315,10 +285,10 @@ class Engine:
             if p._current is None:
                 eff = self._next_effect(p)
                 if eff is None:
-                    return
+                    return born
                 name = self._name(p, eff.name)
                 if p._cursor < len(p.trace):
-                    self._replay(p, eff, name)
+                    self._resume(p, eff, name)
                     continue
                 p._current = (eff, name)
             eff, name = p._current
@@ -331,23 +301,39 @@ class Engine:
                     )
                 out: Any = site
             else:
-                if len(p.trace) >= self.max_sites:
-                    raise ProgramError(
-                        f"program {p.program.name!r} reached {self.max_sites} sites at "
-                        f"{name!r}; is a loop unbounded? Raise max_sites if this is intended"
-                    )
-                try:
-                    out = self.policy.resolve(self, p, eff, name)
-                except LMCascadeError as err:
-                    raise at_site(name, err) from None
+                out = self._resolve(p, eff, name)
+            if isinstance(out, list):  # alternatives: the others continue in new particles
+                if not out:
+                    out = Site(name, "sample", None, -math.inf, 0.0)
+                else:
+                    for alt in out[1:]:
+                        twin = p.clone()
+                        twin.resolved = alt
+                        born.append(twin)
+                    out = out[0]
             if isinstance(out, Site):
                 p._current = None
                 self.record(p, out)
                 if p.done:
-                    return
+                    return born
             else:
                 p.waiting = out
-                return
+                return born
+
+    def _resolve(self, p: Particle, eff: Effect, name: str) -> Site | Pending | list[Site]:
+        if len(p.trace) >= self.max_sites:
+            raise ProgramError(
+                f"program {p.program.name!r} reached {self.max_sites} sites at "
+                f"{name!r}; is a loop unbounded? Raise max_sites if this is intended"
+            )
+        try:
+            if p.replay is not None and name in p.replay:
+                found = rescore(eff, name, p.replay[name])
+                if found is not None:
+                    return found
+            return self.policy.resolve(eff, name)
+        except LMCascadeError as err:
+            raise at_site(name, err) from None
 
     def _next_effect(self, p: Particle) -> Effect | None:
         """The program's next effect, or None once it has returned (recorded as done)."""
@@ -365,7 +351,7 @@ class Engine:
             p._gen = None
             return None
         if not isinstance(eff, EFFECT_TYPES):
-            last = p.trace.sites[-1].name if p._cursor else None
+            last = p.trace.sites[p._cursor - 1].name if p._cursor else None
             where = f"after site {last!r}" if last else "before its first site"
             hint = (
                 " Compose sub-programs with `yield from sub(...)`."
@@ -401,7 +387,9 @@ class Engine:
         return name
 
     @staticmethod
-    def _replay(p: Particle, eff: Effect, name: str) -> None:
+    def _resume(p: Particle, eff: Effect, name: str) -> None:
+        """Sends the particle's own recorded site back (its value was made by this very
+        execution, so it is trusted, not rescored)."""
         site = p.trace.sites[p._cursor]
         diverged = site.name != name or site.kind != eff.kind
         if not diverged and is_lm(site.dist) and is_lm(getattr(eff, "dist", None)):

@@ -19,8 +19,6 @@ from typing import Any
 
 from lmcascade.errors import DuplicateSiteError
 
-KINDS = ("sample", "observe", "factor", "condition", "call")
-
 
 @dataclass(frozen=True, slots=True)
 class Site:
@@ -29,7 +27,10 @@ class Site:
     ``log_prob`` is the site's log-density under the program (the likelihood for an observe,
     the score for a factor, 0 or -inf for a condition, 0 for a call); ``proposal_log_prob`` is
     the log-density of the value under whatever proposed it (sample sites only);
-    ``token_ids`` are an LM site's generated tokens (eos included when drawn).
+    ``token_ids`` are an LM site's generated tokens (eos included when drawn), with each
+    token's log-probability under the site's distribution (``token_log_probs``) and under the
+    distribution it was drawn from (``token_proposal_log_probs``) — what a suffix move needs
+    to compute its reverse move.
     """
 
     name: str
@@ -39,6 +40,8 @@ class Site:
     proposal_log_prob: float | None = None
     token_ids: tuple[int, ...] | None = None
     dist: Any = None
+    token_log_probs: tuple[float, ...] | None = None
+    token_proposal_log_probs: tuple[float, ...] | None = None
 
     @property
     def log_weight(self) -> float:
@@ -61,6 +64,8 @@ class Site:
             out["proposal_log_prob"] = self.proposal_log_prob
         if self.token_ids is not None:
             out["token_ids"] = list(self.token_ids)
+        if self.token_log_probs is not None:
+            out["token_log_probs"] = [jsonable(x) for x in self.token_log_probs]
         if self.dist is not None and hasattr(self.dist, "params"):
             out["dist"] = self.dist.params()
         return out

@@ -1,8 +1,10 @@
 """Exact inference by enumerating every trace of a program with finite choices.
 
-LM sites over a small model are expanded token by token (every token with non-zero
-probability after temperature, top-k and top-p), batched across all open branches; scalar
-choices use the distribution's ``enumerate_support``.  Each complete trace is weighted by its
+It is the engine's stepping loop with two pluggable parts: a policy that answers a scalar
+choice with every value of its ``enumerate_support`` (each continuing in its own particle) and
+the :class:`~lmcascade.samplers.AllChildren` token sampler, which branches an LM site on every
+token with non-zero probability after temperature, top-k, top-p and constraints — all open
+branches advance together, one batched model call per model per token depth.  Each complete trace is weighted by its
 joint probability (including observes, factors and conditions), so the normalised weights are
 the exact posterior and ``log_evidence`` is the exact log Z.  This is the oracle every other
 method is tested against.
@@ -29,81 +31,62 @@ import math
 import torch
 
 from lmcascade.distributions import is_lm, score, support
-from lmcascade.engine import Branch, Engine, Particle, Policy
+from lmcascade.engine import Engine, Particle, Schedule
 from lmcascade.errors import NotEnumerableError, TooManyTracesError
 from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
-from lmcascade.lm.run import LMRun
-from lmcascade.lm.step import constraint_masks, run_logprobs
+from lmcascade.policy import Policy
 from lmcascade.program import BoundProgram
+from lmcascade.requests import Pending, generation
 from lmcascade.result import Result
+from lmcascade.samplers import AllChildren
 from lmcascade.trace import Site
 
 
-class BranchPolicy(Policy):
-    """Leaves every new sample site open for the enumerator to fill with all its values."""
+class EnumeratePolicy(Policy):
+    """Answers every scalar sample site with all its values (of non-zero probability)."""
 
-    def sample(self, engine, particle, eff, name):
-        return Branch(name, eff)
-
-
-def expand_lm(dists: list, limit: int, stats: dict) -> list[list[LMRun]]:
-    """Every finished generation of each LM distribution, with its log-probability.
-
-    All open branches advance together: one batched model call per model per token depth.
-    """
-    done: list[list[LMRun]] = [[] for _ in dists]
-    frontier = [(i, LMRun(d)) for i, d in enumerate(dists)]
-    while frontier:
-        groups: dict[int, list[tuple[int, LMRun]]] = {}
-        for item in frontier:
-            groups.setdefault(id(item[1].model), []).append(item)
-        frontier = []
-        for items in groups.values():
-            runs = [run for _, run in items]
-            model = runs[0].model
-            proc = run_logprobs(runs, stats)
-            mask = constraint_masks(runs, proc)
-            if mask is not None:  # a constraint is a condition: disallowed tokens are pruned
-                proc = proc.masked_fill(~mask, float("-inf"))
-            proc = proc.cpu()
-            for (i, run), row in zip(items, proc, strict=True):
-                for tok in torch.nonzero(row > -math.inf).flatten().tolist():
-                    child = run.branch(model.fork(run.ctx))
-                    child.feed(tok, float(row[tok]))
-                    if child.done:
-                        done[i].append(child)
-                    else:
-                        frontier.append((i, child))
-                run.release()
-        if sum(map(len, done)) + len(frontier) > limit:
-            raise TooManyTracesError(
-                f"enumerating LM site(s) exceeds max_traces={limit} generations; shorten "
-                "max_tokens, shrink the vocabulary, or raise max_traces"
+    def sample(self, eff, name) -> Site | Pending | list[Site]:
+        dist = eff.dist
+        if is_lm(dist):
+            return generation(name, dist)
+        if not getattr(dist, "has_enumerate_support", False) or tuple(dist.batch_shape) != ():
+            raise NotEnumerableError(
+                f"site {name!r}: {type(dist).__name__} has no finite support to enumerate "
+                "(enumerate handles LM sites and scalar Categorical/Bernoulli-like choices); "
+                "use a sampling method such as 'importance'"
             )
-    return done
+        sites = []
+        for value in support(dist):
+            lp = score(dist, value)
+            if lp > -math.inf:
+                sites.append(Site(name, "sample", value, lp, 0.0, dist=dist))
+        return sites
 
 
-def branch_sites(branch: Branch, lm_runs: list[LMRun] | None) -> list[Site]:
-    """One site per value of an open sample site (values of probability zero left out)."""
-    dist = branch.effect.dist  # type: ignore[attr-defined]
-    if lm_runs is not None:
-        return [
-            Site(branch.name, "sample", r.value, r.log_prob, 0.0, tuple(r.tokens), dist)
-            for r in lm_runs
-            if r.log_prob > -math.inf
-        ]
-    if not getattr(dist, "has_enumerate_support", False) or tuple(dist.batch_shape) != ():
-        raise NotEnumerableError(
-            f"site {branch.name!r}: {type(dist).__name__} has no finite support to enumerate "
-            "(enumerate handles LM sites and scalar Categorical/Bernoulli-like choices); use "
-            "a sampling method such as 'importance'"
-        )
-    sites = []
-    for value in support(dist):
-        lp = score(dist, value)
-        if lp > -math.inf:
-            sites.append(Site(branch.name, "sample", value, lp, 0.0, dist=dist))
-    return sites
+class Bounded(Schedule):
+    """Stops the enumeration once the population exceeds ``limit`` traces."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def check(self, particles: list[Particle]) -> None:
+        if len(particles) > self.limit:
+            site = next((p.waiting.runs[0].dist for p in particles if p.waiting), None)
+            where = (
+                " (inside an LM site; shorten max_tokens or shrink the vocabulary)" if site else ""
+            )
+            raise TooManyTracesError(
+                f"enumeration exceeds max_traces={self.limit} traces{where}; raise max_traces "
+                "or shrink the program's choices"
+            )
+
+    def select(self, engine, particles, waiting):
+        self.check(particles)
+        return particles, waiting
+
+    def after_step(self, engine, particles):
+        self.check(particles)
+        return particles
 
 
 @register
@@ -117,43 +100,14 @@ class Enumerate(InferenceMethod):
         self.positive_int("max_traces")
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
-        limit = self.config["max_traces"]
-        engine = Engine(BranchPolicy(), seed=seed)
-        frontier = [Particle(bound)]
-        complete: list[Particle] = []
-        dead: list[Particle] = []
-        while frontier:
-            engine.run(frontier)
-            open_ = [p for p in frontier if not p.done]
-            for p in frontier:
-                if p.done:
-                    (dead if p.dead else complete).append(p)
-            lm_open = [p for p in open_ if is_lm(p.waiting.effect.dist)]  # type: ignore[union-attr]
-            expansions = dict(
-                zip(
-                    map(id, lm_open),
-                    expand_lm([p.waiting.effect.dist for p in lm_open], limit, engine.stats),  # type: ignore[union-attr]
-                    strict=True,
-                )
-            )
-            frontier = []
-            for p in open_:
-                branch = p.waiting
-                assert isinstance(branch, Branch)
-                for site in branch_sites(branch, expansions.get(id(p))):
-                    child = Particle(bound, p.trace.copy())
-                    child.trace.add(site)
-                    frontier.append(child)
-                p.close()
-                if len(complete) + len(frontier) > limit:
-                    raise TooManyTracesError(
-                        f"enumeration exceeds max_traces={limit} traces at site "
-                        f"{branch.name!r}; raise max_traces or shrink the program's choices"
-                    )
+        engine = Engine(EnumeratePolicy(), sampler=AllChildren(), seed=seed)
+        particles = engine.run([Particle(bound)], Bounded(self.config["max_traces"]))
+        complete = [p for p in particles if not p.dead]
         if not complete:
-            raise zero_weight_error(dead, "enumeration")
+            raise zero_weight_error(particles, "enumeration")
+        # Each site's proposal log-prob is 0, so a trace's weight is its joint probability.
         log_weights = [p.trace.log_weight for p in complete]
         stats = dict(engine.stats)
-        stats.update(num_traces=len(complete), zero_weight_traces=len(dead))
+        stats.update(num_traces=len(complete), zero_weight_traces=len(particles) - len(complete))
         log_z = torch.logsumexp(torch.tensor(log_weights, dtype=torch.float64), 0).item()
         return Result([p.trace for p in complete], log_weights, log_evidence=log_z, stats=stats)

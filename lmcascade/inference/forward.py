@@ -18,7 +18,7 @@ conditions are recorded in the weights, so the weighted samples target the poste
 
 from __future__ import annotations
 
-from lmcascade.engine import Engine, Particle, Policy
+from lmcascade.engine import Engine, Particle
 from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result, log_mean_exp
@@ -32,8 +32,7 @@ def run_population(
     particles: list[Particle] = []
     while len(particles) < n:
         chunk = [Particle(bound) for _ in range(min(batch, n - len(particles)))]
-        engine.run(chunk)
-        particles.extend(chunk)
+        particles.extend(engine.run(chunk))
     return particles
 
 
@@ -65,7 +64,7 @@ class Forward(InferenceMethod):
             self.positive_int("batch_size")
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
-        engine = Engine(Policy(), seed=seed)
+        engine = Engine(seed=seed)
         particles = run_population(
             bound, self.config["num_samples"], engine, self.config["batch_size"]
         )

@@ -22,64 +22,12 @@ each target site it covers takes the proposal's value and is weighted by
 
 from __future__ import annotations
 
-import math
-
-from lmcascade.distributions import is_lm, score
-from lmcascade.engine import Engine, Particle, Pending, Policy
-from lmcascade.errors import OptionError, SiteError
+from lmcascade.engine import Engine, Particle
+from lmcascade.errors import OptionError
 from lmcascade.inference.base import InferenceMethod, register
 from lmcascade.inference.forward import run_population, weighted_result
-from lmcascade.lm.run import LMRun
-from lmcascade.lm.scoring import logsumexp, path_log_prob, scoring_runs
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result
-from lmcascade.trace import Site, Trace
-
-
-class ProposalPolicy(Policy):
-    """Takes sample values from each particle's proposal trace and scores them under the target."""
-
-    def __init__(self) -> None:
-        self.guides: dict[int, Trace] = {}
-
-    def sample(self, engine, particle, eff, name):
-        guide = self.guides.get(id(particle))
-        gsite = guide[name] if guide is not None and name in guide else None
-        if gsite is None or gsite.kind != "sample":
-            return super().sample(engine, particle, eff, name)
-        # q is the density the proposal actually drew from (masked, for a constrained site)
-        dist, value = eff.dist, gsite.value
-        q = gsite.log_prob if gsite.proposal_log_prob is None else gsite.proposal_log_prob
-        if gsite.log_prob == -math.inf:  # the proposal's own site failed: weight zero
-            return Site(name, "sample", value, -math.inf, 0.0, gsite.token_ids, dist)
-        if not is_lm(dist):
-            try:
-                p = score(dist, value)
-            except (RuntimeError, ValueError, TypeError) as err:
-                raise SiteError(f"proposal value {value!r} cannot be scored: {err}") from err
-            return Site(name, "sample", value, p, q, dist=dist)
-        if not isinstance(value, str):
-            raise SiteError(f"the proposal gave {value!r}, but the target's LM site needs text")
-        if gsite.token_ids is not None and is_lm(gsite.dist) and gsite.dist.model is dist.model:
-            run = LMRun(dist, forced=gsite.token_ids)
-            return Pending(
-                [run],
-                lambda rs: Site(
-                    name, "sample", value, path_log_prob(rs[0], value), q, gsite.token_ids, dist
-                ),
-            )
-        runs = scoring_runs(dist, value)
-        return Pending(
-            runs,
-            lambda rs: Site(
-                name,
-                "sample",
-                value,
-                logsumexp([path_log_prob(r, value) for r in rs]),
-                q,
-                dist=dist,
-            ),
-        )
 
 
 @register
@@ -104,11 +52,11 @@ class Importance(InferenceMethod):
         n, batch = self.config["num_samples"], self.config["batch_size"]
         proposal: BoundProgram | None = self.config["proposal"]
         if proposal is None:
-            engine = Engine(Policy(), seed=seed)
+            engine = Engine(seed=seed)
             return weighted_result(
                 run_population(bound, n, engine, batch), engine, "importance sampling"
             )
-        guide_engine = Engine(Policy(), seed=seed, stop_dead=False)
+        guide_engine = Engine(seed=seed, stop_dead=False)
         guides = run_population(proposal, n, guide_engine, batch)
         for g in guides:
             for site in g.trace:
@@ -117,12 +65,10 @@ class Importance(InferenceMethod):
                         f"proposal {proposal.name!r} has {site.kind} site {site.name!r}; a "
                         "proposal only samples (move weights into the target program)"
                     )
-        policy = ProposalPolicy()
-        engine = Engine(policy, seed=seed + 1)
-        particles = [Particle(bound) for _ in range(n)]
-        for p, g in zip(particles, guides, strict=True):
-            policy.guides[id(p)] = g.trace
-        engine.run(particles)
+        # Each particle takes the proposal's values by name, rescored under the target
+        # (the proposal's density of each value stays its proposal density).
+        engine = Engine(seed=seed + 1)
+        particles = engine.run([Particle(bound, replay=g.trace) for g in guides])
         for p, g in zip(particles, guides, strict=True):
             if p.dead:
                 continue

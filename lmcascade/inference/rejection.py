@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from lmcascade.engine import Engine, Particle, Policy
+from lmcascade.engine import Engine, Particle
 from lmcascade.errors import InferenceError, NothingAcceptedError, OptionError
 from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
 from lmcascade.program import BoundProgram
@@ -63,7 +63,7 @@ class Rejection(InferenceMethod):
         max_lw = self.config["max_log_weight"]
         fixed_batch = self.config["batch_size"]
         rng = np.random.default_rng(seed)
-        engine = Engine(Policy(), seed=seed)
+        engine = Engine(seed=seed)
         accepted: list[Particle] = []
         attempts = n_ok = 0
         rejected_sample: list[Particle] = []
@@ -77,8 +77,7 @@ class Rejection(InferenceMethod):
             else:
                 size = want if attempts == 0 else 2 * attempts
             size = max(1, min(size, budget - attempts, MAX_BATCH))
-            batch = [Particle(bound) for _ in range(size)]
-            engine.run(batch)
+            batch = engine.run([Particle(bound) for _ in range(size)])
             attempts += size
             for p in batch:
                 lw = p.trace.log_weight

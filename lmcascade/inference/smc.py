@@ -36,9 +36,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from lmcascade.engine import Engine, Particle, Pending, Policy
+from lmcascade.engine import Engine, Particle, Schedule
 from lmcascade.errors import OptionError
 from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
 from lmcascade.inference.resampling import scheme
@@ -96,70 +97,22 @@ class SMC(InferenceMethod):
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
         cfg = self.config
-        n = cfg["particles"]
-        mode = cfg["resample_every"]
-        resample = scheme(cfg["resampling"])
-        rng = np.random.default_rng(seed)
-        engine = Engine(Policy(), seed=seed)
-        engine.want_entropy = cfg["segment_entropy"] is not None
-        particles = [Particle(bound) for _ in range(n)]
-        genealogy: list[list[int]] = []
-        ess_history: list[float] = []
-        steps = resamples = 0
-        bar = tqdm(
-            desc="smc",
-            unit="step",
-            delay=2.0,
-            leave=False,
-            disable=None if cfg["progress"] else True,
-        )
-
-        while True:
-            for p in particles:
-                engine.advance(p)
-            live = [p for p in particles if isinstance(p.waiting, Pending)]
-            if not live:
-                break
-            if mode == "token":
-                to_step = live
-            else:
-                to_step = [p for p in live if not self._held(p)]
-            if not to_step:  # everyone is at a boundary: a resampling point
-                particles, did = self._resampling_point(
-                    particles, resample, rng, genealogy, ess_history
-                )
-                resamples += did
-                live = [p for p in particles if isinstance(p.waiting, Pending)]
-                for p in live:
-                    p.waiting.released = True  # type: ignore[union-attr]
-                    for r in p.waiting.runs:  # type: ignore[union-attr]
-                        r.segment = 0
-                        r.seg_start = len(r.text)
-                to_step = live
-            engine.step(to_step)
-            steps += 1
-            bar.update(1)
-            if steps % 8 == 0 and ess_history:
-                bar.set_postfix(live=len(live), ess=f"{ess_history[-1]:.1f}", refresh=False)
-            if steps > cfg["max_steps"]:
-                raise OptionError(f"method 'smc': more than max_steps={cfg['max_steps']} steps")
-            if mode == "token":
-                for p in particles:
-                    engine.advance(p)
-                particles, did = self._resampling_point(
-                    particles, resample, rng, genealogy, ess_history
-                )
-                resamples += did
-
-        bar.close()
+        engine = Engine(seed=seed)
+        schedule = SMCSchedule(cfg, np.random.default_rng(seed))
+        if cfg["segment_entropy"] is not None:
+            engine.observers.append(schedule.record_entropy)
+        try:
+            particles = engine.run([Particle(bound) for _ in range(cfg["particles"])], schedule)
+        finally:
+            schedule.bar.close()
         log_weights = [p.log_weight for p in particles]
         if all(lw == -math.inf for lw in log_weights):
             raise zero_weight_error(particles, "smc")
         stats = dict(engine.stats)
         stats.update(
-            steps=steps,
-            resamples=resamples,
-            ess=ess_history,
+            steps=schedule.steps,
+            resamples=schedule.resamples,
+            ess=schedule.ess_history,
             num_zero_weight=sum(lw == -math.inf for lw in log_weights),
         )
         result = Result(
@@ -168,46 +121,109 @@ class SMC(InferenceMethod):
             log_evidence=log_mean_exp(log_weights),
             stats=stats,
         )
-        result.genealogy = genealogy
+        result.genealogy = schedule.genealogy
         return result
+
+
+class SMCSchedule(Schedule):
+    """SMC's part of the engine loop: holds particles at their resampling boundaries, checks
+    the ESS there and resamples.  Its bookkeeping lives in each site-in-progress's ``meta``:
+    ``released`` (allowed past the site's start) and where the current segment began."""
+
+    def __init__(self, cfg: dict, rng: np.random.Generator) -> None:
+        self.cfg = cfg
+        self.mode = cfg["resample_every"]
+        self.resample = scheme(cfg["resampling"])
+        self.rng = rng
+        self.genealogy: list[list[int]] = []
+        self.ess_history: list[float] = []
+        self.steps = self.resamples = 0
+        self.entropy: dict = {}  # run -> entropy of the distribution its last token came from
+        self._fresh: dict = {}
+        self.bar = tqdm(
+            desc="smc",
+            unit="step",
+            delay=2.0,
+            leave=False,
+            disable=None if cfg["progress"] else True,
+        )
+
+    def record_entropy(self, rows) -> None:
+        """An engine observer: the entropy of each run's next-token distribution ``q``."""
+        q = rows.q
+        h = (-(q.exp() * q).nan_to_num(0.0).sum(dim=-1)).to(torch.float64).cpu().tolist()
+        self._fresh.update(zip(rows.runs, h, strict=True))
+
+    def select(self, engine, particles, waiting):
+        if self.mode == "token":
+            return particles, waiting
+        to_step = [p for p in waiting if not self._held(p)]
+        if not to_step:  # everyone is at a boundary: a resampling point
+            particles = self._resampling_point(particles)
+            to_step = [p for p in particles if p.waiting is not None]
+            for p in to_step:
+                meta = p.waiting.meta
+                meta["released"] = True
+                run = p.waiting.runs[0]
+                meta["segment_tokens"] = len(run.tokens)
+                meta["segment_text"] = len(run.text)
+        self._fresh = {}
+        return particles, to_step
+
+    def after_step(self, engine, particles):
+        self.steps += 1
+        self.entropy = self._fresh
+        self.bar.update(1)
+        if self.steps % 8 == 0 and self.ess_history:
+            self.bar.set_postfix(ess=f"{self.ess_history[-1]:.1f}", refresh=False)
+        if self.steps > self.cfg["max_steps"]:
+            raise OptionError(f"method 'smc': more than max_steps={self.cfg['max_steps']} steps")
+        if self.mode == "token":
+            particles = self._resampling_point(engine.advance_all(particles))
+        return particles
 
     def _held(self, p: Particle) -> bool:
         """Whether ``p`` waits at a boundary for the rest of the population."""
-        pending = p.waiting
-        if not pending.released:  # type: ignore[union-attr]
+        meta = p.waiting.meta  # type: ignore[union-attr]
+        if not meta.get("released"):
             return True  # a new site has just started
-        if self.config["resample_every"] != "segment":
+        if self.mode != "segment":
             return False
-        cfg = self.config
-        for r in pending.runs:  # type: ignore[union-attr]
-            if r.done or r.segment == 0:
+        cfg = self.cfg
+        for r in p.waiting.runs:  # type: ignore[union-attr]
+            segment = len(r.tokens) - meta["segment_tokens"]
+            if r.done or segment == 0:
                 continue
-            if r.segment >= cfg["segment_max"]:
+            if segment >= cfg["segment_max"]:
                 return True
-            if cfg["segment_tokens"] is not None and r.segment >= cfg["segment_tokens"]:
+            if cfg["segment_tokens"] is not None and segment >= cfg["segment_tokens"]:
                 return True
             stop = cfg["segment_stop"]
-            if stop is not None and stop in r.text[r.seg_start :]:
+            if stop is not None and stop in r.text[meta["segment_text"] :]:
                 return True
             limit = cfg["segment_entropy"]
-            if limit is not None and r.segment >= cfg["segment_min"] and r.entropy > limit:
+            if (
+                limit is not None
+                and segment >= cfg["segment_min"]
+                and self.entropy.get(r, 0.0) > limit
+            ):
                 return True
         return False
 
-    def _resampling_point(self, particles, resample, rng, genealogy, ess_history):
-        """Checks the ESS and resamples below the threshold; returns (particles, resampled)."""
+    def _resampling_point(self, particles: list[Particle]) -> list[Particle]:
+        """Checks the ESS and resamples below the threshold."""
         n = len(particles)
         log_weights = np.array([p.log_weight for p in particles])
         if np.all(log_weights == -np.inf):
             raise zero_weight_error(particles, "smc")
         ess = effective_sample_size(log_weights)
-        ess_history.append(ess)
-        threshold = self.config["ess_threshold"]
+        self.ess_history.append(ess)
+        threshold = self.cfg["ess_threshold"]
         if not (threshold >= 1 or ess < threshold * n):
-            return particles, False
+            return particles
         weights = log_weights - log_weights.max()
         weights = np.exp(weights) / np.exp(weights).sum()
-        ancestors = resample(weights, rng)
+        ancestors = self.resample(weights, self.rng)
         lme = log_mean_exp(log_weights)
         used: set[int] = set()
         new = []
@@ -219,9 +235,7 @@ class SMC(InferenceMethod):
             new.append(child)
         for i, p in enumerate(particles):
             if i not in used:
-                if isinstance(p.waiting, Pending):
-                    for r in p.waiting.runs:
-                        r.release()
-                p.close()
-        genealogy.append([int(a) for a in ancestors])
-        return new, True
+                p.release()
+        self.genealogy.append([int(a) for a in ancestors])
+        self.resamples += 1
+        return new

@@ -5,6 +5,8 @@
 >>> d = Detokenizer(lm.tokenizer)
 >>> d.push(0), d.push(1), d.text
 ('a', 'b', 'ab')
+>>> mark = d.state(); _ = d.push(0); d.restore(mark); d.text
+'ab'
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ class Detokenizer:
             self.text += delta
             return delta
         return ""
+
+    def state(self) -> tuple:
+        """A snapshot for :meth:`restore` (the ids so far are kept by count)."""
+        return (len(self.ids), self.text, self._prefix, self._read)
+
+    def restore(self, state: tuple) -> None:
+        """Goes back to a snapshot taken on this detokeniser (or the one it was copied from)."""
+        n, self.text, self._prefix, self._read = state
+        del self.ids[n:]
 
     def copy(self) -> Detokenizer:
         twin = Detokenizer(self.tokenizer)

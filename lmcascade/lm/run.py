@@ -1,9 +1,11 @@
 """LMRun: the state machine of one generation under an LM distribution.
 
-An :class:`LMRun` takes tokens with their log-probabilities, tracks the decoded text
-incrementally, and knows when the generation has ended (eos, a stop string, or
-``max_tokens``).  The same machine *scores* a given token path by forcing its tokens, so
-sampling and scoring can never disagree.
+An :class:`LMRun` takes tokens with their log-probabilities — one at a time or a block at
+once — tracks the decoded text incrementally, and knows when the generation has ended (eos,
+a stop string, or ``max_tokens``).  The same machine *scores* a given token path by forcing
+its tokens, so sampling and scoring can never disagree.  A run can be checkpointed and
+restored to an earlier token position (speculative decoding rejects drafted tokens, MCMC
+regenerates a suffix).
 
 >>> import lmcascade as lc
 >>> from lmcascade.models import ToyLM
@@ -13,13 +15,20 @@ sampling and scoring can never disagree.
 >>> run_to_end([run], {})
 >>> run.value, run.end, round(run.log_prob, 4)
 ('ab', 'max_tokens', -2.1972)
+>>> live = LMRun(lc.LM(lm, "", max_tokens=4))
+>>> mark = live.checkpoint()
+>>> live.feed_block([0, 0], [-1.1, -1.1])
+2
+>>> live.restore(mark); live.tokens, live.text, live.log_prob
+([], '', 0.0)
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from lmcascade.errors import SiteError
 from lmcascade.lm.detok import Detokenizer
@@ -29,13 +38,27 @@ if TYPE_CHECKING:
     from lmcascade.distributions import LM
 
 
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Everything :meth:`LMRun.restore` needs to go back to a token position."""
+
+    n: int
+    log_prob: float
+    log_q: float
+    twist: float
+    cstate: Any
+    detok: tuple
+    stop_scan: int
+
+
 class LMRun:
     """One generation (sampled, or forced along ``forced`` token ids) under an LM distribution.
 
     ``log_prob`` sums the tokens' log-probabilities under the site's distribution, ``log_q``
     under the distribution they were drawn from (the constraint-masked one), and ``twist`` is
     the site's potential at the current prefix: ``log_weight`` is the run's contribution to
-    its particle's weight while it is in progress.
+    its particle's weight while it is in progress.  ``token_log_probs`` and
+    ``token_log_qs`` keep the same per token.
     """
 
     __slots__ = (
@@ -44,19 +67,18 @@ class LMRun:
         "ctx",
         "forced",
         "tokens",
+        "token_log_probs",
+        "token_log_qs",
         "log_prob",
         "log_q",
         "twist",
         "cstate",
-        "segment",
-        "entropy",
         "done",
         "end",
         "value",
         "expert",
         "_detok",
         "_stop_scan",
-        "seg_start",
     )
 
     def __init__(
@@ -67,6 +89,8 @@ class LMRun:
         self.ctx = ctx if ctx is not None else self.model.open(dist.prompt_ids)
         self.forced = list(forced) if forced is not None else None
         self.tokens: list[int] = []
+        self.token_log_probs: list[float] = []
+        self.token_log_qs: list[float] = []
         self.log_prob = 0.0
         self.log_q = 0.0
         # A potential is a function of the prefix, or another LM whose prefix probability
@@ -79,9 +103,6 @@ class LMRun:
         elif dist.potential is not None:
             self.twist = float(dist.potential(""))
         self.cstate = dist.constraint.start(self.model) if dist.constraint is not None else None
-        self.segment = 0  # tokens since the last segment boundary
-        self.seg_start = 0  # length of the text at the last segment boundary
-        self.entropy = 0.0  # entropy of the distribution the last token was drawn from
         self.done = False
         self.end: str | None = None
         self.value: str | None = None
@@ -109,16 +130,22 @@ class LMRun:
         if self.expert is not None:
             twin.expert = self.dist.potential.model.fork(self.expert)
         twin.tokens = list(self.tokens)
+        twin.token_log_probs = list(self.token_log_probs)
+        twin.token_log_qs = list(self.token_log_qs)
         twin._detok = self._detok.copy()
         return twin
+
+    # -- taking tokens ---------------------------------------------------------------------
 
     def feed(self, token_id: int, log_prob: float, log_q: float | None = None) -> None:
         """Takes one token with its log-probability under the site's distribution (and under
         the distribution it was drawn from, when that differs)."""
+        log_q = log_prob if log_q is None else log_q
         self.tokens.append(token_id)
-        self.segment += 1
+        self.token_log_probs.append(log_prob)
+        self.token_log_qs.append(log_q)
         self.log_prob += log_prob
-        self.log_q += log_prob if log_q is None else log_q
+        self.log_q += log_q
         if log_prob == -math.inf:
             self._finish("impossible")
             return
@@ -150,6 +177,22 @@ class LMRun:
                     )
         self.ctx.append(token_id)
 
+    def feed_block(
+        self,
+        tokens: Sequence[int],
+        log_probs: Sequence[float],
+        log_qs: Sequence[float] | None = None,
+    ) -> int:
+        """Takes several tokens in order, stopping early if the generation ends; returns how
+        many were taken."""
+        taken = 0
+        for i, tok in enumerate(tokens):
+            if self.done:
+                break
+            self.feed(int(tok), log_probs[i], None if log_qs is None else log_qs[i])
+            taken += 1
+        return taken
+
     def _find_stop(self) -> int | None:
         text = self._detok.text
         start = max(0, self._stop_scan - self.dist.max_stop_len + 1)
@@ -157,11 +200,54 @@ class LMRun:
         self._stop_scan = len(text)
         return min(hits) if hits else None
 
+    # -- going back ------------------------------------------------------------------------
+
+    def checkpoint(self) -> Checkpoint:
+        """The run's state at its current token position (cheap: a few numbers)."""
+        if self.done:
+            raise SiteError("cannot checkpoint a finished generation")
+        return Checkpoint(
+            len(self.tokens),
+            self.log_prob,
+            self.log_q,
+            self.twist,
+            self.cstate,
+            self._detok.state(),
+            self._stop_scan,
+        )
+
+    def restore(self, mark: Checkpoint) -> None:
+        """Goes back to ``mark`` (taken on this run or the run it was branched from): tokens,
+        text, stop scan, constraint state, weights and twist, and the model contexts (cropped
+        without recomputation; re-opened if the run had finished and released them)."""
+        if mark.n > len(self.tokens):
+            raise SiteError(f"cannot restore to token {mark.n}: the run has {len(self.tokens)}")
+        keep = self.tokens[: mark.n]
+        ids = list(self.dist.prompt_ids) + keep
+        if self.done:
+            self.ctx = self.model.open(ids)
+            if getattr(self.dist.potential, "is_lm", False) and self.forced is None:
+                expert = self.dist.potential
+                self.expert = expert.model.open(list(expert.prompt_ids) + keep)
+        else:
+            self.model.crop(self.ctx, len(ids))
+            if self.expert is not None:
+                self.dist.potential.model.crop(
+                    self.expert, len(self.dist.potential.prompt_ids) + mark.n
+                )
+        del self.tokens[mark.n :]
+        del self.token_log_probs[mark.n :]
+        del self.token_log_qs[mark.n :]
+        self.log_prob, self.log_q, self.twist = mark.log_prob, mark.log_q, mark.twist
+        self.cstate = mark.cstate
+        self._detok.restore(mark.detok)
+        self._stop_scan = mark.stop_scan
+        self.done, self.end, self.value = False, None, None
+
+    # -- ending ----------------------------------------------------------------------------
+
     def release(self) -> None:
         """Gives the run's model contexts back (it will not be continued)."""
-        self._release()
-
-    def _release(self) -> None:
         self.model.release(self.ctx)
         if self.expert is not None:
             self.dist.potential.model.release(self.expert)
@@ -178,7 +264,7 @@ class LMRun:
         self.done = True
         self.end = end
         self.twist = 0.0
-        self._release()
+        self.release()
         if end == "impossible":
             self.log_prob = -math.inf
             return
@@ -191,7 +277,7 @@ class LMRun:
 
     def fail(self) -> None:
         """Marks a forced run whose path does not end where it should (probability zero)."""
-        self._release()
+        self.release()
         self.done = True
         self.end = "impossible"
         self.twist = 0.0

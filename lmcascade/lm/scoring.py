@@ -24,17 +24,32 @@ if TYPE_CHECKING:
     from lmcascade.distributions import LM
 
 
-def _by_model(runs: Sequence[LMRun]) -> list[list[LMRun]]:
+def by_model(runs: Sequence[LMRun]) -> list[list[LMRun]]:
+    """The runs grouped by model (first-seen order)."""
     groups: dict[int, list[LMRun]] = {}
     for run in runs:
         groups.setdefault(id(run.model), []).append(run)
     return list(groups.values())
 
 
+def call_model(model, contexts, stats: dict | None, paths=None):
+    """One batched model call with its counts added to ``stats``: ``next_logprobs`` of the
+    contexts, or ``path_logprobs`` along ``paths`` when given."""
+    if paths is None:
+        logprobs = model.next_logprobs(contexts)
+    else:
+        logprobs = model.path_logprobs(contexts, paths)
+    if stats is not None:
+        for key, n in model.pop_counters().items():
+            stats[key] = stats.get(key, 0) + n
+        stats["model_calls"] = stats.get("model_calls", 0) + 1
+    return logprobs
+
+
 def score_forced(runs: Sequence[LMRun], stats: dict | None = None) -> None:
     """Finishes forced runs by teacher forcing: one batched pass per model scores every
     position of every path, then each run takes its tokens through the ending rules."""
-    for group in _by_model(runs):
+    for group in by_model(runs):
         model = group[0].model
         todo = []
         for r in group:
@@ -45,11 +60,8 @@ def score_forced(runs: Sequence[LMRun], stats: dict | None = None) -> None:
         if not todo:
             continue
         paths = [r.forced[len(r.tokens) :] for r in todo]  # type: ignore[index]
-        rows = model.path_logprobs([r.ctx for r in todo], paths)
+        rows = call_model(model, [r.ctx for r in todo], stats, paths)
         if stats is not None:
-            for key, n in model.pop_counters().items():
-                stats[key] = stats.get(key, 0) + n
-            stats["model_calls"] = stats.get("model_calls", 0) + 1
             stats["tokens_scored"] = stats.get("tokens_scored", 0) + sum(map(len, paths))
         dists = [r.dist for r, p in zip(todo, paths, strict=True) for _ in p]
         positions = [

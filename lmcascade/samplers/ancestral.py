@@ -1,5 +1,9 @@
 """Ancestral sampling: one token per run drawn from its distribution, on the device.
 
+Runs under a predicate constraint are handed to adaptive weighted rejection sampling
+(:mod:`lmcascade.samplers.awrs`); every other run gets one inverse-CDF draw from ``q``, and
+only the chosen ids and their log-probs are read back.
+
 >>> import torch
 >>> g = torch.Generator().manual_seed(0)
 >>> draw(torch.log(torch.tensor([[0.0, 1.0, 0.0]])), g).tolist()
@@ -9,6 +13,9 @@
 from __future__ import annotations
 
 import torch
+
+from lmcascade.samplers.awrs import awrs_rows, by_rejection
+from lmcascade.samplers.base import Choice, Rows, TokenSampler
 
 
 def draw(logprobs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -26,3 +33,23 @@ def draw(logprobs: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)
     ok = probs.gather(1, idx) > 0
     return torch.where(ok, idx, probs.argmax(dim=-1, keepdim=True)).squeeze(-1)
+
+
+class Ancestral(TokenSampler):
+    """One token per run drawn from ``q`` (the constraint-masked distribution)."""
+
+    def choose(self, rows: Rows) -> list[list[Choice]]:
+        tokens = draw(rows.q, rows.generator)
+        chosen_p = rows.p.gather(1, tokens[:, None]).squeeze(1)
+        chosen_q = rows.q.gather(1, tokens[:, None]).squeeze(1)
+        if rows.blocked is not None:
+            chosen_p = torch.where(rows.blocked, float("-inf"), chosen_p)
+        back = torch.stack(
+            [tokens.to(torch.float64), chosen_p.to(torch.float64), chosen_q.to(torch.float64)]
+        )
+        ids, lps, lqs = back.cpu().tolist()
+        rejection = [i for i, r in enumerate(rows.runs) if by_rejection(r)]
+        if rejection:
+            for i, (tok, lp, lq) in awrs_rows(rows, rejection).items():
+                ids[i], lps[i], lqs[i] = tok, lp, lq
+        return [[Choice([int(t)], [lp], [lq])] for t, lp, lq in zip(ids, lps, lqs, strict=True)]

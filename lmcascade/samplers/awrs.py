@@ -9,10 +9,13 @@ mass (Lipkin et al. 2025).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from lmcascade.lm.run import LMRun
+if TYPE_CHECKING:
+    from lmcascade.lm.run import LMRun
+    from lmcascade.samplers.base import Rows
 
 
 def by_rejection(run: LMRun) -> bool:
@@ -53,26 +56,30 @@ def awrs(run: LMRun, order: list[int], logp: list[float], more) -> tuple[int, fl
         j += 1
 
 
-def _sample_by_rejection(group, rows, proc, gen, back) -> None:
-    """AWRS for the runs ``rows`` of ``group``: Gumbel-max candidate orders are computed on the
-    device (the top few per row read back), the predicate is tested on the host, and ``back``
-    (token, log p, log q rows) is overwritten with the accepted tokens and their weights."""
-    index = torch.tensor(rows, device=proc.device)
-    logp = proc.index_select(0, index).to(torch.float64)
-    u = torch.rand(logp.shape, generator=gen, device=logp.device, dtype=torch.float64)
+def awrs_rows(rows: Rows, indices: list[int]) -> dict[int, tuple[int, float, float]]:
+    """AWRS for the runs ``indices`` of ``rows``: Gumbel-max candidate orders are computed on
+    the device (the top few per row read back), the predicate is tested on the host.  Returns
+    ``index -> (token, log p, log q)`` where ``p - q`` is the unbiased allowed-mass estimate
+    (``log p = -inf`` when nothing is allowed)."""
+    index = torch.tensor(indices, device=rows.p.device)
+    logp = rows.p.index_select(0, index).to(torch.float64)
+    u = torch.rand(logp.shape, generator=rows.generator, device=logp.device, dtype=torch.float64)
     keys = logp - torch.log(-torch.log(u.clamp_min(1e-300)))
     k = min(AWRS_CANDIDATES, logp.shape[-1])
     top = keys.topk(k, dim=-1).indices
     ids = top.cpu().tolist()
     lps = logp.gather(1, top).cpu().tolist()
-    for n, i in enumerate(rows):
+    out = {}
+    for n, i in enumerate(indices):
 
         def more(n=n):
             full = keys[n].argsort(descending=True)
             return full.cpu().tolist(), logp[n, full].cpu().tolist()
 
-        tok, log_z = awrs(group[i], ids[n], lps[n], more)
+        tok, log_z = awrs(rows.runs[i], ids[n], lps[n], more)
         lp = float(logp[n, tok])
-        back[0][i] = tok
-        back[1][i] = lp if log_z > -math.inf else -math.inf
-        back[2][i] = lp - log_z if log_z > -math.inf else 0.0
+        if log_z == -math.inf:
+            out[i] = (tok, -math.inf, 0.0)
+        else:
+            out[i] = (tok, lp, lp - log_z)
+    return out

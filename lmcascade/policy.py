@@ -1,0 +1,123 @@
+"""How a site gets its value: from the prior (:class:`Policy`) or from a recorded trace,
+rescored under the program's current distributions (:func:`rescore`).
+
+Every new site a particle reaches goes through one of them.  A policy returns a finished
+:class:`~lmcascade.trace.Site`, a :class:`~lmcascade.requests.Pending` request for model work,
+or a list of sites — alternatives, each continuing in its own particle (exact enumeration).
+
+**Replay that rescores.**  A particle may carry a trace to take values from by site name
+(importance sampling's proposal trace; an MCMC move's edited trace).  Such a value is kept
+and scored under the distribution the program gives its site *now*: if an upstream change
+altered that distribution (a new prompt, say), the site gets its new log-probability — or
+``-inf`` when the value is impossible there, never an exception.  The value keeps the density
+it was drawn from as its proposal density.
+
+>>> import lmcascade as lc
+>>> from pyro.distributions import Bernoulli
+>>> site = rescore(lc.sample("x", Bernoulli(0.25)), "x",
+...                lc.trace.Site("x", "sample", 1.0, -0.1, -0.1))
+>>> round(site.log_prob, 4), site.proposal_log_prob
+(-1.3863, -0.1)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lmcascade.distributions import draw_value, is_lm, score
+from lmcascade.errors import SiteError
+from lmcascade.program import Call, Condition, Effect, Factor, Observe
+from lmcascade.requests import Pending, generation, path_score, text_score
+from lmcascade.trace import Site
+
+
+class Policy:
+    """How new sites are resolved.  This base class samples from the prior.
+
+    Subclasses override :meth:`sample` (or others) to propose from elsewhere.
+    """
+
+    def resolve(self, eff: Effect, name: str) -> Site | Pending | list[Site]:
+        if isinstance(eff, Factor):
+            return self.factor(eff, name)
+        if isinstance(eff, Condition):
+            return Site(name, "condition", bool(eff.ok), 0.0 if eff.ok else -math.inf)
+        if isinstance(eff, Call):
+            return self.call(eff, name)
+        if isinstance(eff, Observe):
+            return self.observe(eff, name)
+        return self.sample(eff, name)
+
+    def sample(self, eff: Any, name: str) -> Site | Pending | list[Site]:
+        dist = eff.dist
+        if is_lm(dist):
+            return generation(name, dist)
+        try:
+            value, lp = draw_value(dist)
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            raise SiteError(f"site {name!r}: sampling {dist!r} failed: {err}") from err
+        return Site(name, "sample", value, lp, lp, dist=dist)
+
+    def observe(self, eff: Observe, name: str) -> Site | Pending:
+        if is_lm(eff.dist):
+            if not isinstance(eff.value, str):
+                raise SiteError(
+                    f"site {name!r}: observing an LM needs a string value, got "
+                    f"{type(eff.value).__name__}"
+                )
+            return text_score(name, "observe", eff.dist, eff.value)
+        try:
+            lp = score(eff.dist, eff.value)
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise SiteError(
+                f"site {name!r}: cannot score value {eff.value!r} under {eff.dist!r}: {err}"
+            ) from err
+        return Site(name, "observe", eff.value, lp, dist=eff.dist)
+
+    def factor(self, eff: Factor, name: str) -> Site:
+        try:
+            lw = float(eff.log_weight)
+        except (TypeError, ValueError, RuntimeError):
+            raise SiteError(
+                f"site {name!r}: factor needs a number (a log-weight), got {eff.log_weight!r}"
+            ) from None
+        if math.isnan(lw) or lw == math.inf:
+            raise SiteError(f"site {name!r}: factor log-weight is {lw}; it must be finite or -inf")
+        return Site(name, "factor", lw, lw)
+
+    def call(self, eff: Call, name: str) -> Site:
+        try:
+            result = eff.fn(*eff.args, **eff.kwargs)
+        except Exception as err:
+            err.add_note(f"raised in lmcascade call site {name!r}")
+            raise
+        return Site(name, "call", result)
+
+
+def rescore(eff: Effect, name: str, recorded: Site) -> Site | Pending | None:
+    """The site ``eff`` gets from a recorded one of the same name, scored under ``eff``'s
+    distribution; None when the record does not apply: a site of another kind, or one that is
+    recomputed from the program (observe, factor, condition, and tool calls, whose arguments
+    may have changed)."""
+    if recorded.kind != "sample" or eff.kind != "sample":
+        return None
+    dist, value = eff.dist, recorded.value  # type: ignore[attr-defined]
+    q = recorded.log_prob if recorded.proposal_log_prob is None else recorded.proposal_log_prob
+    if recorded.log_prob == -math.inf:  # the recorded value was itself impossible
+        return Site(name, "sample", value, -math.inf, 0.0, recorded.token_ids, dist)
+    if not is_lm(dist):
+        try:
+            p = score(dist, value)
+        except (RuntimeError, ValueError, TypeError):
+            p = -math.inf  # outside the support of the new distribution
+        return Site(name, "sample", value, p if not math.isnan(p) else -math.inf, q, dist=dist)
+    if not isinstance(value, str):
+        return Site(name, "sample", value, -math.inf, q, dist=dist)
+    if (
+        recorded.token_ids is not None
+        and is_lm(recorded.dist)
+        and recorded.dist.model is dist.model
+    ):
+        return path_score(name, dist, value, recorded.token_ids, q)
+    return text_score(name, "sample", dist, value, q)

@@ -1,0 +1,54 @@
+"""The token-sampler interface: the *choose* phase of a decoding step.
+
+A sampler sees the :class:`Rows` of one model — every waiting run with its
+next-token distribution ``p`` and the constraint-masked ``q`` — and returns, per run, a list
+of :class:`Choice`: one (a draw), several (children to branch into), or none
+(nothing is possible).  A choice may hold several tokens (a block).  Each token carries its
+log-probability under ``p`` (the site's distribution) and under ``q`` (what it was chosen
+from: the run's weight gets ``p - q``; 0 for a deterministic choice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from lmcascade.lm.run import LMRun
+
+
+@dataclass
+class Rows:
+    """The distributions phase for the runs of one model.
+
+    ``p`` is each run's next-token distribution under its site's LM (what weights use);
+    ``q`` what a sampler draws from: ``p`` with constraint masks applied and renormalised
+    (rows where the constraint allows nothing keep ``p`` and are flagged in ``blocked``).
+    """
+
+    runs: list[LMRun]
+    p: torch.Tensor
+    q: torch.Tensor
+    blocked: torch.Tensor | None
+    generator: torch.Generator
+
+
+@dataclass
+class Choice:
+    """What a sampler gives one run: tokens in order, with log-probs under ``p`` and ``q``."""
+
+    tokens: list[int]
+    log_ps: list[float]
+    log_qs: list[float]
+
+
+class TokenSampler:
+    """Base class.  ``full_masks``: predicate constraints are evaluated on the whole
+    vocabulary (exact enumeration needs that; rejection-based samplers do not)."""
+
+    full_masks = False
+
+    def choose(self, rows: Rows) -> list[list[Choice]]:
+        raise NotImplementedError
