@@ -84,15 +84,6 @@ class Constraint:
         match; vocabulary masks are always satisfied)."""
         return True
 
-    def check(self, model, token_ids: Iterable[int]) -> bool:
-        """Whether a token path respects the constraint."""
-        state = self.start(model)
-        for tok in token_ids:
-            if not bool(self.mask(model, state)[tok]):
-                return False
-            state = self.advance(model, state, tok)
-        return True
-
 
 class Forbid(Constraint):
     """No generated token may contain any of ``substrings``."""
