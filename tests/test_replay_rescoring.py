@@ -136,9 +136,7 @@ def test_importance_with_a_proposal_rescoring_lm_sites_matches_enumeration():
         yield lc.gen("text", LM, "b:", max_tokens=2, temperature=1.5)
 
     exact = lc.infer(topic_then_text(), method="enumerate").distribution()
-    r = lc.infer(
-        topic_then_text(), method="importance", proposal=guide(), num_samples=4000, seed=1
-    )
+    r = lc.infer(topic_then_text(), method="importance", proposal=guide(), num_samples=4000, seed=1)
     # The guide's texts come from another model and prompt: every one is rescored by text.
     assert tv_distance(r.distribution(), exact) < 0.08
 
