@@ -29,6 +29,7 @@ from lmcascade.program import (
     observe,
     program,
     sample,
+    scope,
 )
 from lmcascade.result import Result
 from lmcascade.trace import Site, Trace
@@ -57,4 +58,5 @@ __all__ = [
     "observe",
     "program",
     "sample",
+    "scope",
 ]

@@ -18,7 +18,9 @@ what they mean: sample from the prior, replay a recorded value, branch over ever
 
 Site names must be unique within one execution.  Inside loops, either build the name
 (``f"step{i}"``) or end it with ``[]``: ``"step[]"`` becomes ``step[0]``, ``step[1]``, ...
-in the order the sites occur.
+in the order the sites occur.  :class:`scope` prefixes the names of the effects created
+inside it (``with lc.scope("draft"):`` turns ``"text"`` into ``draft/text``), so a sub-program
+can be called twice.
 """
 
 from __future__ import annotations
@@ -26,10 +28,15 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Generator, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 from lmcascade.errors import ProgramError, SiteError
+
+# The name scope the running code is in, outermost name first.  The engine makes a particle's
+# scope current only while its generator runs (see :func:`send`); outside programs it is ().
+_CURRENT: ContextVar[tuple[str, ...]] = ContextVar("lmcascade_scope", default=())
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +92,11 @@ class Call(Effect):
 
 
 def _check_name(name: object) -> str:
+    """The site's full name: ``name`` checked, behind the current scope's prefix."""
     if not isinstance(name, str) or not name:
         raise SiteError(f"a site name must be a non-empty string, got {name!r}")
-    return name
+    current = _CURRENT.get()
+    return "/".join((*current, name)) if current else name
 
 
 def sample(name: str, dist: Any) -> Sample:
@@ -100,7 +109,7 @@ def sample(name: str, dist: Any) -> Sample:
     >>> lc.sample("color", Categorical(probs=__import__("torch").tensor([0.5, 0.5]))).name
     'color'
     """
-    _check_name(name)
+    name = _check_name(name)
     if not (getattr(dist, "is_lm", False) or hasattr(dist, "log_prob")):
         raise SiteError(
             f"site {name!r}: sample needs an lc.LM or a pyro distribution, got "
@@ -117,7 +126,7 @@ def observe(name: str, dist: Any, value: Any) -> Observe:
     >>> lc.observe("saw_heads", Bernoulli(0.9), 1.0).kind
     'observe'
     """
-    _check_name(name)
+    name = _check_name(name)
     if not (getattr(dist, "is_lm", False) or hasattr(dist, "log_prob")):
         raise SiteError(
             f"site {name!r}: observe needs an lc.LM or a pyro distribution, got "
@@ -153,7 +162,7 @@ def call(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Call:
     >>> lc.call("calc", eval, "1 + 1").fn is eval
     True
     """
-    _check_name(name)
+    name = _check_name(name)
     if not callable(fn):
         raise SiteError(f"site {name!r}: call needs a callable, got {type(fn).__name__}")
     return Call(name, fn, tuple(args), dict(kwargs))
@@ -171,7 +180,7 @@ def gen(name: str, model: Any, prompt: str, **params: Any) -> Sample:
     """
     from lmcascade.distributions import LM
 
-    _check_name(name)
+    name = _check_name(name)
     try:
         dist = LM(model, prompt, **params)
     except TypeError as err:
@@ -252,11 +261,144 @@ def program(fn: Callable[..., Generator]) -> Program:
 EFFECT_TYPES = (Sample, Observe, Factor, Condition, Call)
 
 
+class _Scope(tuple):
+    """A scope (its names, outermost first) that also carries the auto-index counters of the
+    execution it belongs to, for scope names ending in ``[]``.  It starts afresh with every run
+    of a generator (the engine starts each one in scope ``()``), so replay numbers alike."""
+
+    counters: dict[str, int]
+
+
+def _with_names(current: tuple[str, ...], names: tuple[str, ...]) -> tuple[str, ...]:
+    counters = getattr(current, "counters", None)
+    if counters is None:
+        return tuple(names)
+    out = _Scope(names)
+    out.counters = counters
+    return out
+
+
+class scope:  # noqa: N801 - used like a function: ``with lc.scope("draft"):``
+    """A name scope: the effects created inside get names prefixed ``name/``.
+
+    Use it as a context manager around effects or sub-program calls, or as a decorator on a
+    program (either side of ``@lc.program``) or a generator function; calling it on a bound
+    program scopes that call.  Scopes nest (``a/b/x``), and a ``with`` block may span yields:
+    each execution keeps its own scope, so interleaved particles never see each other's.
+    A name ending in ``[]`` is numbered per execution, in the order the scopes are entered
+    (``try[0]``, ``try[1]``, ...), which suits loops.  ``with`` gives the full prefix.
+
+    >>> import lmcascade as lc
+    >>> from pyro.distributions import Bernoulli
+    >>> @lc.program
+    ... def flip():
+    ...     return (yield lc.sample("x", Bernoulli(0.5)))
+    >>> @lc.program
+    ... def two():
+    ...     with lc.scope("first"):
+    ...         a = yield from flip()
+    ...     for _ in range(2):
+    ...         with lc.scope("again[]"):
+    ...             b = yield from flip()
+    ...     return int(a + b)
+    >>> lc.infer(two(), method="forward", num_samples=1, seed=0).traces[0].names
+    ['first/x', 'again[0]/x', 'again[1]/x']
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or not name or "/" in name or name == "[]":
+            raise SiteError(
+                f"a scope name must be a non-empty string without '/', got {name!r}; "
+                'nest scopes instead: with lc.scope("a"): with lc.scope("b"): ...'
+            )
+        self.name = name
+
+    def __enter__(self) -> str:
+        current = _CURRENT.get()
+        if self.name.endswith("[]"):
+            base = self.name[:-2]
+            counters = getattr(current, "counters", None)
+            if counters is None:
+                counters = {}
+            key = "/".join((*current, base))
+            index = counters.get(key, 0)
+            counters[key] = index + 1
+            new: tuple[str, ...] = _Scope((*current, f"{base}[{index}]"))
+            new.counters = counters  # type: ignore[attr-defined]
+        else:
+            new = _with_names(current, (*current, self.name))
+        _CURRENT.set(new)
+        return "/".join(new)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and issubclass(exc_type, GeneratorExit):
+            # A generator being closed (or collected): whatever runs now is not that
+            # execution, and its scope dies with it.
+            return
+        current = _CURRENT.get()
+        last = current[-1] if current else None
+        if self.name.endswith("[]"):
+            ok = last is not None and last.startswith(self.name[:-1]) and last.endswith("]")
+        else:
+            ok = last == self.name
+        if ok:
+            _CURRENT.set(_with_names(current, current[:-1]))
+        elif exc_type is None:
+            raise ProgramError(
+                f"scope {self.name!r} ended inside scope {'/'.join(current) or '()'!r}; "
+                "enter scopes with `with lc.scope(...)` inside the program that runs them"
+            )
+
+    def __call__(self, target: Any) -> Any:
+        """Scopes a program, a generator function or a plain function (as a decorator), or a
+        bound program (one call)."""
+        if isinstance(target, BoundProgram):
+            return BoundProgram(self(target.program), target.args, target.kwargs)
+        if isinstance(target, Program):
+            return Program(self(target.fn))
+        if inspect.isgeneratorfunction(target):
+
+            @functools.wraps(target)
+            def scoped_generator(*args: Any, **kwargs: Any) -> Generator:
+                with self:
+                    return (yield from target(*args, **kwargs))
+
+            return scoped_generator
+        if callable(target):
+
+            @functools.wraps(target)
+            def scoped(*args: Any, **kwargs: Any) -> Any:
+                with self:
+                    return target(*args, **kwargs)
+
+            return scoped
+        raise ProgramError(
+            f"lc.scope({self.name!r}) applies to a program, a function or a bound program, "
+            f"not {type(target).__name__}; around effects, write `with lc.scope(...):`"
+        )
+
+    def __repr__(self) -> str:
+        return f"lc.scope({self.name!r})"
+
+
+def current_scope() -> str:
+    """The prefix the running code's site names get (``""`` outside any scope)."""
+    return "/".join(_CURRENT.get())
+
+
 def send(gen: Iterator, value: Any, scope: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
     """Resumes a program's generator with ``value`` inside name scope ``scope``; returns the
     next thing it yields and the scope it is in then.  (StopIteration propagates.)
 
     Many programs' generators are interleaved by the engine, so the scope a generator is in
-    travels with its particle and is only current while the generator runs.
+    travels with its particle and is only current while the generator runs: the caller's
+    scope is restored afterwards, however the generator stops.
     """
-    return gen.send(value), scope
+    outer = _CURRENT.get()
+    _CURRENT.set(scope)
+    try:
+        return gen.send(value), _CURRENT.get()
+    finally:
+        _CURRENT.set(outer)

@@ -3,7 +3,9 @@
 Checked before anything runs: undefined variables (including ones set on only one branch of an
 ``if``), unknown models, distributions, tools and functions (with a suggestion), calls with the
 wrong number of arguments, a sample statement whose right side is not a model or distribution,
-the same site sampled twice in straight-line code, and type errors visible in literals.
+the same site sampled twice where both can run in one execution (in straight-line code, in an
+``if`` branch and again after it, in a loop and outside it; the two branches of one ``if`` may
+share a name), and type errors visible in literals.
 
 >>> from lmcascade.dsl.parser import parse
 >>> check(parse('program f() { return y }', filename="f.lmc"), models={}, tools={})
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from lmcascade.dsl import ast
 from lmcascade.errors import DSLCheckError
@@ -52,6 +55,34 @@ BUILTINS = {
 LM_OPTIONS = {"max_tokens", "min_tokens", "stop", "temperature", "top_k", "top_p"}
 
 
+@dataclass
+class Sampled:
+    """The sample statements met so far on the way to a point of a program, by variable name:
+    ``straight`` outside loops, ``looped`` inside them (their sites are ``x[0]``, ``x[1]``...).
+    Each entry is the statement and the line of the ``if`` it sits in (None if in none)."""
+
+    straight: dict[str, tuple[ast.Sample, int | None]] = field(default_factory=dict)
+    looped: dict[str, tuple[ast.Sample, int | None]] = field(default_factory=dict)
+
+    def copy(self) -> Sampled:
+        return Sampled(dict(self.straight), dict(self.looped))
+
+    def merge(self, branch: Sampled, if_line: int) -> None:
+        """Adds what one branch of the ``if`` at ``if_line`` sampled."""
+        for mine, theirs in ((self.straight, branch.straight), (self.looped, branch.looped)):
+            for name, (node, where) in theirs.items():
+                mine.setdefault(name, (node, if_line if where is None else where))
+
+
+def always_returns(body) -> bool:
+    """Whether running ``body`` always ends in a return statement."""
+    return any(
+        isinstance(s, ast.Return)
+        or (isinstance(s, ast.If) and always_returns(s.body) and always_returns(s.orelse))
+        for s in body
+    )
+
+
 class Checker:
     """Walks one module; ``errors`` collects every problem (the first is raised)."""
 
@@ -76,24 +107,46 @@ class Checker:
             if prog.name in seen:
                 raise self.fail(prog, f"program {prog.name!r} is defined twice")
             seen[prog.name] = prog
-            self.block(prog.body, set(prog.params), loop=False, sampled=set())
+            self.block(prog.body, set(prog.params), loop=False, sampled=Sampled())
 
     # statements: returns the set of names defined after the block
-    def block(self, body, defined: set[str], loop: bool, sampled: set[str]) -> set[str]:
+    def block(self, body, defined: set[str], loop: bool, sampled: Sampled) -> set[str]:
         defined = set(defined)
         for stmt in body:
             defined = self.stmt(stmt, defined, loop, sampled)
         return defined
 
-    def stmt(self, s, defined: set[str], loop: bool, sampled: set[str]) -> set[str]:
+    def duplicate(self, s: ast.Sample, loop: bool, sampled: Sampled) -> None:
+        """Fails if the site of sample ``s`` can meet an earlier one in one execution."""
+        name = s.target
+        hint = f"rename the second sample, e.g. `{name}2 ~ {s.call.func}(...)`"
+        if loop:
+            if name in sampled.straight:
+                first, _ = sampled.straight[name]
+                raise self.fail(
+                    s,
+                    f"site {name!r} is sampled in a loop here (sites {name}[0], {name}[1], ...) "
+                    f"and before it, at {first.line}:{first.col}; {hint}",
+                )
+            sampled.looped.setdefault(name, (s, None))
+            return
+        if name in sampled.straight:
+            first, if_line = sampled.straight[name]
+            where = f"{first.line}:{first.col}" + ("" if if_line is None else " in an `if` branch")
+            raise self.fail(s, f"site {name!r} is sampled twice (first at {where}); {hint}")
+        if name in sampled.looped:
+            first, _ = sampled.looped[name]
+            raise self.fail(
+                s,
+                f"site {name!r} is sampled in a loop at {first.line}:{first.col} (sites "
+                f"{name}[0], {name}[1], ...) and again here, after it; {hint}",
+            )
+        sampled.straight[name] = (s, None)
+
+    def stmt(self, s, defined: set[str], loop: bool, sampled: Sampled) -> set[str]:
         if isinstance(s, ast.Sample):
             self.site_call(s.call, defined)
-            if not loop:
-                if s.target in sampled:
-                    raise self.fail(
-                        s, f"site {s.target!r} is sampled twice; give each sample its own name"
-                    )
-                sampled.add(s.target)
+            self.duplicate(s, loop, sampled)
             return defined | {s.target}
         if isinstance(s, ast.Assign):
             self.expr(s.value, defined)
@@ -109,8 +162,18 @@ class Checker:
             return defined
         if isinstance(s, ast.If):
             self.expr(s.test, defined)
-            left = self.block(s.body, defined, loop, set(sampled))
-            right = self.block(s.orelse, defined, loop, set(sampled))
+            # the two branches may share names (only one runs); what either samples may meet
+            # what follows the if, unless that branch always returns
+            outcomes = []
+            for body in (s.body, s.orelse):
+                seen = sampled.copy()
+                outcomes.append((self.block(body, defined, loop, seen), seen, always_returns(body)))
+            for _, seen, returns in outcomes:
+                if not returns:
+                    sampled.merge(seen, s.line)
+            (left, _, left_returns), (right, _, right_returns) = outcomes
+            if left_returns != right_returns:
+                return right if left_returns else left
             return left & right
         if isinstance(s, ast.For):
             self.expr(s.iterable, defined)

@@ -3,9 +3,12 @@
 Each ``program`` becomes a :class:`~lmcascade.program.Program` whose body walks the syntax
 tree and yields the same effects a Python program would, so every inference method runs a
 ``.lmc`` program unchanged.  Site names: a sample site is named by its variable (inside a loop
-with an automatic index, ``x[0]``, ``x[1]``...); observe, condition, factor and tool-call
-sites are named by kind and line (``condition@7``), indexed the same way in loops.  Only the
-tools passed in are callable: a ``.lmc`` file cannot run arbitrary code.
+with an automatic index, ``x[0]``, ``x[1]``...); observe, condition and factor sites are
+named by kind and line (``condition@7``; a second one on the same line adds its column,
+``condition@7:30``), tool-call sites by tool, line and column, all indexed the same way in
+loops.  A call of another program runs in a name scope named after the callee and the line
+(``helper@7/x``; ``helper@7[0]/x``... in loops), so a sub-program can be called twice.  Only
+the tools passed in are callable: a ``.lmc`` file cannot run arbitrary code.
 
 >>> import lmcascade as lc
 >>> from lmcascade.models import ToyLM
@@ -96,12 +99,44 @@ COMPARE = {
 }
 
 
+def _walk(node: object):
+    """Every syntax node under ``node`` (itself included), in source order."""
+    if isinstance(node, ast.Node):
+        yield node
+        for value in vars(node).values():
+            yield from _walk(value)
+    elif isinstance(node, tuple):
+        for item in node:
+            yield from _walk(item)
+
+
+def site_names(module: ast.Module) -> dict[int, str]:
+    """The base site name of every observe, condition and factor statement and the scope name
+    of every call of another program, by ``id(node)``: ``kind@line``, or ``kind@line:col``
+    for the second and later ones of a kind on one line (the kind of a call is its callee)."""
+    programs = {p.name for p in module.programs}
+    names: dict[int, str] = {}
+    seen: set[tuple[str, int]] = set()
+    for node in _walk(module.programs):
+        if isinstance(node, ast.Observe | ast.Condition | ast.Factor):
+            kind = type(node).__name__.lower()
+        elif isinstance(node, ast.Call) and node.func in programs:
+            kind = node.func
+        else:
+            continue
+        key = (kind, node.line)
+        names[id(node)] = f"{kind}@{node.line}:{node.col}" if key in seen else f"{kind}@{node.line}"
+        seen.add(key)
+    return names
+
+
 class Interpreter:
     """Runs one module's programs as generators of effects."""
 
     def __init__(self, module: ast.Module, models: dict, tools: dict) -> None:
         self.module, self.models, self.tools = module, models, tools
         self.programs: dict[str, Program] = {}
+        self.names = site_names(module)
 
     def fail(self, node: ast.Node, message: str) -> DSLRuntimeError:
         return DSLRuntimeError(
@@ -148,26 +183,26 @@ class Interpreter:
 
     def stmt(self, s, env: dict, depth: int):
         if isinstance(s, ast.Sample):
-            dist, post = yield from self.distribution(s.call, env)
+            dist, post = yield from self.distribution(s.call, env, depth)
             value = yield effects.sample(self.site(s.target, depth), dist)
             env[s.target] = post(value)
         elif isinstance(s, ast.Assign):
-            env[s.target] = yield from self.expr(s.value, env)
+            env[s.target] = yield from self.expr(s.value, env, depth)
         elif isinstance(s, ast.Observe):
-            value = yield from self.expr(s.value, env)
-            dist, _ = yield from self.distribution(s.call, env)
-            yield effects.observe(self.site(f"observe@{s.line}", depth), dist, value)
+            value = yield from self.expr(s.value, env, depth)
+            dist, _ = yield from self.distribution(s.call, env, depth)
+            yield effects.observe(self.site(self.names[id(s)], depth), dist, value)
         elif isinstance(s, ast.Condition):
-            ok = yield from self.expr(s.value, env)
-            yield effects.condition(self.site(f"condition@{s.line}", depth), bool(ok))
+            ok = yield from self.expr(s.value, env, depth)
+            yield effects.condition(self.site(self.names[id(s)], depth), bool(ok))
         elif isinstance(s, ast.Factor):
-            weight = yield from self.expr(s.value, env)
-            yield effects.factor(self.site(f"factor@{s.line}", depth), weight)
+            weight = yield from self.expr(s.value, env, depth)
+            yield effects.factor(self.site(self.names[id(s)], depth), weight)
         elif isinstance(s, ast.If):
-            test = yield from self.expr(s.test, env)
+            test = yield from self.expr(s.test, env, depth)
             return (yield from self.block(s.body if test else s.orelse, env, depth))
         elif isinstance(s, ast.For):
-            items = yield from self.expr(s.iterable, env)
+            items = yield from self.expr(s.iterable, env, depth)
             if len(items) > MAX_ITERATIONS:
                 raise self.fail(
                     s, f"for loops over {len(items)} items; the limit is {MAX_ITERATIONS}"
@@ -178,7 +213,7 @@ class Interpreter:
                 if out is not None:
                     return out
         elif isinstance(s, ast.Repeat):
-            count = yield from self.expr(s.count, env)
+            count = yield from self.expr(s.count, env, depth)
             if not isinstance(count, int) or count < 0 or count > MAX_ITERATIONS:
                 raise self.fail(
                     s, f"repeat needs a whole number from 0 to {MAX_ITERATIONS}, got {count!r}"
@@ -188,22 +223,22 @@ class Interpreter:
                 if out is not None:
                     return out
         elif isinstance(s, ast.Return):
-            return ("return", (yield from self.expr(s.value, env)))
+            return ("return", (yield from self.expr(s.value, env, depth)))
         return None
 
-    def arguments(self, call: ast.Call, env: dict):
+    def arguments(self, call: ast.Call, env: dict, depth: int):
         """A call's positional and keyword argument values, evaluated left to right."""
         args = []
         for a in call.args:
-            args.append((yield from self.expr(a, env)))
+            args.append((yield from self.expr(a, env, depth)))
         kwargs = {}
         for key, v in call.kwargs:
-            kwargs[key] = yield from self.expr(v, env)
+            kwargs[key] = yield from self.expr(v, env, depth)
         return args, kwargs
 
-    def distribution(self, call: ast.Call, env: dict):
+    def distribution(self, call: ast.Call, env: dict, depth: int):
         """The distribution of a site, and how to turn its raw value into the variable."""
-        args, kwargs = yield from self.arguments(call, env)
+        args, kwargs = yield from self.arguments(call, env, depth)
         try:
             if call.func in self.models:
                 return LM(self.models[call.func], args[0], **kwargs), lambda v: v
@@ -220,7 +255,7 @@ class Interpreter:
             return dist, lambda v: int(v)
         return dist, lambda v: float(v)
 
-    def expr(self, e, env: dict):
+    def expr(self, e, env: dict, depth: int):
         if isinstance(e, ast.Num | ast.Bool):
             return e.value
         if isinstance(e, ast.Var):
@@ -230,42 +265,43 @@ class Interpreter:
         if isinstance(e, ast.ListExpr):
             out = []
             for item in e.items:
-                out.append((yield from self.expr(item, env)))
+                out.append((yield from self.expr(item, env, depth)))
             return out
         if isinstance(e, ast.BoolOp):
             value = None
             for v in e.values:
-                value = yield from self.expr(v, env)
+                value = yield from self.expr(v, env, depth)
                 if (e.op == "and" and not value) or (e.op == "or" and value):
                     return value
             return value
         if isinstance(e, ast.Not):
-            return not (yield from self.expr(e.value, env))
+            return not (yield from self.expr(e.value, env, depth))
         if isinstance(e, ast.Neg):
-            return -(yield from self.expr(e.value, env))
+            return -(yield from self.expr(e.value, env, depth))
         try:
             if isinstance(e, ast.BinOp):
-                a = yield from self.expr(e.left, env)
-                b = yield from self.expr(e.right, env)
+                a = yield from self.expr(e.left, env, depth)
+                b = yield from self.expr(e.right, env, depth)
                 return BINOPS[e.op](a, b)
             if isinstance(e, ast.Compare):
-                a = yield from self.expr(e.left, env)
-                b = yield from self.expr(e.right, env)
+                a = yield from self.expr(e.left, env, depth)
+                b = yield from self.expr(e.right, env, depth)
                 return COMPARE[e.op](a, b)
             if isinstance(e, ast.Index):
-                container = yield from self.expr(e.value, env)
-                index = yield from self.expr(e.index, env)
+                container = yield from self.expr(e.value, env, depth)
+                index = yield from self.expr(e.index, env, depth)
                 return container[index]
         except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError) as err:
             raise self.fail(e, f"cannot evaluate: {err}") from None
         if isinstance(e, ast.Call):
-            return (yield from self.call(e, env))
+            return (yield from self.call(e, env, depth))
         raise self.fail(e, f"unsupported expression {type(e).__name__}")  # pragma: no cover
 
-    def call(self, call: ast.Call, env: dict):
-        args, kwargs = yield from self.arguments(call, env)
+    def call(self, call: ast.Call, env: dict, depth: int):
+        args, kwargs = yield from self.arguments(call, env, depth)
         if call.func in self.programs:
-            return (yield from self.programs[call.func](*args))
+            with effects.scope(self.site(self.names[id(call)], depth)):
+                return (yield from self.programs[call.func](*args))
         if call.func in self.tools:
             site = f"{call.func}@{call.line}:{call.col}[]"
             return (yield effects.call(site, self.tools[call.func], *args, **kwargs))
