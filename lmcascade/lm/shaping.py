@@ -1,13 +1,19 @@
 """The distribution a token is drawn from: eos masking, temperature, top-k and top-p.
 
 All functions work on a whole batch at once with per-row parameters, so particles of
-different LM sites (different temperatures, say) share one call.  The order is the one
-Hugging Face ``generate`` uses: temperature, then top-k, then top-p.
+different LM sites (different temperatures, say) share one call.  The order and the tie rules
+are those of Hugging Face ``generate`` (``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
+``TopPLogitsWarper`` with ``min_tokens_to_keep=1``): temperature, then top-k, which keeps
+every token tied with the k-th, then top-p; greedy decoding (temperature 0) takes the first
+arg-max.
 
 >>> import torch
 >>> lp = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
 >>> process_logprobs(lp, torch.tensor([1.0]), torch.tensor([2]), torch.tensor([1.0])).exp()
 tensor([[0.6250, 0.3750, 0.0000]])
+>>> tie = torch.log(torch.tensor([[0.4, 0.3, 0.3]]))  # top-k 2 keeps both tokens tied second
+>>> process_logprobs(tie, torch.tensor([1.0]), torch.tensor([2]), torch.tensor([1.0])).exp()
+tensor([[0.4000, 0.3000, 0.3000]])
 """
 
 from __future__ import annotations
@@ -29,34 +35,66 @@ def process_logprobs(
 ) -> torch.Tensor:
     """Normalised log-probabilities after temperature, top-k and top-p, row by row.
 
-    ``temperature`` 0 means greedy (all mass on the arg-max); ``top_k`` 0 means no top-k;
-    ``top_p`` keeps the smallest prefix of the sorted distribution whose mass reaches ``top_p``.
+    ``temperature`` 0 means greedy (all mass on the first arg-max); ``top_k`` 0 means no
+    top-k, otherwise every token scoring at least the k-th highest is kept (ties included);
+    ``top_p`` < 1 drops, from the least likely up, the tokens whose cumulative mass (in
+    ascending order) is at most ``1 - top_p``, always keeping the most likely token.  These
+    are Hugging Face's rules computed the same way, so the kept sets agree with its warpers;
+    where a group of exactly tied tokens straddles the top-p cut, the ascending sort is
+    stable (lower ids are dropped first), which is what HF's sort does whenever it is stable.
     """
     device = logprobs.device
-    temperature = temperature.to(device=device, dtype=logprobs.dtype)
-    greedy = temperature == 0
-    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
-    out = torch.log_softmax(logprobs / safe_t[:, None], dim=-1)
+    n_vocab = logprobs.shape[-1]
+    # Per-row parameters are read on the CPU (no device round trips for the decisions).
+    t = temperature.detach().to(device="cpu", dtype=torch.float64)
+    k = top_k.detach().to(device="cpu", dtype=torch.long)
+    p = top_p.detach().to(device="cpu", dtype=torch.float64)
+    greedy = t == 0
+    scaled = ~greedy & (t != 1)
+    need_k = (k > 0) & (k < n_vocab) & ~greedy
+    need_p = (p < 1.0) & ~greedy
+    scores = logprobs
+    if bool(scaled.any()):  # HF adds no temperature warper at 1
+        scores = _divide(scores, torch.where(scaled, t, torch.ones_like(t)))
+    if bool(need_k.any()):
+        k = torch.where(need_k, k, torch.ones_like(k))
+        kmax = int(k.max())
+        if kmax * 8 < n_vocab:
+            best = torch.topk(scores, kmax, dim=-1).values
+        else:
+            best = torch.sort(scores, dim=-1, descending=True).values
+        kth = best.gather(1, (k - 1).to(device)[:, None])
+        remove = (scores < kth) & need_k.to(device)[:, None]
+        scores = scores.masked_fill(remove, float("-inf"))
+    if bool(need_p.any()):
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=False, stable=True)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        cut = (1.0 - p).to(device=device, dtype=scores.dtype)[:, None]
+        drop = (cumulative <= cut) & need_p.to(device)[:, None]
+        drop[:, -1] = False  # min_tokens_to_keep = 1
+        remove = torch.zeros_like(drop).scatter_(1, order, drop)
+        scores = scores.masked_fill(remove, float("-inf"))
+    out = torch.log_softmax(scores, dim=-1)
     if bool(greedy.any()):
         best = logprobs.argmax(dim=-1, keepdim=True)
         onehot = torch.full_like(out, float("-inf")).scatter_(1, best, 0.0)
-        out = torch.where(greedy[:, None], onehot, out)
-    top_k = top_k.to(device)
-    top_p = top_p.to(device=device, dtype=logprobs.dtype)
-    need_k = (top_k > 0) & (top_k < out.shape[-1])
-    need_p = top_p < 1.0
-    if not bool((need_k | need_p).any()):
-        return out
-    sorted_lp, order = torch.sort(out, dim=-1, descending=True, stable=True)
-    rank = torch.arange(out.shape[-1], device=device)[None, :]
-    k = torch.where(need_k, top_k, torch.full_like(top_k, out.shape[-1]))
-    keep = rank < k[:, None]
-    probs = torch.where(keep, sorted_lp.exp(), torch.zeros_like(sorted_lp))
-    probs = probs / probs.sum(dim=-1, keepdim=True)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    keep &= mass_before < top_p[:, None]
-    keep_orig = torch.zeros_like(keep).scatter_(1, order, keep)
-    return torch.log_softmax(out.masked_fill(~keep_orig, float("-inf")), dim=-1)
+        out = torch.where(greedy.to(device)[:, None], onehot, out)
+    return out
+
+
+def _divide(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """``scores / t`` row by row, rounded exactly as ``scores / t`` with a Python float ``t``
+    (HF's temperature warper): in the op's math type (float32 for float32 and bfloat16,
+    float64 for float64), on CUDA as a multiplication by the reciprocal."""
+    math_type = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    t = temperature.to(dtype=math_type)  # on the CPU
+    x = scores.to(math_type)
+    if scores.device.type == "cuda":
+        inverse = (torch.ones_like(t) / t).to(scores.device)
+        out = x * inverse[:, None]
+    else:
+        out = x / t.to(scores.device)[:, None]
+    return out.to(scores.dtype)
 
 
 def shape_rows(
@@ -66,12 +104,12 @@ def shape_rows(
     ``positions[i]`` from: eos masked below ``min_tokens``, then temperature, top-k, top-p."""
     early = [pos < d.min_tokens for d, pos in zip(dists, positions, strict=True)]
     if any(early):
+        # Like HF's min-new-tokens processor: eos is set to -inf, nothing renormalised until
+        # the warpers have run (process_logprobs normalises at the end).
         rows = torch.tensor(early, device=logprobs.device)
         eos = torch.zeros(logprobs.shape[-1], dtype=torch.bool, device=logprobs.device)
         eos[eos_id] = True
-        logprobs = torch.log_softmax(
-            logprobs.masked_fill(rows[:, None] & eos[None, :], float("-inf")), dim=-1
-        )
+        logprobs = logprobs.masked_fill(rows[:, None] & eos[None, :], float("-inf"))
     n = len(dists)
     if all(d is dists[0] for d in dists):
         d = dists[0]
