@@ -36,8 +36,8 @@ from pyro.distributions import (
 
 from lmcascade.errors import SiteError
 from lmcascade.lm.run import LMRun
-from lmcascade.lm.scoring import logsumexp, path_log_prob, scoring_runs
 from lmcascade.lm.step import run_to_end
+from lmcascade.lm.text_score import text_log_prob
 from lmcascade.models.base import LanguageModel
 
 
@@ -170,13 +170,12 @@ class LM:
         return run.value  # type: ignore[return-value]
 
     def log_prob(self, text: str) -> float:
-        """Log-probability of generating exactly ``text`` (teacher forcing its tokens, plus the
-        probability of the ending event), batched over the ways a generation can end."""
+        """Log-probability of generating exactly ``text``: every way a generation can end
+        with it (eos, the length limit, each token path that ends on a stop string), scored
+        by teacher forcing in batched passes (:mod:`lmcascade.lm.text_score`)."""
         if not isinstance(text, str):
             raise SiteError(f"LM.log_prob needs a string, got {type(text).__name__}")
-        runs = scoring_runs(self, text)
-        run_to_end(runs, {})
-        return logsumexp([path_log_prob(r, text) for r in runs])
+        return text_log_prob(self, text)
 
     def __repr__(self) -> str:
         extra = "".join(

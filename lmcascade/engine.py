@@ -58,6 +58,7 @@ from lmcascade.errors import (
     ReplayDivergenceError,
 )
 from lmcascade.lm.step import Observer, step_runs
+from lmcascade.lm.text_score import score_texts
 from lmcascade.policy import Policy, rescore
 from lmcascade.program import EFFECT_TYPES, BoundProgram, Effect, send
 from lmcascade.requests import Pending
@@ -250,9 +251,11 @@ class Engine:
         """One decoding step for every LM run of ``particles``; finishes sites whose runs ended.
         Returns the particles that branched off (a sampler that gave a run several children)."""
         runs = [r for p in particles for r in p.waiting.runs]  # type: ignore[union-attr]
-        for r in runs:
-            if not r.done and r.forced is None:
-                self.generator(r.model.device)
+        for model in {id(r.model): r.model for r in runs if r.forced is None}.values():
+            self.generator(model.device)
+        texts = [t for p in particles for t in p.waiting.texts if t.log_prob is None]  # type: ignore[union-attr]
+        if texts:
+            score_texts(texts, self.stats)
         branches = step_runs(runs, self.generators, self.stats, self.sampler, self.observers)
         born: list[Particle] = []
         for p in particles:
@@ -263,7 +266,7 @@ class Engine:
                     born.append(p.clone(Pending([child], pending.finish, dict(pending.meta))))
         for p in [*particles, *born]:
             pending = p.waiting
-            if all(r.done for r in pending.runs):  # type: ignore[union-attr]
+            if pending.ready:  # type: ignore[union-attr]
                 p.waiting = None
                 p.resolved = pending.finish(pending.runs)  # type: ignore[union-attr]
         return born

@@ -2,8 +2,10 @@
 
 A site that needs a model — an LM sample being generated, an LM observe being scored, a
 replayed LM value being rescored — becomes a :class:`Pending` request holding
-:class:`~lmcascade.lm.LMRun` state machines; the engine steps every waiting run of the
-population together, and ``finish`` builds the site once they have all ended.
+:class:`~lmcascade.lm.LMRun` state machines and/or texts to score
+(:class:`~lmcascade.lm.text_score.TextScore`); the engine steps every waiting run of the
+population together and scores every waiting text in one batched call, and ``finish``
+builds the site once all are done.
 
 >>> import lmcascade as lc
 >>> from lmcascade.models import ToyLM
@@ -11,8 +13,8 @@ population together, and ``finish`` builds the site once they have all ended.
 >>> req = generation("x", lc.LM(lm, "a", max_tokens=1))
 >>> from lmcascade.lm.step import run_to_end
 >>> run_to_end(req.runs, {})
->>> site = req.finish(req.runs); site.name, site.value, round(site.log_prob, 4)
-('x', 'a', -0.6931)
+>>> site = req.finish(req.runs); site.name, site.value in {"", "a"}, round(site.log_prob, 4)
+('x', True, -0.6931)
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmcascade.lm.run import LMRun
-from lmcascade.lm.scoring import logsumexp, path_log_prob, scoring_runs
+from lmcascade.lm.scoring import path_log_prob
+from lmcascade.lm.text_score import TextScore
 from lmcascade.trace import Site
 
 
@@ -38,6 +41,12 @@ class Pending:
     runs: list[LMRun]
     finish: Callable[[list[LMRun]], Site]
     meta: dict = field(default_factory=dict)
+    texts: list[TextScore] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        """Whether every run has ended and every text has been scored."""
+        return all(r.done for r in self.runs) and all(t.log_prob is not None for t in self.texts)
 
 
 def lm_site(name: str, dist: Any, run: LMRun, proposal_log_prob: float | None = None) -> Site:
@@ -68,13 +77,12 @@ def text_score(
 ) -> Pending:
     """Scores ``text`` under LM ``dist`` (an observe, or a replayed value from elsewhere):
     the site's log-prob sums every way the generation can end with that text."""
-    runs = scoring_runs(dist, text)
+    request = TextScore(dist, text)
 
-    def finish(rs: list[LMRun]) -> Site:
-        lp = logsumexp([path_log_prob(r, text) for r in rs])
-        return Site(name, kind, text, lp, proposal_log_prob, dist=dist)
+    def finish(_: list[LMRun]) -> Site:
+        return Site(name, kind, text, request.log_prob, proposal_log_prob, dist=dist)
 
-    return Pending(runs, finish)
+    return Pending([], finish, texts=[request])
 
 
 def path_score(name: str, dist: Any, value: str, token_ids, proposal_log_prob: float) -> Pending:

@@ -72,7 +72,12 @@ class Site:
 
 
 class Trace:
-    """Ordered sites of one execution, with the running log-weight and the return value."""
+    """Ordered sites of one execution, with the running log-weight and the return value.
+
+    ``log_weight`` sums each site's importance weight (``log p - log q`` at samples, the
+    log-prob of observes, factors and conditions); ``log_joint`` sums ``log p`` of every
+    site but tool calls — the program's joint density of the trace, which MCMC compares.
+    """
 
     __slots__ = ("sites", "_index", "log_weight", "log_joint", "value", "done")
 
@@ -87,9 +92,11 @@ class Trace:
     def add(self, site: Site) -> None:
         """Appends ``site``; a name already in the trace is a :class:`DuplicateSiteError`."""
         if site.name in self._index:
+            base = site.name.rsplit("/", 1)[-1]
             raise DuplicateSiteError(
                 f"site {site.name!r} appears twice in one execution; site names must be unique. "
-                f'In a loop, use f"{site.name}{{i}}" or the auto-index form "{site.name}[]"'
+                f'In a loop, use f"{base}{{i}}" or the auto-index form "{base}[]"; to call a '
+                'sub-program twice, give each call a scope: with lc.scope("first"): ...'
             )
         self._index[site.name] = len(self.sites)
         self.sites.append(site)

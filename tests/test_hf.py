@@ -76,9 +76,12 @@ def test_teacher_forced_scoring_in_one_pass(lm):
             want = recompute(lm, ctx.ids + path[:j])
             assert (got[j] - want).abs().max().item() < 1e-4
     lm.pop_counters()
-    dist = lc.LM(lm, "Q:", max_tokens=4, stop=["d", "c:"])
-    assert dist.log_prob("ab") < 0  # the eos path and two stop paths, scored together
+    dist = lc.LM(lm, "Q:", max_tokens=4, stop=["d", "c"])
+    assert dist.log_prob("ab") < 0  # the eos path and both stops' endings, scored together
     assert lm.pop_counters()["forward_passes"] == 1
+    dist = lc.LM(lm, "Q:", max_tokens=4, stop=["d", "c:"])
+    assert dist.log_prob("ab") < 0
+    assert lm.pop_counters()["forward_passes"] == 2  # one more for the second token of "c:"
 
 
 def test_memory_budget_splits_and_loses_nothing():

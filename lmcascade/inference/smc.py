@@ -164,9 +164,9 @@ class SMCSchedule(Schedule):
             for p in to_step:
                 meta = p.waiting.meta
                 meta["released"] = True
-                run = p.waiting.runs[0]
-                meta["segment_tokens"] = len(run.tokens)
-                meta["segment_text"] = len(run.text)
+                run = p.waiting.runs[0] if p.waiting.runs else None
+                meta["segment_tokens"] = len(run.tokens) if run else 0
+                meta["segment_text"] = len(run.text) if run else 0
         self._fresh = {}
         return particles, to_step
 

@@ -14,28 +14,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmcascade.errors import SiteError
 from lmcascade.lm.scoring import call_model
 from lmcascade.lm.shaping import shape_rows
 
 if TYPE_CHECKING:
     from lmcascade.lm.run import LMRun
-    from lmcascade.samplers.base import Choice
 
 
 def expert_increments(
-    runs: Sequence[LMRun], choices: Sequence[Sequence[Choice]], stats: dict | None
-) -> list[list[float]] | None:
-    """For runs steered by another LM: that LM's log-probability of each choice's token
-    (``[run][choice]``; 0 for runs without one); None when no run has one."""
-    steered = [i for i, r in enumerate(runs) if r.expert is not None and choices[i]]
-    if not steered:
-        return None
-    out = [[0.0] * len(c) for c in choices]
+    runs: Sequence[LMRun], tokens: Sequence[Sequence[int]], stats: dict | None
+) -> list[list[float]]:
+    """For runs steered by another LM: that LM's log-probability of each candidate next token
+    (``tokens[run]``, one per choice), as ``[run][choice]``; 0 for runs without one."""
+    steered = [i for i, r in enumerate(runs) if r.expert is not None and tokens[i]]
+    out = [[0.0] * len(t) for t in tokens]
     groups: dict[int, list[int]] = {}
     for i in steered:
-        if any(len(c.tokens) != 1 for c in choices[i]):
-            raise SiteError("an LM potential steers one token at a time; blocks are not supported")
         groups.setdefault(id(runs[i].dist.potential.model), []).append(i)
     for rows in groups.values():
         experts = [runs[i].dist.potential for i in rows]
@@ -44,6 +38,6 @@ def expert_increments(
         shaped = shape_rows(logprobs, experts, [len(runs[i].tokens) for i in rows], model.eos_id)
         cpu = shaped.to(torch.float64)
         for n, i in enumerate(rows):
-            ids = torch.tensor([c.tokens[0] for c in choices[i]], device=cpu.device)
+            ids = torch.tensor(list(tokens[i]), device=cpu.device)
             out[i] = cpu[n].gather(0, ids).cpu().tolist()
     return out

@@ -1,12 +1,14 @@
-"""Scoring texts and token paths under an LM distribution by teacher forcing.
+"""Teacher-forced scoring of token paths (forced runs), one batched pass per model.
+
+Scoring a *text* — every path that can produce it — is :mod:`lmcascade.lm.text_score`.
 
 >>> import lmcascade as lc
 >>> from lmcascade.models import ToyLM
 >>> lm = ToyLM(["a", "<eos>"], lambda ctx: [0.0, 0.0])
->>> runs = scoring_runs(lc.LM(lm, "a", max_tokens=1), "a")
->>> score_forced(runs)
->>> round(logsumexp([path_log_prob(r, "a") for r in runs]), 4)  # "a" then the length limit
--0.6931
+>>> run = LMRun(lc.LM(lm, "a", max_tokens=2), forced=[0, 1])   # "a", then eos
+>>> score_forced([run])
+>>> run.value, round(path_log_prob(run, "a"), 4)
+('a', -1.3863)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from lmcascade.lm.run import LMRun
 from lmcascade.lm.shaping import shape_rows
 
 if TYPE_CHECKING:
-    from lmcascade.distributions import LM
+    pass
 
 
 def by_model(runs: Sequence[LMRun]) -> list[list[LMRun]]:
@@ -81,18 +83,6 @@ def score_forced(runs: Sequence[LMRun], stats: dict | None = None) -> None:
                 run.fail()
 
 
-def scoring_runs(dist: LM, text: str) -> list[LMRun]:
-    """Forced runs for every way a generation can end with value ``text``.
-
-    The alternatives are disjoint token paths: the text's tokens then eos, then each stop
-    string's tokens, or the text's tokens alone when they reach ``max_tokens``.
-    """
-    ids = dist.model.encode(text)
-    paths = [ids + [dist.model.eos_id], ids]
-    paths += [ids + dist.model.encode(s) for s in dist.stop]
-    return [LMRun(dist, forced=p) for p in paths]
-
-
 def path_log_prob(run: LMRun, expected_value: str | None = None) -> float:
     """Log-probability of a finished forced run: its token path, if it ends exactly there.
 
@@ -106,12 +96,3 @@ def path_log_prob(run: LMRun, expected_value: str | None = None) -> float:
     if expected_value is not None and run.value != expected_value:
         return -math.inf
     return run.log_prob
-
-
-def logsumexp(values: Sequence[float]) -> float:
-    """Stable log(sum(exp(values))) of plain floats (``-inf`` for none)."""
-    finite = [v for v in values if v != -math.inf]
-    if not finite:
-        return -math.inf
-    m = max(finite)
-    return m + math.log(sum(math.exp(v - m) for v in finite))

@@ -26,12 +26,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from lmcascade.errors import SiteError
 from lmcascade.lm.potentials import expert_increments
 from lmcascade.lm.run import LMRun
 from lmcascade.lm.scoring import by_model, call_model, score_forced
 from lmcascade.lm.shaping import shape_rows
 from lmcascade.samplers import ANCESTRAL
-from lmcascade.samplers.base import Choice, Rows, TokenSampler
+from lmcascade.samplers.base import Chosen, Draws, Rows, TokenSampler
 
 Observer = Callable[[Rows], None]
 
@@ -84,32 +85,53 @@ def distributions(
     return out
 
 
-def feed(rows: Rows, choices: list[list[Choice]], stats: dict | None) -> dict[LMRun, list[LMRun]]:
+def feed(rows: Rows, chosen: Chosen, stats: dict | None) -> dict[LMRun, list[LMRun]]:
     """Phase 3: each run takes its first choice; further choices continue on forks of the run
     (returned as ``run -> [extra runs]``)."""
-    firsts = [c[0].tokens[0] if c else rows.runs[i].model.eos_id for i, c in enumerate(choices)]
-    increments = expert_increments(rows.runs, choices, stats)
+    runs = rows.runs
+    eos_id = runs[0].model.eos_id
+    if isinstance(chosen, Draws):  # one token per run: the hot path
+        if any(r.expert is not None for r in runs):
+            twists = expert_increments(runs, [[t] for t in chosen.tokens], stats)
+            for run, inc in zip(runs, twists, strict=True):
+                run.twist += inc[0]
+        for run, tok, lp, lq in zip(runs, chosen.tokens, chosen.log_ps, chosen.log_qs, strict=True):
+            run.feed(tok, lp, lq)
+        count(stats, len(runs), chosen.tokens.count(eos_id))
+        return {}
+    if any(r.expert is not None for r in runs):
+        if any(
+            len(c.tokens) > 1 for r, cs in zip(runs, chosen, strict=True) if r.expert for c in cs
+        ):
+            raise SiteError("an LM potential steers one token at a time, not blocks of tokens")
+        twists = expert_increments(runs, [[c.tokens[0] for c in cs] for cs in chosen], stats)
+    else:
+        twists = None
     branches: dict[LMRun, list[LMRun]] = {}
     generated = eos = 0
-    eos_id = rows.runs[0].model.eos_id
-    for i, run in enumerate(rows.runs):
-        options = choices[i]
+    for i, run in enumerate(runs):
+        options = chosen[i]
         if not options:  # nothing possible: the site has probability zero here
-            run.feed(firsts[i], float("-inf"))
+            run.feed(eos_id, float("-inf"))
             continue
         extra = [run.branch(run.model.fork(run.ctx)) for _ in options[1:]]
         for j, (target, choice) in enumerate(zip([run, *extra], options, strict=True)):
-            if increments is not None:
-                target.twist += increments[i][j]
+            if twists is not None:
+                target.twist += twists[i][j]
             target.feed_block(choice.tokens, choice.log_ps, choice.log_qs)
             generated += len(choice.tokens)
             eos += choice.tokens.count(eos_id)
         if extra:
             branches[run] = extra
+    count(stats, generated, eos)
+    return branches
+
+
+def count(stats: dict | None, generated: int, eos: int) -> None:
+    """Adds generated-token counts to ``stats``."""
     if stats is not None:
         stats["tokens_generated"] = stats.get("tokens_generated", 0) + generated
         stats["eos_generated"] = stats.get("eos_generated", 0) + eos
-    return branches
 
 
 def step_runs(

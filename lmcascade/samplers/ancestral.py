@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from lmcascade.samplers.awrs import awrs_rows, by_rejection
-from lmcascade.samplers.base import Choice, Rows, TokenSampler
+from lmcascade.samplers.base import Draws, Rows, TokenSampler
 
 
 def draw(logprobs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -38,7 +38,7 @@ def draw(logprobs: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 class Ancestral(TokenSampler):
     """One token per run drawn from ``q`` (the constraint-masked distribution)."""
 
-    def choose(self, rows: Rows) -> list[list[Choice]]:
+    def choose(self, rows: Rows) -> Draws:
         tokens = draw(rows.q, rows.generator)
         chosen_p = rows.p.gather(1, tokens[:, None]).squeeze(1)
         chosen_q = rows.q.gather(1, tokens[:, None]).squeeze(1)
@@ -52,4 +52,4 @@ class Ancestral(TokenSampler):
         if rejection:
             for i, (tok, lp, lq) in awrs_rows(rows, rejection).items():
                 ids[i], lps[i], lqs[i] = tok, lp, lq
-        return [[Choice([int(t)], [lp], [lq])] for t, lp, lq in zip(ids, lps, lqs, strict=True)]
+        return Draws([int(t) for t in ids], lps, lqs)

@@ -3,7 +3,8 @@
 A sampler sees the :class:`Rows` of one model — every waiting run with its
 next-token distribution ``p`` and the constraint-masked ``q`` — and returns, per run, a list
 of :class:`Choice`: one (a draw), several (children to branch into), or none
-(nothing is possible).  A choice may hold several tokens (a block).  Each token carries its
+(nothing is possible); a sampler that gives every run exactly one token returns the same as
+columns, :class:`Draws` (the fast path of the feed phase).  A choice may hold several tokens (a block).  Each token carries its
 log-probability under ``p`` (the site's distribution) and under ``q`` (what it was chosen
 from: the run's weight gets ``p - q``; 0 for a deterministic choice).
 """
@@ -44,11 +45,24 @@ class Choice:
     log_qs: list[float]
 
 
+@dataclass
+class Draws:
+    """The common case, columnar: exactly one token per run (``tokens[i]`` for run ``i``)."""
+
+    tokens: list[int]
+    log_ps: list[float]
+    log_qs: list[float]
+
+
+Chosen = Draws | list[list[Choice]]
+
+
 class TokenSampler:
     """Base class.  ``full_masks``: predicate constraints are evaluated on the whole
     vocabulary (exact enumeration needs that; rejection-based samplers do not)."""
 
     full_masks = False
 
-    def choose(self, rows: Rows) -> list[list[Choice]]:
+    def choose(self, rows: Rows) -> Chosen:
+        """Per run, its choices — or :class:`Draws` when every run gets one token."""
         raise NotImplementedError

@@ -20,20 +20,20 @@ import math
 
 import torch
 
-from lmcascade.samplers.base import Choice, Rows, TokenSampler
+from lmcascade.samplers.base import Choice, Draws, Rows, TokenSampler
 
 
 class Greedy(TokenSampler):
     """The most probable allowed token of every run (first index on a tie)."""
 
-    def choose(self, rows: Rows) -> list[list[Choice]]:
+    def choose(self, rows: Rows) -> Draws:
         tokens = rows.q.argmax(dim=-1)
         chosen = rows.p.gather(1, tokens[:, None]).squeeze(1)
         if rows.blocked is not None:
             chosen = torch.where(rows.blocked, float("-inf"), chosen)
         ids = tokens.cpu().tolist()
         lps = chosen.to(torch.float64).cpu().tolist()
-        return [[Choice([t], [lp], [0.0])] for t, lp in zip(ids, lps, strict=True)]
+        return Draws(ids, lps, [0.0] * len(ids))
 
 
 class AllChildren(TokenSampler):
