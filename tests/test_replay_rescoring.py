@@ -17,8 +17,8 @@ from lmcascade.engine import Engine, Particle
 from lmcascade.errors import ReplayDivergenceError
 from lmcascade.models import ToyLM
 from lmcascade.trace import Site
-from tests.programs import LM
-from tests.stats import tv_distance
+from programs import LM
+from stats import tv_distance
 
 INF = math.inf
 
