@@ -78,7 +78,7 @@ def seeded(seed: int) -> Iterator[None]:
     py_state = random.getstate()
     np_state = np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: no lazy CUDA seeding per run
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:
