@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from lmcascade.errors import ModelError
+
 
 @runtime_checkable
 class Tokenizer(Protocol):
@@ -37,8 +39,8 @@ class Context:
     """A handle to one token sequence (prompt, then generated tokens) owned by a model.
 
     ``ids`` is the full sequence; ``state`` is whatever the model keeps for it (a KV-cache row,
-    nothing at all for a toy model).  Append with :meth:`append`; fork and release through the
-    model, which knows what the state means.
+    nothing at all for a toy model).  Grow it with :meth:`append` or :meth:`extend`; fork,
+    crop and release through the model, which knows what the state means.
     """
 
     __slots__ = ("ids", "state")
@@ -51,6 +53,11 @@ class Context:
         """Record one more token; the model processes it on its next call."""
         self.ids.append(token_id)
 
+    def extend(self, token_ids: Sequence[int]) -> None:
+        """Record several more tokens; the model processes them on its next call (all of them
+        in one pass with :meth:`LanguageModel.block_logprobs`)."""
+        self.ids.extend(int(t) for t in token_ids)
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -58,11 +65,32 @@ class Context:
         return f"Context(len={len(self.ids)})"
 
 
+def block_counts(contexts: Sequence[Context], counts: int | Sequence[int]) -> list[int]:
+    """``counts`` of :meth:`LanguageModel.block_logprobs` as one int per context, checked."""
+    counts = [counts] * len(contexts) if isinstance(counts, int) else [int(m) for m in counts]
+    if len(counts) != len(contexts):
+        raise ModelError(f"{len(contexts)} contexts but {len(counts)} block counts")
+    for ctx, m in zip(contexts, counts, strict=True):
+        if not 0 <= m <= len(ctx.ids):
+            raise ModelError(
+                f"a block of {m} positions does not fit a context of {len(ctx.ids)} tokens"
+            )
+    return counts
+
+
+def check_crop(context: Context, length: int) -> bool:
+    """Whether cropping ``context`` to ``length`` ids removes any (negative is an error)."""
+    if length < 0:
+        raise ModelError(f"cannot crop a context to {length} tokens")
+    return length < len(context.ids)
+
+
 class LanguageModel(ABC):
     """Base class of every model: a tokenizer plus batched next-token log-probabilities.
 
     Subclasses implement :meth:`next_logprobs`; models with a cache also override
-    :meth:`open`, :meth:`fork`, :meth:`fork_many` and :meth:`release`.
+    :meth:`open`, :meth:`fork`, :meth:`fork_many`, :meth:`release`, :meth:`crop` and
+    :meth:`block_logprobs`.
     """
 
     name: str = "model"
@@ -121,6 +149,63 @@ class LanguageModel(ABC):
                 rows[i].append(row)
                 forks[i].append(paths[i][j])
         return [torch.stack(r) if r else torch.empty(0, self.vocab_size) for r in rows]
+
+    def block_logprobs(
+        self, contexts: Sequence[Context], counts: int | Sequence[int]
+    ) -> list[torch.Tensor]:
+        """Next-token log-probabilities at each of the last ``counts[i]`` positions of
+        ``contexts[i]`` (an int means the same count for every context).
+
+        Result ``i`` has shape ``[counts[i], vocab_size]``: with ``L = len(contexts[i])`` and
+        ``m = counts[i]``, row ``j`` is the distribution of the token after
+        ``ids[: L - m + j + 1]``, so the last row is what :meth:`next_logprobs` gives.  Any
+        ``0 <= m <= L`` is allowed, whatever the model has processed before: after
+        :meth:`Context.extend` with ``k`` drafted tokens, ``m = k`` scores the tokens after
+        each draft and ``m = k + 1`` the draft's first token too.  The contexts are then
+        ready for one-token steps.
+
+        This default steps position by position, batched across contexts; models with a cache
+        (transformers) do it in one forward pass.
+
+        >>> from lmcascade.models import ToyLM
+        >>> lm = ToyLM(["a", "b", "<eos>"], lambda ids: [float(len(ids)), 0.0, 0.0])
+        >>> ctx = lm.open(lm.encode("ab"))
+        >>> ctx.extend(lm.encode("ba"))              # ids: a b b a
+        >>> rows = lm.block_logprobs([ctx], 3)[0]    # after "ab", "abb", "abba"
+        >>> rows.shape
+        torch.Size([3, 3])
+        >>> bool(torch.equal(rows[-1], lm.next_logprobs([ctx])[0]))
+        True
+        >>> lm.crop(ctx, 3)                          # roll back to "abb"
+        >>> bool(torch.equal(lm.next_logprobs([ctx])[0], rows[1]))
+        True
+        """
+        counts = block_counts(contexts, counts)
+        forks = [
+            Context(ctx.ids[: len(ctx.ids) - m + 1])
+            for ctx, m in zip(contexts, counts, strict=True)
+        ]
+        rows: list[list[torch.Tensor]] = [[] for _ in contexts]
+        for j in range(max(counts, default=0)):
+            active = [i for i, m in enumerate(counts) if j < m]
+            out = self.next_logprobs([forks[i] for i in active])
+            for i, row in zip(active, out, strict=True):
+                rows[i].append(row)
+                if j + 1 < counts[i]:
+                    forks[i].append(contexts[i].ids[len(contexts[i].ids) - counts[i] + j + 1])
+        return [torch.stack(r) if r else torch.empty(0, self.vocab_size) for r in rows]
+
+    def crop(self, context: Context, length: int) -> None:
+        """Roll ``context`` back to its first ``length`` ids (a no-op when it has no more).
+
+        Nothing is recomputed: the next call continues from the shorter sequence exactly as a
+        fresh context with those ids would.  Forks of the context are unaffected.  This
+        default truncates the ids and drops the model state (models with a cache keep the
+        part of it that is still valid).
+        """
+        if check_crop(context, length):
+            context.ids = context.ids[:length]
+            context.state = None
 
     def token_bytes(self) -> list[bytes | None]:
         """Each token's bytes as it appears in text (None for special tokens such as eos);

@@ -7,6 +7,13 @@ contexts is computed once; a prompt that extends something computed earlier (an 
 site's context, say) only computes its new tokens.  Forking a context shares its cache row;
 the next step gathers rows by index in one operation per layer.  Nothing is deep-copied.
 
+Keys and values live in buffers with spare columns: a step that continues a batch writes its
+new column into the buffer in place (transformers' cache layers are given a layer that
+writes there instead of concatenating), so a long context does not copy its whole cache per
+token.  :meth:`~TransformersLM.block_logprobs` feeds several tokens per context in one pass
+(speculative decoding), and :meth:`~TransformersLM.crop` rolls a context back without
+recomputing or copying anything.
+
 >>> from lmcascade.models.hf import TransformersLM  # doctest: +SKIP
 >>> lm = TransformersLM.from_pretrained("path/to/model")  # doctest: +SKIP
 """
@@ -14,6 +21,7 @@ the next step gathers rows by index in one operation per layer.  Nothing is deep
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from collections.abc import Iterator, Sequence
@@ -23,8 +31,8 @@ from typing import Any
 import torch
 
 from lmcascade.errors import ModelError
-from lmcascade.models.base import Context, LanguageModel
-from lmcascade.models.kv import KVBatch, Layers, PrefixIndex, gather, stack_prefixes
+from lmcascade.models.base import Context, LanguageModel, block_counts, check_crop
+from lmcascade.models.kv import Extension, KVBatch, PrefixIndex, gather, stack_prefixes
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -118,9 +126,55 @@ class HFTokenizer:
         return len(self.hf)
 
 
+def _buffer_support(config: Any) -> tuple[int, bool]:
+    """Layer count, and whether every cache layer is a plain growing one (so that the
+    buffered cache, which writes into preallocated columns, can stand in for it)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        layers = DynamicCache(config=config).layers
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return 0, False
+    return len(layers), bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+@functools.cache
+def _buffer_cache_type() -> type:
+    """A transformers ``Cache`` whose layers write new keys/values into the buffers of a
+    :class:`~lmcascade.models.kv.Extension` instead of concatenating them onto the past."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        def __init__(self, grow: Extension, index: int) -> None:
+            super().__init__()
+            self.grow, self.index = grow, index
+            past = grow.past_layer(index)
+            if past is not None:
+                self.keys, self.values = past
+                self.device = past[0].device
+                self.is_initialized = True
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            self.device = key_states.device
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.keys, self.values = self.grow.write(self.index, key_states, value_states)
+            self.is_initialized = True
+            return self.keys, self.values
+
+    class BufferCache(Cache):
+        def __init__(self, grow: Extension, layers: int) -> None:
+            super().__init__(layers=[BufferLayer(grow, i) for i in range(layers)])
+
+    return BufferCache
+
+
 @dataclass(frozen=True, slots=True)
 class Place:
-    """Where a context's cached tokens live: row ``row`` of ``batch``, ``n`` tokens."""
+    """Where a context's cached tokens live: the first ``n`` real tokens of row ``row`` of
+    ``batch`` (the row may hold more, after a crop; a step masks them out)."""
 
     batch: KVBatch
     row: int
@@ -162,6 +216,7 @@ class TransformersLM(LanguageModel):
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
+        self._layer_count, self._buffered = _buffer_support(self.config)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> TransformersLM:
@@ -235,39 +290,94 @@ class TransformersLM(LanguageModel):
 
     def next_logprobs(self, contexts: Sequence[Context]) -> torch.Tensor:
         out = torch.empty(len(contexts), self._vocab, device=self.device_, dtype=torch.float32)
-        decode, prefill = [], []
-        for i, ctx in enumerate(contexts):
-            if not ctx.ids:
-                raise ModelError("a context needs at least one token; give the LM a prompt")
-            place = ctx.state
-            ready = isinstance(place, Place) and place.n == len(ctx.ids) - 1
-            (decode if ready else prefill).append(i)
-        with torch.inference_mode():
-            if prefill:
-                out[prefill] = self._split_on_oom(self._prefill, [contexts[i] for i in prefill])
-            if decode:
-                out[decode] = self._split_on_oom(self._decode, [contexts[i] for i in decode])
+        for index, logits in self._run(contexts, [1] * len(contexts)):
+            out[index] = logits[:, -1]
         return torch.log_softmax(out, dim=-1)
+
+    def block_logprobs(
+        self, contexts: Sequence[Context], counts: int | Sequence[int]
+    ) -> list[torch.Tensor]:
+        """The last ``counts[i]`` positions of every context in one forward pass (see
+        :meth:`LanguageModel.block_logprobs`).
+
+        Each context reuses its own cache (or, fresh, the prefix index) and feeds only the
+        tokens it needs; blocks of different lengths are right-aligned, padding masked.
+        Afterwards every context's cache holds all its ids, so the next :meth:`next_logprobs`
+        after an :meth:`~Context.append` is a one-token step.
+        """
+        counts = block_counts(contexts, counts)
+        out = [torch.empty(0, self._vocab, device=self.device_) for _ in contexts]
+        for index, logits in self._run(contexts, counts):
+            logprobs = torch.log_softmax(logits, dim=-1)
+            width = logprobs.shape[1]
+            for r, i in enumerate(index):
+                out[i] = logprobs[r, width - counts[i] :]
+        return out
+
+    def crop(self, context: Context, length: int) -> None:
+        """Keeps the first ``length`` ids.  Nothing is recomputed or copied: the context's
+        place keeps pointing at the same (shared) cache row with fewer tokens, and the next
+        step masks the dropped columns out.  Forks sharing the row are unaffected."""
+        if not check_crop(context, length):
+            return
+        context.ids = context.ids[:length]
+        place = context.state
+        if isinstance(place, Place) and place.n > length:
+            context.state = Place(place.batch, place.row, length) if length else None
 
     # -- steps ----------------------------------------------------------------------------------
 
-    def _split_on_oom(self, step, ctxs: list[Context]) -> torch.Tensor:
+    def _run(
+        self, contexts: Sequence[Context], counts: Sequence[int]
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """Logits of the last ``counts[i]`` positions of every context, in at most two forward
+        passes: contexts with a cache row continue it; the others are prefilled (identical
+        ones once, reusing the prefix index).  Returns ``(indices, logits)`` groups: row ``r``
+        of ``logits`` (``[rows, k, vocab]``) belongs to ``contexts[indices[r]]``, whose
+        positions are its last ``counts[indices[r]]`` ones."""
+        advance: list[int] = []
+        prefill: list[int] = []
+        starts: dict[int, int] = {}
+        for i, (ctx, m) in enumerate(zip(contexts, counts, strict=True)):
+            if m == 0:
+                continue
+            if not ctx.ids:
+                raise ModelError("a context needs at least one token; give the LM a prompt")
+            place = ctx.state
+            start = min(place.n, len(ctx.ids) - m) if isinstance(place, Place) else 0
+            if start > 0:
+                starts[i] = start
+                advance.append(i)
+            else:
+                prefill.append(i)
+        groups = []
+        with torch.inference_mode():
+            if prefill:
+                items = [(contexts[i], counts[i], 0) for i in prefill]
+                groups.append((prefill, self._split_on_oom(self._prefill, items)))
+            if advance:
+                items = [(contexts[i], counts[i], starts[i]) for i in advance]
+                groups.append((advance, self._split_on_oom(self._advance, items)))
+        return groups
+
+    def _split_on_oom(self, step, items: list) -> torch.Tensor:
         try:
-            return step(ctxs)
+            return step(items)
         except torch.OutOfMemoryError as err:
-            if len(ctxs) == 1:
+            if len(items) == 1:
                 raise ModelError(
                     f"model {self.name!r} ran out of memory on a single sequence of "
-                    f"{len(ctxs[0].ids)} tokens; use a smaller model, dtype='bf16', or shorter "
-                    "prompts"
+                    f"{len(items[0][0].ids)} tokens; use a smaller model, dtype='bf16', or "
+                    "shorter prompts"
                 ) from err
             if self.device_.type == "cuda":
                 torch.cuda.empty_cache()
             self._count("oom_splits")
-            half = len(ctxs) // 2
-            return torch.cat(
-                [self._split_on_oom(step, ctxs[:half]), self._split_on_oom(step, ctxs[half:])]
-            )
+            half = len(items) // 2
+            parts = [self._split_on_oom(step, items[:half]), self._split_on_oom(step, items[half:])]
+            width = max(p.shape[1] for p in parts)  # right-aligned: pad on the left
+            parts = [torch.nn.functional.pad(p, (0, 0, width - p.shape[1], 0)) for p in parts]
+            return torch.cat(parts)
 
     def _check_budget(self, rows: int, width: int) -> None:
         if self.memory_budget is None or rows == 1:
@@ -280,34 +390,55 @@ class TransformersLM(LanguageModel):
         if 2 * rows * width * per_token > self.memory_budget:
             raise torch.OutOfMemoryError("step over memory_budget_gb")
 
-    def _decode(self, ctxs: list[Context]) -> torch.Tensor:
-        places = [ctx.state for ctx in ctxs]
-        past = gather([(p.batch, p.row) for p in places])
-        self._check_budget(len(ctxs), past.width + 1)
-        ids = torch.tensor([[ctx.ids[-1]] for ctx in ctxs], device=self.device_)
-        mask = torch.cat([past.mask, past.mask.new_ones(len(ctxs), 1)], dim=1)
-        positions = torch.tensor([[p.n] for p in places], device=self.device_)
-        logits, layers = self._forward(ids, mask, positions, past.layers)
-        batch = KVBatch(layers, mask)
-        for row, (ctx, p) in enumerate(zip(ctxs, places, strict=True)):
-            ctx.state = Place(batch, row, p.n + 1)
-        self._count("decode_tokens", len(ctxs))
-        return logits[:, -1]
+    def _advance(self, items: list[tuple[Context, int, int]]) -> torch.Tensor:
+        """Continues each context's own cache row: feeds ``ids[start:]`` (right-aligned,
+        ragged blocks left-padded) on top of its first ``start`` cached tokens."""
+        places = [(ctx.state.batch, ctx.state.row, start) for ctx, _, start in items]
+        sizes = [len(ctx.ids) - start for ctx, _, start in items]
+        width = max(sizes)
+        past = gather(places, room=width)
+        self._check_budget(len(items), past.width + width)
+        if width == 1:
+            ids = torch.tensor([[ctx.ids[-1]] for ctx, _, _ in items], device=self.device_)
+            positions = torch.tensor([[start] for _, _, start in items], device=self.device_)
+        else:
+            eos, rows, pos = self.tokenizer.eos_id, [], []
+            for (ctx, _, start), size in zip(items, sizes, strict=True):
+                rows.append([eos] * (width - size) + ctx.ids[start:])
+                pos.append([0] * (width - size) + list(range(start, start + size)))
+            ids = torch.tensor(rows, device=self.device_)
+            positions = torch.tensor(pos, device=self.device_)
+        real = None
+        if any(s < width for s in sizes):
+            real = torch.tensor([[0] * (width - s) + [1] * s for s in sizes], device=self.device_)
+        new = real if real is not None else past.mask.new_ones(len(items), width)
+        mask = torch.cat([past.mask, new], dim=1)
+        counts = [len(ctx.ids) for ctx, _, _ in items]
+        keep = max(m for _, m, _ in items)
+        logits, batch = self._forward(ids, mask, positions, past, counts, real, keep=keep)
+        for row, (ctx, _, _) in enumerate(items):
+            ctx.state = Place(batch, row, len(ctx.ids))
+        self._count("decode_tokens", sum(sizes))
+        return logits
 
-    def _prefill(self, ctxs: list[Context]) -> torch.Tensor:
-        groups: dict[tuple[int, ...], list[Context]] = {}
-        for ctx in ctxs:
-            groups.setdefault(tuple(ctx.ids), []).append(ctx)
+    def _prefill(self, items: list[tuple[Context, int, int]]) -> torch.Tensor:
+        groups: dict[tuple[int, ...], list[tuple[Context, int]]] = {}
+        for ctx, m, _ in items:
+            groups.setdefault(tuple(ctx.ids), []).append((ctx, m))
         keys = list(groups)
-        owns = [groups[key][0].state for key in keys]
-        logits, batch = self._extend(keys, [1] * len(keys), owns)
+        keep = [max(m for _, m in groups[key]) for key in keys]
+        owns = [
+            next((c.state for c, _ in groups[key] if isinstance(c.state, Place)), None)
+            for key in keys
+        ]
+        logits, batch = self._extend(keys, keep, owns)
         row_of: dict[int, int] = {}
         for r, key in enumerate(keys):
-            for ctx in groups[key]:
+            for ctx, _ in groups[key]:
                 ctx.state = Place(batch, r, len(key))
                 row_of[id(ctx)] = r
-        index = torch.tensor([row_of[id(ctx)] for ctx in ctxs], device=self.device_)
-        return logits[:, -1].index_select(0, index)
+        index = torch.tensor([row_of[id(ctx)] for ctx, _, _ in items], device=self.device_)
+        return logits.index_select(0, index)
 
     def _extend(
         self, keys: list[tuple[int, ...]], keep: list[int], owns: list[Any] | None = None
@@ -318,20 +449,20 @@ class TransformersLM(LanguageModel):
         ``keep[r]`` are meaningful) and the new cache batch, whose rows are offered to the
         prefix index.
         """
-        prefixes: list[Layers | None] = []
+        places: list[tuple[KVBatch, int, int] | None] = []
         reused: list[int] = []
         for r, key in enumerate(keys):
             limit = len(key) - keep[r]  # those positions' logits must be computed
             k, place = self.prefix_index.longest(key[:limit])
             own = owns[r] if owns else None
-            if isinstance(own, Place) and k < own.n <= limit:
-                k, place = own.n, (own.batch, own.row)
-            prefixes.append(place[0].prefix(place[1], k) if k else None)
+            if isinstance(own, Place) and min(own.n, limit) > k:
+                k, place = min(own.n, limit), (own.batch, own.row)
+            places.append((place[0], place[1], k) if k else None)
             reused.append(k)
         self._check_budget(len(keys), max(len(k) for k in keys))
-        past = stack_prefixes(prefixes, reused, self.device_)
         suffix_len = [len(key) - k for key, k in zip(keys, reused, strict=True)]
         width = max(suffix_len)
+        past = stack_prefixes(places, width, self.device_)
         ids = torch.full((len(keys), width), self.tokenizer.eos_id, dtype=torch.long)
         smask = torch.zeros(len(keys), width, dtype=torch.long)
         positions = torch.zeros(len(keys), width, dtype=torch.long)
@@ -341,12 +472,9 @@ class TransformersLM(LanguageModel):
             positions[r, width - s :] = torch.arange(k, k + s)
         ids, smask, positions = (t.to(self.device_) for t in (ids, smask, positions))
         mask = smask if past is None else torch.cat([past.mask, smask], dim=1)
-        logits, layers = self._forward(
-            ids, mask, positions, past.layers if past else None, keep=max(keep)
-        )
-        real = mask.bool()[:, None, :, None]  # padding keys/values zeroed: never NaN
-        layers = [(k.masked_fill(~real, 0), v.masked_fill(~real, 0)) for k, v in layers]
-        batch = KVBatch(layers, mask)
+        real = smask if any(s < width for s in suffix_len) else None
+        counts = [len(key) for key in keys]
+        logits, batch = self._forward(ids, mask, positions, past, counts, real, keep=max(keep))
         for r, key in enumerate(keys):
             self.prefix_index.insert(key, batch, r)
         self._count("prefill_tokens", sum(suffix_len))
@@ -357,7 +485,8 @@ class TransformersLM(LanguageModel):
         self, contexts: Sequence[Context], paths: Sequence[Sequence[int]]
     ) -> list[torch.Tensor]:
         """Teacher forcing in one batched pass: row ``j`` of result ``i`` is the next-token
-        distribution after ``contexts[i]`` followed by ``paths[i][:j]``."""
+        distribution after ``contexts[i]`` followed by ``paths[i][:j]``.  The contexts are
+        not changed (their caches and the prefix index are read)."""
         if any(not ctx.ids for ctx in contexts):
             raise ModelError("a context needs at least one token; give the LM a prompt")
         keys = [
@@ -365,25 +494,42 @@ class TransformersLM(LanguageModel):
         ]
         keep = [len(path) for path in paths]
         with torch.inference_mode():
-            logits, _ = self._extend(keys, keep)
+            logits, _ = self._extend(keys, keep, [ctx.state for ctx in contexts])
             logprobs = torch.log_softmax(logits, dim=-1)
         width = logits.shape[1]
         return [logprobs[r, width - n :] for r, n in enumerate(keep)]
 
-    def _forward(self, ids, mask, positions, past: Layers | None, keep: int = 1):
-        from transformers import DynamicCache
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        past: KVBatch | None,
+        counts: list[int],
+        real: torch.Tensor | None,
+        keep: int = 1,
+    ) -> tuple[torch.Tensor, KVBatch]:
+        """One forward pass of ``ids`` on top of ``past``; returns the logits of the last
+        ``keep`` positions and the batch of all rows' keys/values (``counts`` real tokens
+        each; ``real`` marks the new columns that are not padding, None when all are)."""
+        kwargs: dict[str, Any] = {}
+        if self._buffered:
+            grow = Extension(past, ids.shape[1])
+            cache: Any = _buffer_cache_type()(grow, self._layer_count)
+        else:
+            from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.config)
-        if past is not None:
-            for layer, (k, v) in zip(cache.layers, past, strict=True):
-                layer.lazy_initialization(k, v)
-                layer.keys, layer.values = k, v
-        kwargs: dict[str, Any] = {self._cache_kw: cache}
+            cache = DynamicCache(config=self.config)
+            if past is not None:
+                for layer, (k, v) in zip(cache.layers, past.layers, strict=True):
+                    layer.lazy_initialization(k, v)
+                    layer.keys, layer.values = k, v
+        kwargs[self._cache_kw] = cache
         if self._keep_kw:
             kwargs[self._keep_kw] = keep
         # Without padding the mask is plain causal: leaving it out lets attention take its
         # fast causal path instead of materialising a mask.
-        dense = bool(mask.all())
+        dense = real is None and (past is None or past.dense)
         out = self.hf(
             input_ids=ids,
             attention_mask=None if dense else mask,
@@ -392,9 +538,19 @@ class TransformersLM(LanguageModel):
             **kwargs,
         )
         self._count("forward_passes")
-        new = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
+        logits = out.logits[:, -keep:, :].float()
+        if self._buffered:
+            if real is not None:  # padding keys/values zeroed: never NaN
+                grow.zero_new(real)
+            return logits, grow.batch(mask, counts)
+        new = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         layers = [(layer.keys, layer.values) for layer in new.layers]
-        return out.logits[:, -keep:, :].float(), layers
+        if not dense:
+            keep_real = mask.bool()[:, None, :, None]
+            layers = [
+                (k.masked_fill(~keep_real, 0), v.masked_fill(~keep_real, 0)) for k, v in layers
+            ]
+        return logits, KVBatch(layers, mask, counts)
 
     def _count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
