@@ -56,6 +56,7 @@ from lmcascade.errors import (
     LMCascadeError,
     ProgramError,
     ReplayDivergenceError,
+    TooManyTracesError,
 )
 from lmcascade.lm.step import Observer, step_runs
 from lmcascade.lm.text_score import score_texts
@@ -134,7 +135,10 @@ class Particle:
             twin.waiting = waiting
         elif self.waiting is not None:
             runs = [r.branch(r.model.fork(r.ctx)) for r in self.waiting.runs]
-            twin.waiting = Pending(runs, self.waiting.finish, dict(self.waiting.meta))
+            # texts being scored are shared: the score is the same for both
+            twin.waiting = Pending(
+                runs, self.waiting.finish, dict(self.waiting.meta), list(self.waiting.texts)
+            )
         return twin
 
     def release(self) -> None:
@@ -187,7 +191,8 @@ class Engine:
     ``policy`` resolves new sites, ``sampler`` chooses tokens (ancestral by default);
     ``seed`` seeds the token draws (one ``torch.Generator`` per device); ``stop_dead`` ends a
     particle as soon as its weight is zero; ``max_sites`` stops a runaway program;
-    ``observers`` see each step's distributions (:class:`~lmcascade.lm.step.Rows`).
+    ``max_particles`` bounds the live population when sites branch (enumeration).  Functions
+    appended to ``observers`` see each step's distributions (:class:`~lmcascade.lm.step.Rows`).
     """
 
     def __init__(
@@ -198,12 +203,14 @@ class Engine:
         seed: int | None = None,
         stop_dead: bool = True,
         max_sites: int = 10_000,
+        max_particles: int | None = None,
     ) -> None:
         self.policy = policy or Policy()
         self.sampler = sampler or ANCESTRAL
         self.seed = seed
         self.stop_dead = stop_dead
         self.max_sites = max_sites
+        self.max_particles = max_particles
         self.generators: dict[torch.device, torch.Generator] = {}
         self.observers: list[Observer] = []
         self.stats: dict[str, Any] = {"model_calls": 0, "tokens_generated": 0, "tokens_scored": 0}
@@ -241,9 +248,19 @@ class Engine:
         particles that branch off on the way."""
         out: list[Particle] = []
         queue = deque(particles)
+        live = sum(not p.dead for p in particles)
         while queue:
             p = queue.popleft()
-            queue.extend(self.advance(p))
+            born = self.advance(p)
+            if born and self.max_particles is not None:
+                live += len(born)
+                if live > self.max_particles:
+                    name = born[0].resolved.name if born[0].resolved else "?"
+                    raise TooManyTracesError(
+                        f"more than {self.max_particles} traces when site {name!r} branched; "
+                        "raise max_traces or shrink the program's choices"
+                    )
+            queue.extend(born)
             out.append(p)
         return out
 
@@ -253,9 +270,9 @@ class Engine:
         runs = [r for p in particles for r in p.waiting.runs]  # type: ignore[union-attr]
         for model in {id(r.model): r.model for r in runs if r.forced is None}.values():
             self.generator(model.device)
-        texts = [t for p in particles for t in p.waiting.texts if t.log_prob is None]  # type: ignore[union-attr]
+        texts = {id(t): t for p in particles for t in p.waiting.texts if t.log_prob is None}  # type: ignore[union-attr]
         if texts:
-            score_texts(texts, self.stats)
+            score_texts(list(texts.values()), self.stats)
         branches = step_runs(runs, self.generators, self.stats, self.sampler, self.observers)
         born: list[Particle] = []
         for p in particles:

@@ -26,7 +26,7 @@ import math
 from typing import Any
 
 from lmcascade.distributions import draw_value, is_lm, score
-from lmcascade.errors import SiteError
+from lmcascade.errors import SiteError, TokenizationError
 from lmcascade.program import Call, Condition, Effect, Factor, Observe
 from lmcascade.requests import Pending, generation, path_score, text_score
 from lmcascade.trace import Site
@@ -42,7 +42,13 @@ class Policy:
         if isinstance(eff, Factor):
             return self.factor(eff, name)
         if isinstance(eff, Condition):
-            return Site(name, "condition", bool(eff.ok), 0.0 if eff.ok else -math.inf)
+            try:
+                ok = bool(eff.ok)
+            except (RuntimeError, TypeError, ValueError) as err:
+                raise SiteError(
+                    f"site {name!r}: condition needs a true/false value, got {eff.ok!r} ({err})"
+                ) from None
+            return Site(name, "condition", ok, 0.0 if ok else -math.inf)
         if isinstance(eff, Call):
             return self.call(eff, name)
         if isinstance(eff, Observe):
@@ -107,17 +113,34 @@ def rescore(eff: Effect, name: str, recorded: Site) -> Site | Pending | None:
     if recorded.log_prob == -math.inf:  # the recorded value was itself impossible
         return Site(name, "sample", value, -math.inf, 0.0, recorded.token_ids, dist)
     if not is_lm(dist):
+        if isinstance(value, str):
+            raise SiteError(f"the replayed value {value!r} is text, but {dist!r} is not an LM")
         try:
             p = score(dist, value)
         except (RuntimeError, ValueError, TypeError):
             p = -math.inf  # outside the support of the new distribution
         return Site(name, "sample", value, p if not math.isnan(p) else -math.inf, q, dist=dist)
     if not isinstance(value, str):
-        return Site(name, "sample", value, -math.inf, q, dist=dist)
+        raise SiteError(
+            f"the replayed value {value!r} ({type(value).__name__}) is not text, but the site "
+            "is an LM site"
+        )
     if (
         recorded.token_ids is not None
         and is_lm(recorded.dist)
-        and recorded.dist.model is dist.model
+        and same_vocabulary(recorded.dist.model, dist.model)
     ):
         return path_score(name, dist, value, recorded.token_ids, q)
-    return text_score(name, "sample", dist, value, q)
+    try:
+        return text_score(name, "sample", dist, value, q)
+    except TokenizationError:
+        return Site(name, "sample", value, -math.inf, q, dist=dist)  # not a text it can make
+
+
+def same_vocabulary(a: Any, b: Any) -> bool:
+    """Whether two models share a vocabulary (so a token path means the same in both)."""
+    if a is b:
+        return True
+    if a.vocab_size != b.vocab_size or a.eos_id != b.eos_id:
+        return False
+    return a.token_bytes() == b.token_bytes()

@@ -49,17 +49,16 @@ class Pending:
         return all(r.done for r in self.runs) and all(t.log_prob is not None for t in self.texts)
 
 
-def lm_site(name: str, dist: Any, run: LMRun, proposal_log_prob: float | None = None) -> Site:
+def lm_site(name: str, dist: Any, run: LMRun) -> Site:
     """The site record of a finished LM generation: ``log_prob`` under the site's distribution,
     proposal log-prob under what the tokens were drawn from (the constraint-masked one), and
     both per token."""
-    q = run.log_q if proposal_log_prob is None else proposal_log_prob
     return Site(
         name,
         "sample",
         run.value,
         run.log_prob,
-        q,
+        run.log_q,
         tuple(run.tokens),
         dist,
         tuple(run.token_log_probs),
@@ -77,6 +76,7 @@ def text_score(
 ) -> Pending:
     """Scores ``text`` under LM ``dist`` (an observe, or a replayed value from elsewhere):
     the site's log-prob sums every way the generation can end with that text."""
+    dist.model.encode(text)  # a text the model cannot tokenise fails here, named by its site
     request = TextScore(dist, text)
 
     def finish(_: list[LMRun]) -> Site:

@@ -123,6 +123,8 @@ def infer(
     instance = cls(**options)
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1)[0])
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise OptionError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}")
     start = time.perf_counter()
     with seeded(seed), torch.inference_mode():
         result = instance.run(bound, seed)

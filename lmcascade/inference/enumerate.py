@@ -64,29 +64,41 @@ class EnumeratePolicy(Policy):
 
 
 class Bounded(Schedule):
-    """Stops the enumeration once the population exceeds ``limit`` traces."""
+    """Keeps the enumeration within ``limit`` live traces; traces of weight zero leave the
+    population as soon as they die (counted in ``dead``)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.dead = 0
+        self.dead_sample: list[Particle] = []  # kept to name the sites that zero the weights
 
-    def check(self, particles: list[Particle]) -> None:
-        if len(particles) > self.limit:
-            site = next((p.waiting.runs[0].dist for p in particles if p.waiting), None)
-            where = (
-                " (inside an LM site; shorten max_tokens or shrink the vocabulary)" if site else ""
+    def prune(self, particles: list[Particle]) -> list[Particle]:
+        alive = []
+        for p in particles:
+            if p.dead:
+                self.dead += 1
+                if len(self.dead_sample) < 1000:
+                    self.dead_sample.append(p)
+                p.release()
+            else:
+                alive.append(p)
+        if len(alive) > self.limit:
+            sites = sorted(
+                {p.waiting.runs[0].dist.prompt for p in alive if p.waiting and p.waiting.runs}
             )
+            where = f" inside LM sites (prompts {sites[:3]!r})" if sites else ""
             raise TooManyTracesError(
-                f"enumeration exceeds max_traces={self.limit} traces{where}; raise max_traces "
-                "or shrink the program's choices"
+                f"enumeration exceeds max_traces={self.limit} traces{where}; shorten max_tokens, "
+                "shrink the vocabulary or the program's choices, or raise max_traces"
             )
+        return alive
 
     def select(self, engine, particles, waiting):
-        self.check(particles)
-        return particles, waiting
+        alive = self.prune(particles)
+        return alive, [p for p in alive if p.waiting is not None]
 
     def after_step(self, engine, particles):
-        self.check(particles)
-        return particles
+        return self.prune(particles)
 
 
 @register
@@ -100,14 +112,17 @@ class Enumerate(InferenceMethod):
         self.positive_int("max_traces")
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
-        engine = Engine(EnumeratePolicy(), sampler=AllChildren(), seed=seed)
-        particles = engine.run([Particle(bound)], Bounded(self.config["max_traces"]))
+        limit = self.config["max_traces"]
+        engine = Engine(EnumeratePolicy(), sampler=AllChildren(), seed=seed, max_particles=limit)
+        bounded = Bounded(limit)
+        particles = engine.run([Particle(bound)], bounded)
         complete = [p for p in particles if not p.dead]
+        bounded.dead += len(particles) - len(complete)
         if not complete:
-            raise zero_weight_error(particles, "enumeration")
+            raise zero_weight_error(bounded.dead_sample + particles, "enumeration")
         # Each site's proposal log-prob is 0, so a trace's weight is its joint probability.
         log_weights = [p.trace.log_weight for p in complete]
         stats = dict(engine.stats)
-        stats.update(num_traces=len(complete), zero_weight_traces=len(particles) - len(complete))
+        stats.update(num_traces=len(complete), zero_weight_traces=bounded.dead)
         log_z = torch.logsumexp(torch.tensor(log_weights, dtype=torch.float64), 0).item()
         return Result([p.trace for p in complete], log_weights, log_evidence=log_z, stats=stats)

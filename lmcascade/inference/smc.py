@@ -90,6 +90,11 @@ class SMC(InferenceMethod):
                 "method 'smc': resample_every='segment' needs a segment rule: segment_tokens, "
                 "segment_stop or segment_entropy"
             )
+        if cfg["resample_every"] != "segment" and any(r is not None for r in rules):
+            raise OptionError(
+                "method 'smc': segment_tokens, segment_stop and segment_entropy only apply with "
+                f"resample_every='segment' (it is {cfg['resample_every']!r})"
+            )
         if cfg["segment_tokens"] is not None:
             self.positive_int("segment_tokens")
 
@@ -138,7 +143,9 @@ class SMCSchedule(Schedule):
         self.genealogy: list[list[int]] = []
         self.ess_history: list[float] = []
         self.steps = self.resamples = 0
-        self.entropy: dict = {}  # run -> entropy of the distribution its last token came from
+        # run -> entropy of the distribution it drew its latest token from (kept for the runs
+        # still in progress; a run held at a boundary keeps its last value)
+        self.entropy: dict = {}
         self._fresh: dict = {}
         self.bar = tqdm(
             desc="smc",
@@ -167,12 +174,15 @@ class SMCSchedule(Schedule):
                 run = p.waiting.runs[0] if p.waiting.runs else None
                 meta["segment_tokens"] = len(run.tokens) if run else 0
                 meta["segment_text"] = len(run.text) if run else 0
-        self._fresh = {}
         return particles, to_step
 
     def after_step(self, engine, particles):
         self.steps += 1
-        self.entropy = self._fresh
+        if self._fresh:
+            live = {id(r) for p in particles if p.waiting is not None for r in p.waiting.runs}
+            merged = {**self.entropy, **self._fresh}
+            self.entropy = {r: h for r, h in merged.items() if id(r) in live}
+            self._fresh = {}
         self.bar.update(1)
         if self.steps % 8 == 0 and self.ess_history:
             self.bar.set_postfix(ess=f"{self.ess_history[-1]:.1f}", refresh=False)

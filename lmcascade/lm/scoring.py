@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from lmcascade.lm.run import LMRun
 from lmcascade.lm.shaping import shape_rows
-
-if TYPE_CHECKING:
-    pass
 
 
 def by_model(runs: Sequence[LMRun]) -> list[list[LMRun]]:

@@ -26,6 +26,8 @@ from lmcascade.samplers.base import Choice, Draws, Rows, TokenSampler
 class Greedy(TokenSampler):
     """The most probable allowed token of every run (first index on a tie)."""
 
+    full_masks = True  # predicate constraints too: the arg-max must be an allowed token
+
     def choose(self, rows: Rows) -> Draws:
         tokens = rows.q.argmax(dim=-1)
         chosen = rows.p.gather(1, tokens[:, None]).squeeze(1)
