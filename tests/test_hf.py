@@ -39,7 +39,7 @@ def test_mixed_lengths_forks_and_reorders(lm):
         for ctx in ctxs:
             ctx.append(int(torch.randint(1, 8, (1,), generator=gen)))
         if step == 2:  # resample: fork by index, with repeats, in a new order
-            ctxs = lm.fork_many(ctxs, [3, 3, 0, 1, 2, 1])
+            ctxs = [lm.fork(ctxs[i]) for i in [3, 3, 0, 1, 2, 1]]
             ctxs[1].append(5)  # forks diverge
         if step == 4:  # a fresh context joins the batch mid-way
             ctxs.append(lm.open(lm.encode_prompt("dd:")))

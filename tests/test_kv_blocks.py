@@ -88,7 +88,7 @@ def test_block_counts_may_reach_back_and_include_fresh_contexts(lm):
 def test_blocks_on_forks_sharing_rows(lm):
     root = lm.open(lm.encode_prompt("Q:abc"))
     lm.next_logprobs([root])
-    forks = lm.fork_many([root], [0, 0, 0])
+    forks = [lm.fork(root) for _ in range(3)]
     for f, block in zip(forks, [[1], [2, 3], [4, 5, 6]], strict=True):
         f.extend(block)
     rows = lm.block_logprobs(forks, [1, 2, 3])
@@ -196,7 +196,7 @@ def test_in_place_buffers_across_many_steps_and_forks(lm):
     assert grown <= 2 and len(stores) <= 3  # in place almost every step
     # forks of the same batch stepping separately: the first writes in place, the second
     # finds the tip taken and copies
-    a, b = lm.fork_many(ctxs, [0, 1, 2]), lm.fork_many(ctxs, [0, 1, 2])
+    a, b = [lm.fork(c) for c in ctxs], [lm.fork(c) for c in ctxs]
     for x, y in zip(a, b, strict=True):
         x.append(1)
         y.append(2)

@@ -268,11 +268,6 @@ def test_prefix_index_forgets_past_max_nodes():
     assert index.longest([4, 5, 6]) == (3, (b, 0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PrefixIndex.insert clears on max_nodes but then inserts a key longer than "
-    "max_nodes anyway (max_bytes has the matching guard: an oversized batch is not held)",
-)
 def test_prefix_index_never_holds_more_than_max_nodes():
     index = PrefixIndex(max_nodes=4)
     index.insert([1, 2, 3, 4, 5, 6], kv(), 0)

@@ -89,7 +89,7 @@ class LanguageModel(ABC):
     """Base class of every model: a tokenizer plus batched next-token log-probabilities.
 
     Subclasses implement :meth:`next_logprobs`; models with a cache also override
-    :meth:`open`, :meth:`fork`, :meth:`fork_many`, :meth:`release`, :meth:`crop` and
+    :meth:`open`, :meth:`fork`, :meth:`release`, :meth:`crop` and
     :meth:`block_logprobs`.
     """
 
@@ -118,10 +118,6 @@ class LanguageModel(ABC):
     def fork(self, context: Context) -> Context:
         """A new, independent handle continuing from the same tokens (state shared, not copied)."""
         return Context(context.ids, context.state)
-
-    def fork_many(self, contexts: Sequence[Context], index: Sequence[int]) -> list[Context]:
-        """Forks ``contexts[i]`` for every ``i`` in ``index`` in one operation (resampling)."""
-        return [self.fork(contexts[i]) for i in index]
 
     def release(self, context: Context) -> None:
         """The engine no longer needs ``context``; free what it holds."""

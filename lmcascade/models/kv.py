@@ -336,6 +336,8 @@ class PrefixIndex:
     def insert(self, ids: Sequence[int], batch: KVBatch, row: int) -> None:
         """Records that ``batch[row]`` holds the keys/values of ``ids`` (and of every prefix)
         as its first ``len(ids)`` real tokens."""
+        if len(ids) > self.max_nodes:
+            return  # a key longer than the whole index may hold is not recorded
         if id(batch) not in self.held:
             size = batch.nbytes()
             if size > self.max_bytes:
