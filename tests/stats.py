@@ -270,3 +270,12 @@ def evidence_check(estimates: Sequence[float], z: float, max_detectable: float) 
     assert detectable <= max_detectable, f"only detects relative bias {detectable:.3f}"
     assert abs(est.mean() - z) < 3 * se + 1e-12 * z, (est.mean(), z, se)
     return detectable
+
+
+def assert_same_exact(a, b, tol: float = 1e-9) -> None:
+    """Two exact (enumerated) results agree: evidence, support and every probability."""
+    assert abs(a.log_evidence - b.log_evidence) <= tol, (a.log_evidence, b.log_evidence)
+    da, db = a.distribution(), b.distribution()
+    assert set(da) == set(db), set(da) ^ set(db)
+    for k in db:
+        assert abs(da[k] - db[k]) <= tol, (k, da[k], db[k])

@@ -7,6 +7,7 @@ from pyro.distributions import Bernoulli, Categorical
 import lmcascade as lc
 from lmcascade.errors import DSLCheckError, DSLRuntimeError
 from programs import LM
+from stats import assert_same_exact
 
 MODELS = {"lm": LM}
 TOOLS = {"shout": lambda s: s.upper(), "count_a": lambda s: s.count("a")}
@@ -109,11 +110,7 @@ def compiled():
 def test_lmc_and_python_have_identical_exact_posteriors(compiled, name, python, args):
     a = lc.infer(getattr(compiled, name)(*args), method="enumerate")
     b = lc.infer(python(*args), method="enumerate")
-    assert a.log_evidence == pytest.approx(b.log_evidence, abs=1e-9)
-    da, db = a.distribution(), b.distribution()
-    assert set(da) == set(db)
-    for k in db:
-        assert da[k] == pytest.approx(db[k], abs=1e-9)
+    assert_same_exact(a, b)
 
 
 def test_lmc_programs_run_with_every_method(compiled):

@@ -12,6 +12,7 @@ import lmcascade as lc
 from lmcascade.errors import DSLCheckError, ProgramError, SiteError
 from lmcascade.models import ToyLM
 from lmcascade.program import current_scope, send
+from stats import assert_same_exact
 
 COIN = Bernoulli(torch.tensor(0.5, dtype=torch.float64))
 LM = ToyLM(["a", "b", "<eos>"], lambda ctx: [0.0, -0.5, -1.0 + 0.5 * len(ctx)])
@@ -334,11 +335,7 @@ def compiled():
 def test_lmc_sub_program_calls_match_python_scopes(compiled, name, python, args):
     a = lc.infer(getattr(compiled, name)(*args), method="enumerate")
     b = lc.infer(python(*args), method="enumerate")
-    assert a.log_evidence == pytest.approx(b.log_evidence, abs=1e-9)
-    da, db = a.distribution(), b.distribution()
-    assert set(da) == set(db)
-    for k in db:
-        assert da[k] == pytest.approx(db[k], abs=1e-9)
+    assert_same_exact(a, b)
     assert {tuple(t.names) for t in a.traces} == {tuple(t.names) for t in b.traces}
 
 
