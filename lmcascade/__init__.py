@@ -16,7 +16,7 @@ Write a cascade as a generator that yields effects, then pick how to run it:
 
 from lmcascade import constraints, dsl, errors, models
 from lmcascade.distributions import LM
-from lmcascade.dsl.compiler import load
+from lmcascade.dsl.loader import load
 from lmcascade.graph import graph
 from lmcascade.inference import infer, methods
 from lmcascade.program import (

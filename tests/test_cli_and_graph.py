@@ -144,7 +144,7 @@ def test_every_example_program_parses_checks_graphs_and_runs():
     for path in sorted((ROOT / "examples" / "lmc").glob("*.lmc")):
         module = parse(path.read_text(), filename=path.name)
         lc.dsl.check(
-            module, models={m.name for m in module.models}, tools=lc.dsl.compiler.DEFAULT_TOOLS
+            module, models={m.name for m in module.models}, tools=lc.dsl.tools.DEFAULT_TOOLS
         )
         g = from_program(module.programs[0], {m.name for m in module.models})
         assert any(d["kind"] == "sample" for _, d in g.nodes(data=True))

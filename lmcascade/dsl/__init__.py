@@ -5,7 +5,7 @@ runnable program (``lc.load``) and the CLI build on it.
 """
 
 from lmcascade.dsl.check import check
-from lmcascade.dsl.compiler import load
+from lmcascade.dsl.loader import load
 from lmcascade.dsl.parser import parse
 
 __all__ = ["check", "load", "parse"]
