@@ -16,6 +16,7 @@ True
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any
@@ -99,8 +100,14 @@ class LM:
         stops = tuple(dict.fromkeys(stops))  # each stop string once (they are alternatives)
         if any(not isinstance(s, str) or s == "" for s in stops):
             raise SiteError(f"LM stop must be a non-empty string or a list of them, got {stop!r}")
-        if not (isinstance(temperature, int | float) and temperature >= 0):
-            raise SiteError(f"LM temperature must be a number >= 0, got {temperature!r}")
+        if not (
+            isinstance(temperature, int | float)
+            and not isinstance(temperature, bool)
+            and 0 <= temperature < math.inf
+        ):
+            raise SiteError(
+                f"LM temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}"
+            )
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise SiteError(f"LM top_k must be None or an integer >= 1, got {top_k!r}")
         if not (isinstance(top_p, int | float) and 0 < top_p <= 1):

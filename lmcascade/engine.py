@@ -271,9 +271,16 @@ class Engine:
         for model in {id(r.model): r.model for r in runs if r.forced is None}.values():
             self.generator(model.device)
         texts = {id(t): t for p in particles for t in p.waiting.texts if t.log_prob is None}  # type: ignore[union-attr]
-        if texts:
-            score_texts(list(texts.values()), self.stats)
-        branches = step_runs(runs, self.generators, self.stats, self.sampler, self.observers)
+        try:
+            if texts:
+                score_texts(list(texts.values()), self.stats)
+            branches = step_runs(runs, self.generators, self.stats, self.sampler, self.observers)
+        except LMCascadeError as err:
+            names = list(dict.fromkeys(p._current[1] for p in particles if p._current))
+            if not names:
+                raise
+            shown = ", ".join(repr(n) for n in names[:3]) + (" ..." if len(names) > 3 else "")
+            raise type(err)(f"while stepping site {shown}: {err}") from None
         born: list[Particle] = []
         for p in particles:
             pending = p.waiting

@@ -20,16 +20,51 @@ from typing import Any
 
 import numpy as np
 
-from lmcascade.trace import Trace, jsonable
+from lmcascade.trace import JSON_DEPTH, Trace, jsonable, safe_repr
 
 
 def value_key(value: Any) -> Any:
-    """A hashable stand-in for ``value`` so equal values merge (lists, dicts, tensors too)."""
+    """A hashable stand-in for ``value`` so equal values merge (lists, dicts, tensors too).
+    A value too deep to key exactly keeps its own identity (it merges with nothing, rather
+    than with a different value that prints the same)."""
     try:
         hash(value)
         return value
     except TypeError:
-        return json.dumps(jsonable(value), sort_keys=True)
+        pass
+    except RecursionError:
+        return _Unkeyed(value)
+    try:
+        return json.dumps(_exact(value), sort_keys=True)
+    except (RecursionError, TypeError, ValueError):
+        return _Unkeyed(value)
+
+
+def _exact(value: Any, depth: int = 0) -> Any:
+    """Like :func:`jsonable`, but refuses (TypeError) what it cannot write exactly."""
+    if depth > JSON_DEPTH:
+        raise TypeError("too deep")
+    if value is None or isinstance(value, bool | int | str | float):
+        return value if not isinstance(value, float) or math.isfinite(value) else repr(value)
+    if hasattr(value, "tolist"):
+        return _exact(value.tolist(), depth + 1)
+    if isinstance(value, list | tuple):
+        return [_exact(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _exact(v, depth + 1) for k, v in value.items()}
+    return repr(value)
+
+
+class _Unkeyed:
+    """A distribution key for a value that cannot be keyed by content; shows as its value."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return safe_repr(self.value)
 
 
 def log_mean_exp(log_weights: Sequence[float] | np.ndarray) -> float:
@@ -134,10 +169,10 @@ class Result:
         """A readable table: the most probable values, evidence, ESS and stats."""
         lines = [f"lmcascade result — method {self.method!r}, {len(self.traces)} traces"]
         dist = self.distribution()
-        width = min(60, max((len(repr(v)) for v in list(dist)[:top]), default=5))
+        shown = [(safe_repr(v, 1000), p) for v, p in list(dist.items())[:top]]
+        width = min(60, max((len(text) for text, _ in shown), default=5))
         lines.append(f"  {'value':<{width}}  probability")
-        for value, p in list(dist.items())[:top]:
-            text = repr(value)
+        for text, p in shown:
             if len(text) > width:
                 text = text[: width - 3] + "..."
             lines.append(f"  {text:<{width}}  {p:.4f}")
@@ -155,9 +190,10 @@ class Result:
             "method": self.method,
             "options": jsonable(self.options),
             "log_evidence": jsonable(self.log_evidence),
-            "ess": self.ess,
+            "ess": jsonable(self.ess),
             "distribution": [
-                {"value": jsonable(v), "probability": p} for v, p in self.distribution().items()
+                {"value": jsonable(v.value if isinstance(v, _Unkeyed) else v), "probability": p}
+                for v, p in self.distribution().items()
             ],
             "traces": [
                 {**t.to_dict(), "weight": jsonable(float(w))}
@@ -167,8 +203,11 @@ class Result:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        """The full result as JSON (values, weights, traces, stats)."""
-        return json.dumps(self.to_dict(), indent=indent)
+        """The full result as strict JSON (values, weights, traces, stats).  Numbers that
+        JSON cannot hold are strings: a zero-weight trace's log-weight is ``"-inf"``, an
+        estimate a method does not make is ``"nan"`` (``float(s)`` reads either back);
+        values nested too deep are written as their ``repr``."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def __repr__(self) -> str:
         return (

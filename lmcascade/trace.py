@@ -13,11 +13,12 @@ references, never model state; a copied trace resumes by replay (see :mod:`lmcas
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from lmcascade.errors import DuplicateSiteError
+from lmcascade.errors import DuplicateSiteError, SiteError
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,16 +59,16 @@ class Site:
             "name": self.name,
             "kind": self.kind,
             "value": jsonable(self.value),
-            "log_prob": self.log_prob,
+            "log_prob": jsonable(self.log_prob),
         }
         if self.proposal_log_prob is not None:
-            out["proposal_log_prob"] = self.proposal_log_prob
+            out["proposal_log_prob"] = jsonable(self.proposal_log_prob)
         if self.token_ids is not None:
             out["token_ids"] = list(self.token_ids)
         if self.token_log_probs is not None:
             out["token_log_probs"] = [jsonable(x) for x in self.token_log_probs]
         if self.dist is not None and hasattr(self.dist, "params"):
-            out["dist"] = self.dist.params()
+            out["dist"] = jsonable(self.dist.params())
         return out
 
 
@@ -98,11 +99,13 @@ class Trace:
                 f'In a loop, use f"{base}{{i}}" or the auto-index form "{base}[]"; to call a '
                 'sub-program twice, give each call a scope: with lc.scope("first"): ...'
             )
+        weight = self.log_weight + site.log_weight
+        joint = self.log_joint + (site.log_prob if site.kind != "call" else 0.0)
+        if not (weight < math.inf and joint < math.inf):  # NaN or +inf
+            raise SiteError(_non_finite(site, self.log_weight))
         self._index[site.name] = len(self.sites)
         self.sites.append(site)
-        self.log_weight += site.log_weight
-        if site.kind != "call":
-            self.log_joint += site.log_prob
+        self.log_weight, self.log_joint = weight, joint
 
     def __getitem__(self, name: str) -> Site:
         try:
@@ -148,7 +151,7 @@ class Trace:
     def to_dict(self) -> dict:
         return {
             "sites": [s.to_dict() for s in self.sites],
-            "log_weight": self.log_weight,
+            "log_weight": jsonable(self.log_weight),
             "value": jsonable(self.value),
         }
 
@@ -156,16 +159,61 @@ class Trace:
         return f"Trace({len(self.sites)} sites, log_weight={self.log_weight:.4g})"
 
 
-def jsonable(value: Any) -> Any:
-    """``value`` made JSON-serialisable (tensors to lists, unknown objects to repr)."""
+def _non_finite(site: Site, before: float) -> str:
+    """Why adding ``site`` would give a trace a NaN or infinite weight."""
+    what = f"site {site.name!r} ({site.kind})"
+    if math.isnan(site.log_prob) or site.log_prob == math.inf:
+        return (
+            f"{what} has log-probability {site.log_prob}; a site's log-density must be finite "
+            "or -inf (check the distribution's parameters and the observed value)"
+        )
+    if site.proposal_log_prob is not None and not math.isfinite(site.proposal_log_prob):
+        return (
+            f"{what}: its value was proposed with log-probability {site.proposal_log_prob}, "
+            "which makes its importance weight undefined"
+        )
+    return (
+        f"{what} adds {site.log_weight:.6g} to a log-weight of {before:.6g}, which overflows "
+        "to infinity; keep factors and log-densities within a few thousand"
+    )
+
+
+JSON_DEPTH = 100
+
+
+def jsonable(value: Any, _depth: int = 0) -> Any:
+    """``value`` made JSON-serialisable: tensors to lists, unknown objects to ``repr``, and
+    non-finite floats to the strings ``"inf"``, ``"-inf"`` and ``"nan"`` (strict JSON has no
+    such numbers; ``float(s)`` reads them back).  Containers nested deeper than
+    ``JSON_DEPTH`` are written as their (shortened) ``repr``, so no value is ever lost to
+    formatting.
+
+    >>> jsonable([1.5, float("-inf"), (2, "a")])
+    [1.5, '-inf', [2, 'a']]
+    """
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
+    if _depth >= JSON_DEPTH:
+        return safe_repr(value)
     if hasattr(value, "tolist"):
-        return jsonable(value.tolist())
+        return jsonable(value.tolist(), _depth + 1)
     if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
+        return [jsonable(v, _depth + 1) for v in value]
     if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    return repr(value)
+        return {str(k): jsonable(v, _depth + 1) for k, v in value.items()}
+    return safe_repr(value)
+
+
+def safe_repr(value: Any, limit: int = 100_000) -> str:
+    """``repr(value)``, shortened for values too deep or too long to print whole."""
+    try:
+        text = repr(value)
+    except (RecursionError, MemoryError, ValueError):  # ValueError: int too large to print
+        short = reprlib.Repr()
+        short.maxlevel, short.maxlist, short.maxstring, short.maxlong = 20, 50, 200, 200
+        text = short.repr(value)
+    except Exception as err:  # a user object whose __repr__ fails
+        text = f"<{type(value).__name__} object; repr failed: {type(err).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

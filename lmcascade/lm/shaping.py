@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from lmcascade.distributions import LM
 
 
+FROZEN = 1e-20
+"""Temperatures below this are their limit: scores divided by them overflow the float range
+(or leave every gap between distinct scores beyond ``exp``'s reach), so the distribution is
+exactly uniform over the tokens tied at the maximum."""
+
+
 def process_logprobs(
     logprobs: torch.Tensor,
     temperature: torch.Tensor,
@@ -35,7 +41,8 @@ def process_logprobs(
 ) -> torch.Tensor:
     """Normalised log-probabilities after temperature, top-k and top-p, row by row.
 
-    ``temperature`` 0 means greedy (all mass on the first arg-max); ``top_k`` 0 means no
+    ``temperature`` 0 means greedy (all mass on the first arg-max); a positive temperature
+    below :data:`FROZEN` is its limit (uniform over the tied arg-maxes); ``top_k`` 0 means no
     top-k, otherwise every token scoring at least the k-th highest is kept (ties included);
     ``top_p`` < 1 drops, from the least likely up, the tokens whose cumulative mass (in
     ascending order) is at most ``1 - top_p``, always keeping the most likely token.  These
@@ -54,6 +61,12 @@ def process_logprobs(
     need_k = (k > 0) & (k < n_vocab) & ~greedy
     need_p = (p < 1.0) & ~greedy
     scores = logprobs
+    frozen = scaled & (t < FROZEN)
+    if bool(frozen.any()):  # the T -> 0 limit: uniform over the tied arg-maxes
+        top = logprobs.max(dim=-1, keepdim=True).values
+        limit = torch.where(logprobs == top, 0.0, float("-inf")).to(logprobs.dtype)
+        scores = torch.where(frozen.to(device)[:, None], limit, scores)
+        scaled = scaled & ~frozen
     if bool(scaled.any()):  # HF adds no temperature warper at 1
         scores = _divide(scores, torch.where(scaled, t, torch.ones_like(t)))
     if bool(need_k.any()):

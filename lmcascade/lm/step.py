@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from lmcascade.errors import SiteError
+from lmcascade.errors import ModelError, SiteError
 from lmcascade.lm.potentials import expert_increments
 from lmcascade.lm.run import LMRun
 from lmcascade.lm.scoring import by_model, call_model, score_forced
@@ -70,6 +70,11 @@ def distributions(
         p = shape_rows(
             logprobs, [r.dist for r in group], [len(r.tokens) for r in group], model.eos_id
         )
+        if bool(torch.isnan(p).any()):
+            raise ModelError(
+                f"model {model.name!r} gave NaN next-token log-probabilities (its weights or "
+                "inputs are broken: check the model files with `lmcascade models verify`)"
+            )
         gen = generators.get(p.device)
         if gen is None:
             gen = generators[p.device] = torch.Generator(device=p.device)

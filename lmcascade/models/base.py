@@ -95,6 +95,8 @@ class LanguageModel(ABC):
 
     name: str = "model"
     tokenizer: Tokenizer
+    max_context: int | None = None  # tokens a context may hold (prompt and generation); None: any
+    min_prompt_tokens: int = 0  # a model that needs a token to condition on says 1
 
     @property
     def eos_id(self) -> int:
@@ -218,6 +220,31 @@ class LanguageModel(ABC):
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a prompt (models that start texts with a BOS token add it here)."""
         return self.tokenizer.encode(text)
+
+    def check_fits(self, prompt_tokens: int, more_tokens: int) -> None:
+        """Raises :class:`ModelError` unless a prompt of ``prompt_tokens`` followed by up to
+        ``more_tokens`` generated or scored tokens fits this model's context.
+
+        >>> from lmcascade.models import ToyLM
+        >>> ToyLM(["a", "<eos>"], lambda ctx: [0.0, 0.0]).check_fits(0, 10**6)
+        """
+        if prompt_tokens < self.min_prompt_tokens:
+            raise ModelError(
+                f"model {self.name!r} needs a prompt of at least {self.min_prompt_tokens} "
+                f"token(s), got {prompt_tokens}; give the LM a non-empty prompt"
+            )
+        limit = self.max_context
+        if limit is not None and prompt_tokens + more_tokens > limit:
+            if prompt_tokens >= limit:
+                raise ModelError(
+                    f"the prompt has {prompt_tokens} tokens but model {self.name!r} holds "
+                    f"{limit}; shorten the prompt"
+                )
+            raise ModelError(
+                f"the prompt has {prompt_tokens} tokens and up to {more_tokens} more may follow, "
+                f"but model {self.name!r} holds {limit} tokens; lower max_tokens to at most "
+                f"{limit - prompt_tokens} or shorten the prompt"
+            )
 
     def encode(self, text: str) -> list[int]:
         """Shorthand for ``self.tokenizer.encode``."""

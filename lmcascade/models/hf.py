@@ -249,6 +249,17 @@ class TransformersLM(LanguageModel):
     def vocab_size(self) -> int:
         return self._vocab
 
+    min_prompt_tokens = 1  # a transformer needs a token to condition on
+
+    @property
+    def max_context(self) -> int | None:  # type: ignore[override]
+        """The longest context the model was trained for (its position limit)."""
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(self.config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
     @property
     def device(self) -> torch.device:
         return self.device_
