@@ -25,6 +25,9 @@ state.  eos is always allowed.
 from __future__ import annotations
 
 import re
+import sys
+import threading
+import time
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -215,6 +218,36 @@ def predicate(prefix_ok, complete_ok=None) -> Predicate:
     return Predicate(prefix_ok, complete_ok)
 
 
+def compile_index(index_type: Any, pattern: str, vocabulary: Any, model_name: str) -> Any:
+    """``index_type(pattern, vocabulary)``, built in a worker thread so that Ctrl-C still
+    interrupts it (outlines-core releases the GIL; a large JSON schema can take minutes),
+    saying on stderr that it is compiling when that takes more than two seconds."""
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["index"] = index_type(pattern, vocabulary)
+        except BaseException as err:  # handed to the caller's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=work, name="lmcascade-regex-compile", daemon=True)
+    start = time.monotonic()
+    worker.start()
+    said = False
+    while worker.is_alive():
+        worker.join(0.1)
+        if not said and worker.is_alive() and time.monotonic() - start > 2.0:
+            print(
+                f"lmcascade: compiling a constraint for model {model_name!r} "
+                f"({len(pattern)}-character pattern); large schemas take minutes, Ctrl-C stops",
+                file=sys.stderr,
+            )
+            said = True
+    if "error" in box:
+        raise box["error"]
+    return box["index"]
+
+
 SENTINEL = "\ue000"  # appended to regexes that match the empty string (see Regex)
 
 
@@ -246,7 +279,9 @@ class Regex(Constraint):
                 if piece:
                     table.setdefault(piece, []).append(i)
             try:
-                index = Index(f"(?:{self.pattern})$", Vocabulary(model.eos_id, table))
+                index = compile_index(
+                    Index, f"(?:{self.pattern})$", Vocabulary(model.eos_id, table), model.name
+                )
                 sentinel = None
             except ValueError as err:
                 if "universal start state" not in str(err):
@@ -257,7 +292,12 @@ class Regex(Constraint):
                 sentinel = len(pieces)
                 table = {b: ids for b, ids in table.items() if b"\xee" not in b}
                 table[mark] = [sentinel]
-                index = Index(f"(?:{self.pattern}){SENTINEL}", Vocabulary(model.eos_id, table))
+                index = compile_index(
+                    Index,
+                    f"(?:{self.pattern}){SENTINEL}",
+                    Vocabulary(model.eos_id, table),
+                    model.name,
+                )
             cache["index"] = (index, sentinel)
         return cache["index"]
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -60,6 +61,7 @@ from lmcascade.errors import (
 )
 from lmcascade.lm.step import Observer, step_runs
 from lmcascade.lm.text_score import score_texts
+from lmcascade.memory import check_cache_fits
 from lmcascade.policy import Policy, rescore
 from lmcascade.program import EFFECT_TYPES, BoundProgram, Effect, send
 from lmcascade.requests import Pending
@@ -185,6 +187,10 @@ class Schedule:
         return particles
 
 
+ENGINES: ContextVar[list | None] = ContextVar("lmcascade_engines", default=None)
+"""The engines created inside the current ``lc.infer`` call (None outside one)."""
+
+
 class Engine:
     """Drives particles of a program; one batched model call per decoding step per model.
 
@@ -214,6 +220,9 @@ class Engine:
         self.generators: dict[torch.device, torch.Generator] = {}
         self.observers: list[Observer] = []
         self.stats: dict[str, Any] = {"model_calls": 0, "tokens_generated": 0, "tokens_scored": 0}
+        watching = ENGINES.get()
+        if watching is not None:  # lc.infer reports their progress if the run is interrupted
+            watching.append(self)
 
     def generator(self, device: torch.device) -> torch.Generator:
         gen = self.generators.get(device)
@@ -234,11 +243,15 @@ class Engine:
         have added particles; a schedule may have replaced some)."""
         schedule = schedule or Schedule()
         population = list(particles)
+        first = True
         while True:
             population = self.advance_all(population)
             waiting = [p for p in population if p.waiting is not None]
             if not waiting:
                 return population
+            if first:  # a population whose caches cannot fit fails before any model work
+                check_cache_fits([r for p in waiting for r in p.waiting.runs if r.forced is None])  # type: ignore[union-attr]
+                first = False
             population, to_step = schedule.select(self, population, waiting)
             population.extend(self.step(to_step))
             population = schedule.after_step(self, population)

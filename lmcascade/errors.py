@@ -136,6 +136,17 @@ class NotEnumerableError(InferenceError):
     """A random choice has infinite or continuous support and cannot be enumerated."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped an inference run; ``progress`` says what was done by then (model calls,
+    tokens generated, resampling steps, seconds).  A ``KeyboardInterrupt``, so code that
+    catches Ctrl-C still does, and never an :class:`LMCascadeError`."""
+
+    def __init__(self, method: str, progress: dict) -> None:
+        self.method, self.progress = method, progress
+        done = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in progress.items())
+        super().__init__(f"{method} was interrupted ({done})")
+
+
 __all__ = [
     "LMCascadeError",
     "ProgramError",
@@ -159,4 +170,5 @@ __all__ = [
     "AllWeightsZeroError",
     "TooManyTracesError",
     "NotEnumerableError",
+    "Interrupted",
 ]

@@ -21,8 +21,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from lmcascade.engine import Particle
-from lmcascade.errors import AllWeightsZeroError, OptionError, UnknownMethodError
+from lmcascade.engine import ENGINES, Particle
+from lmcascade.errors import AllWeightsZeroError, Interrupted, OptionError, UnknownMethodError
+from lmcascade.memory import available_memory
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result
 
@@ -67,8 +68,27 @@ class InferenceMethod:
             )
         return value
 
+    def population(self, key: str) -> int:
+        """A positive whole number of particles or samples that fits in memory: each holds
+        about :data:`PARTICLE_BYTES` of host memory before any model cache, so a size whose
+        particles alone would not fit is an error before the run starts."""
+        n = self.positive_int(key)
+        need, have = n * PARTICLE_BYTES, available_memory()
+        if have is not None and need > have:
+            raise OptionError(
+                f"method {self.name!r}: {key}={n:,} needs about {need / 2**30:,.1f} GiB for the "
+                f"particles alone (about {PARTICLE_BYTES / 1000:.0f} KB each, plus the model's "
+                f"cache per token), but {have / 2**30:,.1f} GiB is available; use fewer"
+            )
+        return n
+
     def run(self, bound: BoundProgram, seed: int) -> Result:
         raise NotImplementedError
+
+
+PARTICLE_BYTES = 3_000
+"""Host memory of one particle of a short LM program (trace, run state, bookkeeping), as
+measured with tracemalloc on SMC populations of 2,000 and 8,000."""
 
 
 @contextlib.contextmanager
@@ -126,13 +146,31 @@ def infer(
     elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise OptionError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}")
     start = time.perf_counter()
-    with seeded(seed), torch.inference_mode():
-        result = instance.run(bound, seed)
+    engines: list = []
+    token = ENGINES.set(engines)
+    try:
+        with seeded(seed), torch.inference_mode():
+            result = instance.run(bound, seed)
+    except KeyboardInterrupt:
+        raise Interrupted(method, progress(engines, time.perf_counter() - start)) from None
+    finally:
+        ENGINES.reset(token)
     result.stats["wall_time_s"] = time.perf_counter() - start
     result.stats["seed"] = seed
     result.method = method
     result.options = instance.config
     return result
+
+
+def progress(engines: list, seconds: float) -> dict:
+    """What the engines of an interrupted run had done: summed counters, and seconds."""
+    out: dict[str, float] = {}
+    for engine in engines:
+        for key, value in engine.stats.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[key] = out.get(key, 0) + value
+    out["seconds"] = round(seconds, 2)
+    return out
 
 
 def zero_weight_error(particles: list[Particle], what: str) -> AllWeightsZeroError:

@@ -59,7 +59,7 @@ class Forward(InferenceMethod):
     options = {"num_samples": 100, "batch_size": None}
 
     def check_options(self) -> None:
-        self.positive_int("num_samples")
+        self.population("num_samples")
         if self.config["batch_size"] is not None:
             self.positive_int("batch_size")
 

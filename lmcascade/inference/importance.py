@@ -38,7 +38,7 @@ class Importance(InferenceMethod):
     options = {"num_samples": 100, "proposal": None, "batch_size": None}
 
     def check_options(self) -> None:
-        self.positive_int("num_samples")
+        self.population("num_samples")
         if self.config["batch_size"] is not None:
             self.positive_int("batch_size")
         proposal = self.config["proposal"]

@@ -47,7 +47,7 @@ class Rejection(InferenceMethod):
     }
 
     def check_options(self) -> None:
-        self.positive_int("num_samples")
+        self.population("num_samples")
         self.positive_int("max_attempts")
         if self.config["batch_size"] is not None:
             self.positive_int("batch_size")

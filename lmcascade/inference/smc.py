@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmcascade.engine import Engine, Particle, Schedule
-from lmcascade.errors import OptionError
+from lmcascade.errors import InferenceError, OptionError
 from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
 from lmcascade.inference.resampling import scheme
 from lmcascade.program import BoundProgram
@@ -69,7 +69,7 @@ class SMC(InferenceMethod):
     }
 
     def check_options(self) -> None:
-        self.positive_int("particles")
+        self.population("particles")
         self.positive_int("max_steps")
         self.positive_int("segment_min")
         self.positive_int("segment_max")
@@ -178,6 +178,7 @@ class SMCSchedule(Schedule):
 
     def after_step(self, engine, particles):
         self.steps += 1
+        engine.stats["resamples"] = self.resamples  # progress, should the run be interrupted
         if self._fresh:
             live = {id(r) for p in particles if p.waiting is not None for r in p.waiting.runs}
             merged = {**self.entropy, **self._fresh}
@@ -226,6 +227,14 @@ class SMCSchedule(Schedule):
         log_weights = np.array([p.log_weight for p in particles])
         if np.all(log_weights == -np.inf):
             raise zero_weight_error(particles, "smc")
+        broken = np.flatnonzero(~(log_weights < np.inf))  # NaN or +inf
+        if broken.size:
+            i = int(broken[0])
+            raise InferenceError(
+                f"smc: particle {i} has log-weight {log_weights[i]} after sites "
+                f"{particles[i].trace.names[-3:]}; a weight must be finite or zero (a potential "
+                "or model returned NaN or infinity)"
+            )
         ess = effective_sample_size(log_weights)
         self.ess_history.append(ess)
         threshold = self.cfg["ess_threshold"]

@@ -97,6 +97,7 @@ class LanguageModel(ABC):
     tokenizer: Tokenizer
     max_context: int | None = None  # tokens a context may hold (prompt and generation); None: any
     min_prompt_tokens: int = 0  # a model that needs a token to condition on says 1
+    cache_bytes_per_token: int = 0  # a cached model's memory per context token (0: none)
 
     @property
     def eos_id(self) -> int:

@@ -251,6 +251,18 @@ class TransformersLM(LanguageModel):
 
     min_prompt_tokens = 1  # a transformer needs a token to condition on
 
+    @functools.cached_property
+    def cache_bytes_per_token(self) -> int:
+        """Bytes of keys and values one token of one context holds (0 where unknown)."""
+        cfg = self.config
+        try:
+            heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            layers = cfg.num_hidden_layers
+        except (AttributeError, TypeError, ZeroDivisionError):
+            return 0
+        return 2 * layers * heads * head_dim * torch.finfo(self.dtype).bits // 8
+
     @property
     def max_context(self) -> int | None:  # type: ignore[override]
         """The longest context the model was trained for (its position limit)."""
@@ -393,12 +405,7 @@ class TransformersLM(LanguageModel):
     def _check_budget(self, rows: int, width: int) -> None:
         if self.memory_budget is None or rows == 1:
             return
-        per_token = 0
-        cfg = self.config
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        per_token = 2 * cfg.num_hidden_layers * heads * head_dim * torch.finfo(self.dtype).bits // 8
-        if 2 * rows * width * per_token > self.memory_budget:
+        if 2 * rows * width * self.cache_bytes_per_token > self.memory_budget:
             raise torch.OutOfMemoryError("step over memory_budget_gb")
 
     def _advance(self, items: list[tuple[Context, int, int]]) -> torch.Tensor:
