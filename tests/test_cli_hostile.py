@@ -1,0 +1,136 @@
+"""Careless and hostile use of the command line: each ends in one clear line and exit 1 (or
+130 for Ctrl-C), never a traceback, and a valid run's JSON is strict."""
+
+import json
+
+import pytest
+
+import lmcascade as lc
+from lmcascade.cli import main
+from lmcascade.errors import Interrupted
+
+COIN = """
+program coin(p) {
+    x ~ bernoulli(p)
+    condition x or p < 0.5
+    return x
+}
+"""
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def coin(tmp_path):
+    path = tmp_path / "coin.lmc"
+    path.write_text(COIN)
+    return path
+
+
+def test_json_output_is_strict_with_zero_weight_traces(capsys, coin):
+    code, out, err = run_cli(
+        capsys, "run", coin, "--method", "forward", "--input", "p=0.7", "--json", "--seed", "0"
+    )
+    assert code == 0, err
+
+    def refuse(name):
+        raise ValueError(name)
+
+    data = json.loads(out, parse_constant=refuse)
+    assert "-inf" in [t["log_weight"] for t in data["traces"]]
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**70)])
+@pytest.mark.parametrize("method", ["smc", "forward"])
+def test_out_of_range_seeds_are_one_line_errors(capsys, coin, seed, method):
+    code, _, err = run_cli(
+        capsys, "run", coin, "--input", "p=0.3", "--method", method, "--seed", seed
+    )
+    assert code == 1 and "seed must be a whole number" in err and "Traceback" not in err
+
+
+def test_a_path_with_braces_is_a_path(capsys, tmp_path):
+    odd = tmp_path / "we{ird}"
+    odd.mkdir()
+    path = odd / "c{1}.lmc"
+    path.write_text(COIN)
+    code, out, err = run_cli(capsys, "run", path, "--method", "enumerate", "--input", "p=0.3")
+    assert code == 0, err
+    assert "log evidence" in out
+
+
+def test_a_file_that_is_not_utf8(capsys, tmp_path):
+    path = tmp_path / "latin1.lmc"
+    path.write_bytes('program f() { return "caf\xe9" }'.encode("latin-1"))
+    for command in ("check", "run"):
+        code, _, err = run_cli(capsys, command, path)
+        assert code == 1 and "not UTF-8" in err and "offset 25" in err, err
+
+
+def test_program_names_are_looked_up_among_programs_only(capsys, coin):
+    for name in ("__getattribute__", "__class__", "missing"):
+        code, _, err = run_cli(capsys, "run", coin, name)
+        assert code == 1 and f"no program {name!r}" in err and "it has: coin" in err, err
+
+
+def test_wrong_inputs_name_the_program(capsys, coin):
+    code, _, err = run_cli(capsys, "run", coin, "--input", "q=1")
+    assert code == 1 and "program 'coin' called with bad arguments" in err
+
+
+def test_a_deeply_nested_input_is_refused(capsys, coin):
+    deep = "[" * 995 + "]" * 995
+    code, _, err = run_cli(capsys, "run", coin, "--input", f"p={deep}")
+    assert code == 1 and "nested too deep" in err
+    deeper = "[" * 100_000 + "]" * 100_000
+    code, _, err = run_cli(capsys, "run", coin, "--input", f"p={deeper}")
+    assert code == 1 and "nested too deep" in err
+
+
+def test_graph_output_into_a_missing_folder_or_onto_a_folder(capsys, coin, tmp_path):
+    code, _, err = run_cli(capsys, "graph", coin, "-o", tmp_path / "missing" / "g.dot")
+    assert code == 1 and "needs the folder" in err
+    code, _, err = run_cli(capsys, "graph", coin, "-o", tmp_path)
+    assert code == 1 and "is a folder" in err
+    code, out, _ = run_cli(capsys, "graph", coin, "-o", tmp_path / "g.dot")
+    assert code == 0 and (tmp_path / "g.dot").read_text().startswith("digraph")
+
+
+def test_ctrl_c_prints_one_line_with_the_progress(capsys, coin, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise Interrupted("smc", {"model_calls": 12, "resamples": 3, "seconds": 1.5})
+
+    monkeypatch.setattr(lc, "infer", interrupted)
+    code, out, err = run_cli(capsys, "run", coin, "--input", "p=0.3")
+    assert code == 130 and out == ""
+    assert err.strip().splitlines() == [
+        "lmcascade: interrupted: smc was interrupted (model calls 12, resamples 3, seconds 1.5); "
+        "no result"
+    ]
+
+
+def test_ctrl_c_outside_inference_is_one_line_too(capsys, coin, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lc, "load", interrupted)
+    code, _, err = run_cli(capsys, "run", coin)
+    assert code == 130 and err.strip() == "lmcascade: interrupted; no result"
+
+
+def test_budget_options_reach_the_interpreter(capsys, tmp_path):
+    path = tmp_path / "loop.lmc"
+    path.write_text("program loop() { x = 0 repeat 1000 { repeat 1000 { x = x + 1 } } return x }")
+    code, _, err = run_cli(capsys, "run", path, "--method", "forward", "--max-steps", "5000")
+    assert code == 1 and "--max-steps" in err and "Traceback" not in err, err
+
+
+def test_registry_only_refuses_model_paths(capsys, tmp_path):
+    path = tmp_path / "local.lmc"
+    path.write_text('model lm = "./weights"\nprogram f() { x ~ lm("hi") return x }')
+    code, _, err = run_cli(capsys, "run", path, "--registry-only")
+    assert code == 1 and "allow_paths" in err and ":1:" in err, err
