@@ -5,7 +5,11 @@ Checked before anything runs: undefined variables (including ones set on only on
 wrong number of arguments, a sample statement whose right side is not a model or distribution,
 the same site sampled twice where both can run in one execution (in straight-line code, in an
 ``if`` branch and again after it, in a loop and outside it; the two branches of one ``if`` may
-share a name), and type errors visible in literals.
+share a name), type errors visible in literals, and what the loader could not represent: a
+file without programs, a model declared twice, a program named like a Python special attribute
+(``__class__``), a tree nested deeper than :data:`~lmcascade.dsl.parser.MAX_DEPTH`.  The walk
+costs time linear in the size of the program: branches and loop bodies add a layer of names
+over the enclosing ones instead of copying them.
 
 >>> from lmcascade.dsl.parser import parse
 >>> check(parse('program f() { return y }', filename="f.lmc"), models={}, tools={})
@@ -19,10 +23,12 @@ lmcascade.errors.DSLCheckError: f.lmc:1:22: undefined variable 'y'
 from __future__ import annotations
 
 import difflib
+from collections import ChainMap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from lmcascade.dsl import ast
+from lmcascade.dsl.parser import MAX_DEPTH, depth_message, nesting
 from lmcascade.errors import DSLCheckError
 
 # name -> (min positional, max positional)
@@ -55,23 +61,64 @@ BUILTINS = {
 LM_OPTIONS = {"max_tokens", "min_tokens", "stop", "temperature", "top_k", "top_p"}
 
 
+Entry = tuple[ast.Sample, int | None]
+
+
 @dataclass
 class Sampled:
     """The sample statements met so far on the way to a point of a program, by variable name:
     ``straight`` outside loops, ``looped`` inside them (their sites are ``x[0]``, ``x[1]``...).
-    Each entry is the statement and the line of the ``if`` it sits in (None if in none)."""
+    Each entry is the statement and the line of the ``if`` it sits in (None if in none).  A
+    branch sees its enclosing entries through a ``ChainMap`` layer and writes only its own."""
 
-    straight: dict[str, tuple[ast.Sample, int | None]] = field(default_factory=dict)
-    looped: dict[str, tuple[ast.Sample, int | None]] = field(default_factory=dict)
+    straight: ChainMap[str, Entry] = field(default_factory=ChainMap)
+    looped: ChainMap[str, Entry] = field(default_factory=ChainMap)
 
     def copy(self) -> Sampled:
-        return Sampled(dict(self.straight), dict(self.looped))
+        """A layer for one branch of an ``if``: reads everything, writes its own entries."""
+        return Sampled(self.straight.new_child(), self.looped.new_child())
 
     def merge(self, branch: Sampled, if_line: int) -> None:
-        """Adds what one branch of the ``if`` at ``if_line`` sampled."""
+        """Adds what one branch (a :meth:`copy` of this) of the ``if`` at ``if_line`` sampled."""
         for mine, theirs in ((self.straight, branch.straight), (self.looped, branch.looped)):
-            for name, (node, where) in theirs.items():
+            for name, (node, where) in theirs.maps[0].items():
                 mine.setdefault(name, (node, if_line if where is None else where))
+
+
+class Names:
+    """The variables defined at a point of a program: the current block's own names over the
+    enclosing blocks' (a branch or a loop body is a new layer, so nothing is copied).
+
+    >>> outer = Names(own={"x"})
+    >>> inner = outer.child("i")
+    >>> inner.own.add("y")
+    >>> ("x" in inner, "y" in inner, "y" in outer, sorted(inner.all()))
+    (True, True, False, ['i', 'x', 'y'])
+    """
+
+    def __init__(self, parent: Names | None = None, own: Iterable[str] = ()) -> None:
+        self.parent, self.own = parent, set(own)
+
+    def __contains__(self, name: object) -> bool:
+        layer: Names | None = self
+        while layer is not None:
+            if name in layer.own:
+                return True
+            layer = layer.parent
+        return False
+
+    def child(self, *names: str) -> Names:
+        """A new layer over this one, defining ``names``."""
+        return Names(self, names)
+
+    def all(self) -> set[str]:
+        """Every name visible here (for suggestions)."""
+        out: set[str] = set()
+        layer: Names | None = self
+        while layer is not None:
+            out |= layer.own
+            layer = layer.parent
+        return out
 
 
 def always_returns(body) -> bool:
@@ -102,19 +149,40 @@ class Checker:
         )
 
     def run(self) -> None:
+        depth, deepest = nesting(self.module)
+        if depth > MAX_DEPTH and deepest is not None:
+            raise self.fail(deepest, depth_message(depth))
+        if not self.module.programs:
+            raise self.fail(
+                self.module,
+                "this file defines no program; write one as `program NAME(PARAMS) { ... }`",
+            )
+        declared: dict[str, ast.ModelDecl] = {}
+        for decl in self.module.models:
+            if decl.name in declared:
+                first = declared[decl.name]
+                raise self.fail(
+                    decl,
+                    f"model {decl.name!r} is declared twice (first at {first.line}:{first.col})",
+                )
+            declared[decl.name] = decl
         seen: dict[str, ast.ProgramDef] = {}
         for prog in self.module.programs:
             if prog.name in seen:
                 raise self.fail(prog, f"program {prog.name!r} is defined twice")
+            if prog.name.startswith("__") and prog.name.endswith("__"):
+                raise self.fail(
+                    prog,
+                    f"program name {prog.name!r} is reserved: names that begin and end with "
+                    "'__' are Python's special attributes; rename it",
+                )
             seen[prog.name] = prog
-            self.block(prog.body, set(prog.params), loop=False, sampled=Sampled())
+            self.block(prog.body, Names(own=prog.params), loop=False, sampled=Sampled())
 
-    # statements: returns the set of names defined after the block
-    def block(self, body, defined: set[str], loop: bool, sampled: Sampled) -> set[str]:
-        defined = set(defined)
+    # statements: each adds the names it defines to ``defined`` (the current block's layer)
+    def block(self, body, defined: Names, loop: bool, sampled: Sampled) -> None:
         for stmt in body:
-            defined = self.stmt(stmt, defined, loop, sampled)
-        return defined
+            self.stmt(stmt, defined, loop, sampled)
 
     def duplicate(self, s: ast.Sample, loop: bool, sampled: Sampled) -> None:
         """Fails if the site of sample ``s`` can meet an earlier one in one execution."""
@@ -143,55 +211,54 @@ class Checker:
             )
         sampled.straight[name] = (s, None)
 
-    def stmt(self, s, defined: set[str], loop: bool, sampled: Sampled) -> set[str]:
+    def stmt(self, s, defined: Names, loop: bool, sampled: Sampled) -> None:
         if isinstance(s, ast.Sample):
             self.site_call(s.call, defined)
             self.duplicate(s, loop, sampled)
-            return defined | {s.target}
-        if isinstance(s, ast.Assign):
+            defined.own.add(s.target)
+        elif isinstance(s, ast.Assign):
             self.expr(s.value, defined)
-            return defined | {s.target}
-        if isinstance(s, ast.Observe):
+            defined.own.add(s.target)
+        elif isinstance(s, ast.Observe):
             self.expr(s.value, defined)
             self.site_call(s.call, defined)
-            return defined
-        if isinstance(s, ast.Condition | ast.Factor | ast.Return):
+        elif isinstance(s, ast.Condition | ast.Factor | ast.Return):
             self.expr(s.value, defined)
             if isinstance(s, ast.Factor) and isinstance(s.value, ast.Str | ast.ListExpr):
                 raise self.fail(s.value, "factor needs a number (a log-weight)")
-            return defined
-        if isinstance(s, ast.If):
+        elif isinstance(s, ast.If):
             self.expr(s.test, defined)
             # the two branches may share names (only one runs); what either samples may meet
             # what follows the if, unless that branch always returns
             outcomes = []
             for body in (s.body, s.orelse):
-                seen = sampled.copy()
-                outcomes.append((self.block(body, defined, loop, seen), seen, always_returns(body)))
+                seen, layer = sampled.copy(), defined.child()
+                self.block(body, layer, loop, seen)
+                outcomes.append((layer.own, seen, always_returns(body)))
             for _, seen, returns in outcomes:
                 if not returns:
                     sampled.merge(seen, s.line)
             (left, _, left_returns), (right, _, right_returns) = outcomes
             if left_returns != right_returns:
-                return right if left_returns else left
-            return left & right
-        if isinstance(s, ast.For):
+                defined.own |= right if left_returns else left
+            else:
+                defined.own |= left & right
+        elif isinstance(s, ast.For):
             self.expr(s.iterable, defined)
             if isinstance(s.iterable, ast.Num | ast.Bool):
                 raise self.fail(s.iterable, "for needs a list or a string to loop over")
-            self.block(s.body, defined | {s.var}, True, sampled)
-            return defined
-        if isinstance(s, ast.Repeat):
+            self.block(s.body, defined.child(s.var), True, sampled)
+        elif isinstance(s, ast.Repeat):
             self.expr(s.count, defined)
             if isinstance(s.count, ast.Str | ast.ListExpr | ast.Bool) or (
                 isinstance(s.count, ast.Num) and (s.count.value < 0 or s.count.value % 1)
             ):
                 raise self.fail(s.count, "repeat needs a whole number of times")
-            self.block(s.body, defined, True, sampled)
-            return defined
-        raise self.fail(s, f"unsupported statement {type(s).__name__}")  # pragma: no cover
+            self.block(s.body, defined.child(), True, sampled)
+        else:  # pragma: no cover
+            raise self.fail(s, f"unsupported statement {type(s).__name__}")
 
-    def site_call(self, call: ast.Call, defined: set[str]) -> None:
+    def site_call(self, call: ast.Call, defined: Names) -> None:
         """The right side of ``~``: a model or a distribution."""
         if call.func in self.models:
             if len(call.args) != 1:
@@ -229,12 +296,11 @@ class Checker:
             want = str(low) if low == high else f"{low} to {high}"
             raise self.fail(call, f"{what} {call.func!r} takes {want} arguments, got {n}")
 
-    def expr(self, e, defined: set[str]) -> None:
+    def expr(self, e, defined: Names) -> None:
         if isinstance(e, ast.Var):
             if e.name not in defined:
-                raise self.fail(
-                    e, f"undefined variable {e.name!r}{self.suggest(e.name, sorted(defined))}"
-                )
+                known = sorted(defined.all())
+                raise self.fail(e, f"undefined variable {e.name!r}{self.suggest(e.name, known)}")
         elif isinstance(e, ast.Str):
             for part in e.parts:
                 if isinstance(part, ast.Var):
@@ -268,7 +334,7 @@ class Checker:
         elif isinstance(e, ast.Call):
             self.call(e, defined)
 
-    def call(self, call: ast.Call, defined: set[str]) -> None:
+    def call(self, call: ast.Call, defined: Names) -> None:
         """A call inside an expression: a tool, a builtin or another program."""
         if call.func in self.programs:
             params = self.programs[call.func].params

@@ -5,6 +5,14 @@ one AST node and keeps its line and column.  Every problem becomes a
 :class:`~lmcascade.errors.DSLSyntaxError` showing ``file:line:col``, the line with a caret and
 what was expected — no lark exception ever reaches the user.
 
+Hostile input is bounded before and after lark sees it (the limits are module constants):
+a source may have at most :data:`MAX_SOURCE_CHARS` characters and :data:`MAX_TOKENS` tokens
+(parsing costs up to 60 µs a token), the syntax tree may nest at most :data:`MAX_DEPTH` levels
+(so no later recursive walk can overflow Python's stack), a whole-number literal may have at
+most :data:`MAX_NUMBER_DIGITS` digits and a number must be finite.  ``\\r\\n`` and lone ``\\r``
+line endings read as ``\\n``, a leading byte-order mark is skipped, and a NUL character or a
+lone surrogate is refused.
+
 >>> module = parse('model lm = "smollm2-135m"\\nprogram hi() { t ~ lm("Hello {name}") return t }')
 >>> module.models[0].ref, module.programs[0].name
 ('smollm2-135m', 'hi')
@@ -18,11 +26,14 @@ lmcascade.errors.DSLSyntaxError: bad.lmc:1:12: unexpected "{"; expected ")" or a
 
 from __future__ import annotations
 
+import keyword
+import math
 import re
+from collections.abc import Iterator
 from functools import lru_cache
 from importlib import resources
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer_NonRecursive, v_args
 from lark.exceptions import (
     LarkError,
     UnexpectedCharacters,
@@ -46,6 +57,18 @@ FRIENDLY = {
     "$END": "the end of the file",
 }
 ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\", "{": "{", "}": "}"}
+
+MAX_SOURCE_CHARS = 1_000_000
+"""The longest source :func:`parse` accepts, in characters."""
+MAX_TOKENS = 50_000
+"""The most tokens (names, numbers, strings, operators) a source may have: about 3 s to parse."""
+MAX_DEPTH = 200
+"""How deeply the syntax tree may nest: brackets, calls, unary operators, ``if``/``for``/
+``repeat`` blocks and each ``else if`` add a level, and so does every operator of a chain such
+as ``a + b + c`` (it is read as ``(a + b) + c``)."""
+MAX_NUMBER_DIGITS = 4_300
+"""The most digits of a whole-number literal (Python's own limit for converting text)."""
+PYTHON_KEYWORDS = frozenset(keyword.kwlist)
 
 
 @lru_cache(maxsize=1)
@@ -75,8 +98,10 @@ class _Kwarg(tuple):
     """A ``name=value`` argument on its way into a Call."""
 
 
-class ToAst(Transformer):
-    """One method per grammar rule, each returning an AST node with its position."""
+class ToAst(Transformer_NonRecursive):
+    """One method per grammar rule, each returning an AST node with its position (lark's
+    non-recursive transformer: a deep tree is measured and refused afterwards, never a
+    RecursionError here)."""
 
     def __init__(self, filename: str, source: str) -> None:
         super().__init__()
@@ -110,6 +135,13 @@ class ToAst(Transformer):
         for i, tok in enumerate(items):
             if names.index(names[i]) != i:
                 raise self.error(f"parameter {names[i]!r} is listed twice", tok.line, tok.column)
+            if names[i] in PYTHON_KEYWORDS:
+                raise self.error(
+                    f"parameter name {names[i]!r} is reserved: programs are called from "
+                    "Python, where it is a keyword; rename it",
+                    tok.line,
+                    tok.column,
+                )
         return tuple(names)
 
     def block(self, items):
@@ -230,7 +262,28 @@ class ToAst(Transformer):
     def number(self, items):
         tok = items[0]
         text = str(tok)
-        value = int(text) if re.fullmatch(r"\d+", text) else float(text)
+        shown = text if len(text) <= 24 else f"{text[:10]}...{text[-10:]}"
+        if re.fullmatch(r"\d+", text):
+            digits = len(text.lstrip("0"))
+            if digits > MAX_NUMBER_DIGITS:
+                raise self.error(
+                    f"the number {shown} has {digits:,} digits; the limit is {MAX_NUMBER_DIGITS:,}",
+                    tok.line,
+                    tok.column,
+                )
+            try:
+                value: int | float = int(text.lstrip("0") or "0")
+            except ValueError as err:  # the host lowered sys.set_int_max_str_digits
+                message = f"the number {shown} cannot be read: {err}"
+                raise self.error(message, tok.line, tok.column) from None
+        else:
+            value = float(text)
+            if not math.isfinite(value):
+                raise self.error(
+                    f"the number {shown} is not a finite number (the largest is about 1.8e308)",
+                    tok.line,
+                    tok.column,
+                )
         return ast.Num(tok.line, tok.column, value)
 
     def string(self, items):
@@ -314,21 +367,128 @@ class ToAst(Transformer):
 
 
 def parse(source: str, filename: str = "<string>") -> ast.Module:
-    """Parses ``.lmc`` source text into an :class:`~lmcascade.dsl.ast.Module`."""
+    """Parses ``.lmc`` source text into an :class:`~lmcascade.dsl.ast.Module`.
+
+    Every problem is a located :class:`~lmcascade.errors.DSLSyntaxError`, hostile input
+    included (see the limits above): ``parse("program f() { return " + "-" * 5000 + "1 }")``
+    says the expression is nested 5,002 levels deep where the limit is 200.
+    """
     if not isinstance(source, str):
         raise DSLError(f"source must be text, got {type(source).__name__}", filename=filename)
+    source = _clean(source, filename)
+    tree = _lark_parse(source, filename)
     try:
-        tree = grammar().parse(source)
-    except UnexpectedInput as err:
-        raise _syntax_error(err, source, filename) from None
-    except LarkError as err:  # pragma: no cover - any other lark failure is still ours to report
-        raise DSLSyntaxError(f"cannot parse: {err}", filename=filename) from None
-    try:
-        return ToAst(filename, source).transform(tree)
+        module = ToAst(filename, source).transform(tree)
     except VisitError as err:
         if isinstance(err.orig_exc, DSLError):
             raise err.orig_exc from None
         raise DSLSyntaxError(f"cannot parse: {err.orig_exc}", filename=filename) from None
+    depth, node = nesting(module)
+    if depth > MAX_DEPTH and node is not None:
+        raise DSLSyntaxError(
+            depth_message(depth), filename=filename, line=node.line, col=node.col, source=source
+        )
+    return module
+
+
+def _position(source: str, offset: int) -> tuple[int, int]:
+    """The 1-based line and column of a character offset."""
+    line = source.count("\n", 0, offset) + 1
+    return line, offset - (source.rfind("\n", 0, offset) + 1) + 1
+
+
+def _clean(source: str, filename: str) -> str:
+    """The source with its line endings made ``\\n`` and a leading byte-order mark dropped;
+    refuses a source over the size limit, a NUL character and a lone surrogate."""
+    if len(source) > MAX_SOURCE_CHARS:
+        raise DSLSyntaxError(
+            f"the source is {len(source):,} characters long; the limit is {MAX_SOURCE_CHARS:,}",
+            filename=filename,
+        )
+    if source.startswith("\ufeff"):
+        source = source[1:]
+    if "\r" in source:
+        source = source.replace("\r\n", "\n").replace("\r", "\n")
+    bad = source.find("\0")
+    message = "a NUL character (\\0) is not allowed in a .lmc source (is this a binary file?)"
+    if bad < 0:
+        try:
+            source.encode("utf-8")
+        except UnicodeEncodeError as err:
+            bad = err.start
+            message = (
+                f"character U+{ord(source[bad]):04X} is not valid text (a lone surrogate); "
+                "decode the file as UTF-8 without surrogateescape"
+            )
+    if bad >= 0:
+        line, col = _position(source, bad)
+        raise DSLSyntaxError(message, filename=filename, line=line, col=col, source=source)
+    return source
+
+
+def _lark_parse(source: str, filename: str):
+    """lark's parse tree, feeding at most :data:`MAX_TOKENS` tokens to the LALR parser."""
+    parser = grammar().parse_interactive(source)
+    last = None
+    try:
+        for count, last in enumerate(parser.iter_parse(), 1):
+            if count > MAX_TOKENS:
+                raise DSLSyntaxError(
+                    f"the source has more than {MAX_TOKENS:,} tokens (names, numbers, strings, "
+                    "operators); that is the limit",
+                    filename=filename,
+                    line=last.line or 0,
+                    col=last.column or 0,
+                    source=source,
+                )
+        return parser.feed_eof(last)
+    except UnexpectedInput as err:
+        raise _syntax_error(err, source, filename) from None
+    except LarkError as err:  # pragma: no cover - any other lark failure is still ours to report
+        raise DSLSyntaxError(f"cannot parse: {err}", filename=filename) from None
+
+
+def _children(node: ast.Node) -> Iterator[ast.Node]:
+    """The syntax nodes directly under ``node``, in source order."""
+    for value in vars(node).values():
+        if isinstance(value, ast.Node):
+            yield value
+        elif isinstance(value, tuple):
+            for item in value:
+                if isinstance(item, ast.Node):
+                    yield item
+                elif isinstance(item, tuple):  # a keyword argument: (name, value)
+                    yield from (x for x in item if isinstance(x, ast.Node))
+
+
+def nesting(module: ast.Module) -> tuple[int, ast.Node | None]:
+    """How deeply ``module``'s syntax tree nests, and its first deepest node (measured with an
+    explicit stack, so any depth is safe to measure).
+
+    A program's statements are at level 1; each node under another adds one:
+
+    >>> nesting(parse("program f() { return -x }"))
+    (3, Var(line=1, col=23, name='x'))
+    """
+    best: tuple[int, ast.Node | None] = (0, None)
+    stack: list[tuple[ast.Node, int]] = []
+    for program in reversed(module.programs):
+        stack.extend((s, 1) for s in reversed(program.body))
+    while stack:
+        node, depth = stack.pop()
+        if depth > best[0]:
+            best = (depth, node)
+        stack.extend((child, depth + 1) for child in reversed(list(_children(node))))
+    return best
+
+
+def depth_message(depth: int) -> str:
+    """The error for a syntax tree nested ``depth`` levels deep."""
+    return (
+        f"nested {depth:,} levels deep here; the limit is {MAX_DEPTH} (brackets, calls, "
+        "blocks and each operator of a chain such as a + b + c add a level): split it into "
+        "smaller parts with intermediate variables"
+    )
 
 
 def _syntax_error(err: UnexpectedInput, source: str, filename: str) -> DSLSyntaxError:
