@@ -85,11 +85,34 @@ class DSLError(LMCascadeError):
         self.filename, self.line, self.col, self.reason = filename, line, col, message
         text = f"{filename}:{line}:{col}: {message}"
         if source is not None and line > 0:
-            lines = source.splitlines()
-            if line <= len(lines):
-                code = lines[line - 1]
-                text += f"\n  {code}\n  {' ' * max(col - 1, 0)}^"
+            code, caret = excerpt(source, line, col)
+            if code is not None:
+                text += f"\n  {code}\n  {' ' * caret}^"
         super().__init__(text)
+
+
+def excerpt(source: str, line: int, col: int, width: int = 100) -> tuple[str | None, int]:
+    """The source line ``line`` (lines end at ``\\n`` only, as positions count them), cut to
+    ``width`` characters around column ``col``, and where the caret goes in it.
+
+    >>> excerpt("a = 1\\nb = " + "x" * 500, 2, 300)[0][:8]
+    '...xxxxx'
+    """
+    lines = source.split("\n")
+    if not 1 <= line <= len(lines):
+        return None, 0
+    code = lines[line - 1].rstrip("\r")
+    at = max(col - 1, 0)
+    if len(code) > width:
+        start = max(0, min(at - width // 2, len(code) - width))
+        code = (
+            ("..." if start else "")
+            + code[start : start + width]
+            + ("..." if start + width < len(code) else "")
+        )
+        at = at - start + (3 if start else 0)
+    code = "".join(ch if ch.isprintable() or ch == "\t" else "?" for ch in code)
+    return code, at
 
 
 class DSLSyntaxError(DSLError):
