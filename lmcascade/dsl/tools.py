@@ -1,17 +1,32 @@
 """Tools every ``.lmc`` file may call (the host can add more with ``lc.load(tools=...)``).
 
+``calc`` evaluates arithmetic text without running code, under the same bounds as the
+interpreter: whole numbers of at most ``Limits.digits`` digits (a product is refused before it
+is computed), an expression of at most ``MAX_CALC_CHARS`` characters, no powers, and a finite
+result.  Every failure is a ``ValueError`` whose message says what went wrong; in a ``.lmc``
+program it becomes a located ``DSLRuntimeError``.
+
 >>> calc("2 * (3 + 4)")
 14
 >>> calc("2 ** 100")
 Traceback (most recent call last):
 ...
 ValueError: calc handles + - * / % and parentheses over numbers, not Pow
+>>> calc("1/0")
+Traceback (most recent call last):
+...
+ValueError: calc cannot divide by zero in '1/0'
 """
 
 from __future__ import annotations
 
 import ast
+import math
 import operator
+
+from lmcascade.dsl.limits import Budget, Limits, Refusal
+
+MAX_CALC_CHARS = 10_000
 
 _OPS = {
     ast.Add: operator.add,
@@ -24,28 +39,81 @@ _OPS = {
 }
 
 
-def calc(expression) -> int | float:
-    """Evaluates arithmetic over numbers (``+ - * / %``, parentheses) without running code."""
-    if isinstance(expression, int | float):
-        return expression
+def calc(expression: str | int | float, *, limits: Limits | None = None) -> int | float:
+    """Evaluates arithmetic over numbers (``+ - * / %``, parentheses) without running code.
 
-    def walk(node):
-        if isinstance(node, ast.Expression):
-            return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](walk(node.left), walk(node.right))
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](walk(node.operand))
-        kind = type(getattr(node, "op", node)).__name__
-        raise ValueError(f"calc handles + - * / % and parentheses over numbers, not {kind}")
-
+    ``limits`` bounds the digits of whole numbers (the interpreter passes the program's own;
+    the default is ``Limits()``).
+    """
+    budget = Budget(limits or Limits())
+    if isinstance(expression, bool) or not isinstance(expression, str | int | float):
+        raise ValueError(f"calc takes text or a number, got {type(expression).__name__}")
+    if not isinstance(expression, str):
+        return _result(expression, budget, repr(expression))
+    text = expression.strip()
+    if len(text) > MAX_CALC_CHARS:
+        raise Refusal(
+            f"calc reads expressions of at most {MAX_CALC_CHARS:,} characters, got {len(text):,}"
+        )
     try:
-        tree = ast.parse(str(expression).strip(), mode="eval")
-    except SyntaxError as err:
-        raise ValueError(f"calc cannot read {expression!r}") from err
-    return walk(tree)
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
+        why = "" if isinstance(err, SyntaxError) else f" ({type(err).__name__}: {err})"
+        raise ValueError(f"calc cannot read {_short(text)}{why}") from None
+    try:
+        return _result(_evaluate(tree.body, budget), budget, text)
+    except ZeroDivisionError:
+        raise ValueError(f"calc cannot divide by zero in {_short(text)}") from None
+    except OverflowError as err:
+        raise ValueError(f"calc overflowed in {_short(text)}: {err}") from None
+
+
+def _evaluate(root: ast.expr, budget: Budget) -> int | float:
+    """The value of a parsed expression, computed without recursion (an explicit stack, so a
+    deeply nested expression cannot exhaust Python's stack)."""
+    values: list[int | float] = []
+    stack: list[tuple[ast.AST, bool]] = [(root, False)]
+    while stack:
+        node, ready = stack.pop()
+        if isinstance(node, ast.Constant):
+            value = node.value
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"calc handles numbers, not {value!r}")
+            values.append(_checked(value, budget))
+        elif isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            if not ready:
+                stack += [(node, True), (node.right, False), (node.left, False)]
+                continue
+            right, left = values.pop(), values.pop()
+            if isinstance(node.op, ast.Mult) and isinstance(left, int) and isinstance(right, int):
+                budget.check_product(left, right)
+            values.append(_checked(_OPS[type(node.op)](left, right), budget))
+        elif isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
+            if not ready:
+                stack += [(node, True), (node.operand, False)]
+                continue
+            values.append(_OPS[type(node.op)](values.pop()))
+        else:
+            kind = type(getattr(node, "op", node)).__name__
+            raise ValueError(f"calc handles + - * / % and parentheses over numbers, not {kind}")
+    return values[0]
+
+
+def _checked(value: int | float, budget: Budget) -> int | float:
+    """``value``, refused when a whole number has too many digits."""
+    return budget.check_int(value) if isinstance(value, int) else value
+
+
+def _result(value: int | float, budget: Budget, text: str) -> int | float:
+    """The final value: a whole number within the digit limit or a finite float."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"calc's result for {_short(text)} is {value}, not a finite number")
+    return _checked(value, budget)
+
+
+def _short(text: str) -> str:
+    """``text`` quoted, cut to a readable length for messages."""
+    return repr(text) if len(text) <= 60 else repr(text[:57] + "...")
 
 
 DEFAULT_TOOLS = {"calc": calc}
