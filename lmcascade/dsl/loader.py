@@ -17,7 +17,6 @@ source text, the current directory), and ``allow_paths=False`` refuses it.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -167,18 +166,6 @@ def _resolve_models(
     return plan
 
 
-def _interpreter(
-    module: ast.Module, bound: dict, tools: dict, limits: Limits | None
-) -> Interpreter:
-    """The compiler for ``module`` (``limits`` passed on when given; the Interpreter of a
-    release without budgets takes none)."""
-    if limits is None:
-        return Interpreter(module, bound, tools)
-    if "limits" not in inspect.signature(Interpreter).parameters:  # pragma: no cover
-        raise DSLError("this version of the .lmc interpreter takes no limits")
-    return Interpreter(module, bound, tools, limits=limits)
-
-
 def load(
     source_or_path: str | os.PathLike | None = None,
     *,
@@ -257,7 +244,7 @@ def load(
                     source=module.source,
                 ) from err
         bound[decl.name] = loaded[ref]
-    programs = _interpreter(module, bound, tools, limits).build()
+    programs = Interpreter(module, bound, tools, limits=limits).build()
     return SimpleNamespace(**programs)
 
 
