@@ -80,6 +80,10 @@ def kind_of(value: object) -> str:
     return type(value).__name__
 
 
+class Mismatch(TypeError):
+    """A value of the wrong kind for an operation; the message says which kinds it takes."""
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -157,9 +161,9 @@ def _int(budget: Budget, x: Any) -> int:
 
 def _join(budget: Budget, sep: Any, items: Any) -> str:
     if not isinstance(sep, str):
-        raise TypeError(f"join's separator must be text, got {kind_of(sep)}")
+        raise Mismatch(f"join's separator must be text, got {kind_of(sep)}")
     if not isinstance(items, list | tuple):
-        raise TypeError(f"join needs a list to join, got {kind_of(items)}")
+        raise Mismatch(f"join needs a list to join, got {kind_of(items)}")
     size = budget.measure(items) + len(sep) * max(len(items) - 1, 0)
     budget.check_size(size, "the joined text")
     return render(budget, sep.join(map(str, items)))
@@ -168,15 +172,17 @@ def _join(budget: Budget, sep: Any, items: Any) -> str:
 def _text(fn: Callable[[str], Any]) -> Callable[[Budget, Any], Any]:
     def method(budget: Budget, s: Any) -> Any:
         if not isinstance(s, str):
-            raise TypeError(f"needs text, got {kind_of(s)}")
+            raise Mismatch(f"{fn.__name__} needs text, got {kind_of(s)}")
         return fn(s)
 
     return method
 
 
 def _split(budget: Budget, s: Any, sep: Any = None) -> list[str]:
-    if not isinstance(s, str) or not (sep is None or isinstance(sep, str)):
-        raise TypeError(f"split needs text and a text separator, got {kind_of(s)}")
+    if not isinstance(s, str):
+        raise Mismatch(f"split needs text to split, got {kind_of(s)}")
+    if not (sep is None or isinstance(sep, str)):
+        raise Mismatch(f"split's separator must be text, got {kind_of(sep)}")
     if sep == "":
         raise ValueError('the separator is empty; split on a character or word, e.g. " "')
     return s.split(sep)
@@ -283,7 +289,8 @@ class Site:
 
         A categorical scores the *value*: its probability is the total probability of the
         entries equal (``==``) to it, zero when there is none.  The site observes 0 under a
-        point mass that carries exactly that log-probability.
+        point mass that carries exactly that log-probability.  A value another distribution
+        cannot draw (``observe 3 ~ bernoulli(0.5)``) has weight zero too.
         """
         if self.values is not None and self.weights is not None:
             hit = math.fsum(
@@ -297,6 +304,8 @@ class Site:
             return self.dist, value
         if not isinstance(value, int | float) or math.isnan(value):
             raise Refusal(f"observing a {self.kind} value needs a number, got {_short(value)}")
+        if not bool(self.dist.support.check(_t(float(value)))):
+            return Delta(_t(0.0), log_density=_t(-math.inf)), 0.0  # a value it cannot draw
         return self.dist, float(value)
 
 
@@ -702,7 +711,7 @@ class Interpreter:
         try:
             value = binop(budget, op, a, b)
         except TypeError:
-            raise TypeError(f"{op} does not apply to {kind_of(a)} and {kind_of(b)}") from None
+            raise Mismatch(f"{op} does not apply to {kind_of(a)} and {kind_of(b)}") from None
         return budget.check_int(value) if type(value) is int else value
 
     @staticmethod
@@ -712,21 +721,21 @@ class Interpreter:
         try:
             return COMPARE[op](a, b)
         except TypeError:
-            raise TypeError(f"{op} does not apply to {kind_of(a)} and {kind_of(b)}") from None
+            raise Mismatch(f"{op} does not apply to {kind_of(a)} and {kind_of(b)}") from None
 
     @staticmethod
     def negate(value: Any, budget: Budget) -> Any:
         if not isinstance(value, int | float):
-            raise TypeError(f"only numbers can be negated, not {kind_of(value)}")
+            raise Mismatch(f"only numbers can be negated, not {kind_of(value)}")
         return -value
 
     @staticmethod
     def index(container: Any, index: Any) -> Any:
+        if not isinstance(container, list | tuple | str | dict):
+            raise Mismatch(f"only a list or a text can be indexed, not {kind_of(container)}")
         if isinstance(container, list | tuple | str):
             if isinstance(index, bool) or not isinstance(index, int):
-                raise TypeError(
-                    f"a list or text is indexed by a whole number, not {kind_of(index)}"
-                )
+                raise Mismatch(f"a list or text is indexed by a whole number, not {kind_of(index)}")
             if not -len(container) <= index < len(container):
                 raise IndexError(
                     f"index {index} is out of range for {kind_of(container)} of length "
@@ -769,6 +778,8 @@ class Interpreter:
         """A builtin function applied; a type error names the kinds of values it got."""
         try:
             return BUILTINS[name](budget, *args)
+        except Mismatch:
+            raise
         except TypeError as err:
             kinds = ", ".join(kind_of(a) for a in args)
             raise TypeError(f"{err} (it got {kinds})") from None
