@@ -253,9 +253,9 @@ def test_a_failing_host_tool_is_a_located_error():
 
 
 def test_limits_must_be_positive_whole_numbers():
-    with pytest.raises(ValueError, match="Limits.steps"):
+    with pytest.raises(lc.errors.OptionError, match=r"Limits.steps \(--max-steps\)"):
         Limits(steps=0)
-    with pytest.raises(ValueError, match="Limits.size"):
+    with pytest.raises(lc.errors.OptionError, match="Limits.size"):
         Limits(size=1.5)
 
 
@@ -327,6 +327,20 @@ def test_observing_a_value_not_among_the_values_has_weight_zero():
     result = lc.infer(compile_lmc(source)["p"](), method="enumerate")
     assert result.log_evidence == math.log(0.5)
     assert result.distribution() == {False: 1.0}
+
+
+def test_observing_a_value_outside_a_distributions_support_has_weight_zero():
+    source = """program p() {
+  x ~ bernoulli(0.25)
+  if x { observe 3 ~ bernoulli(0.5) } else { observe 2.5 ~ poisson(1) }
+  return x
+}
+"""
+    with pytest.raises(lc.errors.AllWeightsZeroError, match="observe@3"):
+        lc.infer(compile_lmc(source)["p"](), method="enumerate")
+    source = source.replace("observe 2.5 ~ poisson(1)", "observe 2 ~ poisson(1)")
+    result = lc.infer(compile_lmc(source)["p"](), method="enumerate")
+    assert result.log_evidence == pytest.approx(math.log(0.75 * math.exp(-1) / 2), abs=1e-15)
 
 
 def test_sampling_a_categorical_gives_its_values_with_their_probabilities():

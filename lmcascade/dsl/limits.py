@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmcascade.errors import OptionError
+
 # the command-line option that raises each limit (the others: only lc.load(limits=...))
 CLI_OPTIONS = {"steps": "--max-steps", "size": "--max-size", "depth": "--max-depth"}
 
@@ -67,7 +69,10 @@ class Limits:
         for name in ("steps", "size", "digits", "depth", "iterations"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Limits.{name} must be a whole number >= 1, got {value!r}")
+                option = f" ({CLI_OPTIONS[name]})" if name in CLI_OPTIONS else ""
+                raise OptionError(
+                    f"Limits.{name}{option} must be a whole number >= 1, got {value!r}"
+                )
 
 
 class Refusal(ValueError):
