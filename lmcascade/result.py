@@ -19,49 +19,77 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from lmcascade.trace import JSON_DEPTH, Trace, jsonable, safe_repr
 
 
 def value_key(value: Any) -> Any:
-    """A hashable stand-in for ``value`` so equal values merge (lists, dicts, tensors too).
-    A value too deep to key exactly keeps its own identity (it merges with nothing, rather
-    than with a different value that prints the same)."""
+    """A hashable stand-in for ``value`` so that equal values merge: the value itself when it
+    is hashable (every NaN is one key), else a :class:`ValueKey` equal exactly for equal
+    values of the same types (the list ``[1, 2]`` never merges with the text ``"[1, 2]"``).
+
+    >>> value_key([1, 2]) == value_key([1, 2]) != value_key("[1, 2]")
+    True
+    """
+    if isinstance(value, float) and math.isnan(value):
+        return math.nan  # one object, so every NaN result lands on one key
+    if not isinstance(value, np.ndarray | torch.Tensor):  # arrays hash by identity, or not at all
+        try:
+            hash(value)
+            return value
+        except Exception:
+            pass
     try:
-        hash(value)
-        return value
-    except TypeError:
-        pass
-    except RecursionError:
-        return _Unkeyed(value)
-    try:
-        return json.dumps(_exact(value), sort_keys=True)
-    except (RecursionError, TypeError, ValueError):
-        return _Unkeyed(value)
+        return ValueKey(value, _canonical(value, 0))
+    except Exception:  # too deep or unconvertible: a key of its own, merging with nothing
+        return ValueKey(value, None)
 
 
-def _exact(value: Any, depth: int = 0) -> Any:
-    """Like :func:`jsonable`, but refuses (TypeError) what it cannot write exactly."""
+def _canonical(value: Any, depth: int) -> Any:
+    """A hashable form of ``value`` that keeps its types (tags) and ignores dict order."""
     if depth > JSON_DEPTH:
-        raise TypeError("too deep")
-    if value is None or isinstance(value, bool | int | str | float):
-        return value if not isinstance(value, float) or math.isfinite(value) else repr(value)
-    if hasattr(value, "tolist"):
-        return _exact(value.tolist(), depth + 1)
+        raise ValueError("too deep to key")
+    if isinstance(value, float) and math.isnan(value):
+        return ("nan",)
+    if not isinstance(value, np.ndarray | torch.Tensor):
+        try:
+            hash(value)
+            return (type(value).__name__, value)
+        except TypeError:
+            pass
     if isinstance(value, list | tuple):
-        return [_exact(v, depth + 1) for v in value]
+        return (type(value).__name__, tuple(_canonical(v, depth + 1) for v in value))
     if isinstance(value, dict):
-        return {str(k): _exact(v, depth + 1) for k, v in value.items()}
-    return repr(value)
+        items = frozenset(
+            (_canonical(k, depth + 1), _canonical(v, depth + 1)) for k, v in value.items()
+        )
+        return ("dict", items)
+    if isinstance(value, set):
+        return ("set", frozenset(_canonical(v, depth + 1) for v in value))
+    if hasattr(value, "tolist"):
+        return (type(value).__name__, _canonical(value.tolist(), depth + 1))
+    raise TypeError(f"cannot key {type(value).__name__}")
 
 
-class _Unkeyed:
-    """A distribution key for a value that cannot be keyed by content; shows as its value."""
+class ValueKey:
+    """The distribution key of an unhashable value: equal to the key of an equal value (same
+    types all the way down), shown as the value itself; ``value`` is the original."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "_canon")
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
+    def __init__(self, value: Any, canonical: Any) -> None:
+        self.value, self._canon = value, canonical
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ValueKey):
+            return NotImplemented
+        if self._canon is None or other._canon is None:
+            return self is other
+        return self._canon == other._canon
+
+    def __hash__(self) -> int:
+        return id(self) if self._canon is None else hash(self._canon)
 
     def __repr__(self) -> str:
         return safe_repr(self.value)
@@ -192,7 +220,7 @@ class Result:
             "log_evidence": jsonable(self.log_evidence),
             "ess": jsonable(self.ess),
             "distribution": [
-                {"value": jsonable(v.value if isinstance(v, _Unkeyed) else v), "probability": p}
+                {"value": jsonable(v.value if isinstance(v, ValueKey) else v), "probability": p}
                 for v, p in self.distribution().items()
             ],
             "traces": [

@@ -191,29 +191,52 @@ def jsonable(value: Any, _depth: int = 0) -> Any:
     >>> jsonable([1.5, float("-inf"), (2, "a")])
     [1.5, '-inf', [2, 'a']]
     """
-    if value is None or isinstance(value, bool | int | str):
+    if value is None or isinstance(value, bool | str):
         return value
+    if isinstance(value, int):
+        return value if value.bit_length() < 4000 else safe_repr(value)  # JSON writes digits
     if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
+        return float(value) if math.isfinite(value) else repr(float(value))
     if _depth >= JSON_DEPTH:
         return safe_repr(value)
-    if hasattr(value, "tolist"):
-        return jsonable(value.tolist(), _depth + 1)
-    if isinstance(value, list | tuple):
-        return [jsonable(v, _depth + 1) for v in value]
-    if isinstance(value, dict):
-        return {str(k): jsonable(v, _depth + 1) for k, v in value.items()}
+    try:
+        if hasattr(value, "tolist"):
+            return jsonable(value.tolist(), _depth + 1)
+        if isinstance(value, list | tuple):
+            return [jsonable(v, _depth + 1) for v in value]
+        if isinstance(value, dict):
+            return {safe_str(k): jsonable(v, _depth + 1) for k, v in value.items()}
+    except Exception:  # a user object that fails on conversion: keep its repr instead
+        pass
     return safe_repr(value)
+
+
+def safe_str(value: Any) -> str:
+    """``str(value)`` for a JSON key, or its :func:`safe_repr` when ``str`` fails."""
+    if isinstance(value, str):
+        return value
+    try:
+        if isinstance(value, int) and value.bit_length() >= 4000:
+            return safe_repr(value)
+        return str(value)
+    except Exception:
+        return safe_repr(value)
 
 
 def safe_repr(value: Any, limit: int = 100_000) -> str:
     """``repr(value)``, shortened for values too deep or too long to print whole."""
+    if isinstance(value, int) and value.bit_length() >= 4000:  # too many digits to print
+        sign = "-" if value < 0 else ""
+        return f"<int: {sign}2**{abs(value).bit_length() - 1} or more>"
     try:
         text = repr(value)
-    except (RecursionError, MemoryError, ValueError):  # ValueError: int too large to print
+    except (RecursionError, MemoryError, ValueError):  # ValueError: an int too large to print
         short = reprlib.Repr()
         short.maxlevel, short.maxlist, short.maxstring, short.maxlong = 20, 50, 200, 200
-        text = short.repr(value)
+        try:
+            text = short.repr(value)
+        except Exception as err:
+            text = f"<{type(value).__name__} object; repr failed: {type(err).__name__}>"
     except Exception as err:  # a user object whose __repr__ fails
         text = f"<{type(value).__name__} object; repr failed: {type(err).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
