@@ -218,31 +218,48 @@ def predicate(prefix_ok, complete_ok=None) -> Predicate:
     return Predicate(prefix_ok, complete_ok)
 
 
-def compile_index(index_type: Any, pattern: str, vocabulary: Any, model_name: str) -> Any:
+_COMPILING: dict[tuple, tuple[threading.Thread, dict]] = {}
+_COMPILING_LOCK = threading.Lock()
+
+
+def compile_index(index_type: Any, pattern: str, vocabulary: Any, model: Any) -> Any:
     """``index_type(pattern, vocabulary)``, built in a worker thread so that Ctrl-C still
-    interrupts it (outlines-core releases the GIL; a large JSON schema can take minutes),
-    saying on stderr that it is compiling when that takes more than two seconds."""
-    box: dict[str, Any] = {}
+    interrupts the wait (outlines-core releases the GIL; a large JSON schema can take
+    minutes), saying on stderr that it is compiling when that takes more than two seconds.
+    A compilation cannot be cancelled half-way: after Ctrl-C it finishes in the background,
+    and asking again for the same pattern and model waits for that one instead of starting
+    a second."""
+    key = (id(index_type), pattern, id(model))
+    model_name = getattr(model, "name", model)
+    with _COMPILING_LOCK:
+        found = _COMPILING.get(key)
+        if found is None:
+            box: dict[str, Any] = {}
 
-    def work() -> None:
-        try:
-            box["index"] = index_type(pattern, vocabulary)
-        except BaseException as err:  # handed to the caller's thread
-            box["error"] = err
+            def work() -> None:
+                try:
+                    box["index"] = index_type(pattern, vocabulary)
+                except BaseException as err:  # handed to the caller's thread
+                    box["error"] = err
 
-    worker = threading.Thread(target=work, name="lmcascade-regex-compile", daemon=True)
+            worker = threading.Thread(target=work, name="lmcascade-regex-compile", daemon=True)
+            found = _COMPILING[key] = (worker, box)
+            worker.start()
+    worker, box = found
     start = time.monotonic()
-    worker.start()
     said = False
     while worker.is_alive():
         worker.join(0.1)
         if not said and worker.is_alive() and time.monotonic() - start > 2.0:
             print(
                 f"lmcascade: compiling a constraint for model {model_name!r} "
-                f"({len(pattern)}-character pattern); large schemas take minutes, Ctrl-C stops",
+                f"({len(pattern)}-character pattern); large schemas take minutes, Ctrl-C stops "
+                "waiting",
                 file=sys.stderr,
             )
             said = True
+    with _COMPILING_LOCK:
+        _COMPILING.pop(key, None)
     if "error" in box:
         raise box["error"]
     return box["index"]
@@ -280,7 +297,7 @@ class Regex(Constraint):
                     table.setdefault(piece, []).append(i)
             try:
                 index = compile_index(
-                    Index, f"(?:{self.pattern})$", Vocabulary(model.eos_id, table), model.name
+                    Index, f"(?:{self.pattern})$", Vocabulary(model.eos_id, table), model
                 )
                 sentinel = None
             except ValueError as err:
@@ -354,11 +371,17 @@ def json_schema(schema: Any, *, whitespace: str = "") -> Regex:
 
     from outlines_core.json_schema import build_regex_from_schema
 
-    text = schema if isinstance(schema, str) else json.dumps(schema)
     try:
+        text = schema if isinstance(schema, str) else json.dumps(schema)
         pattern = build_regex_from_schema(text, whitespace_pattern=whitespace)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, RecursionError) as err:
         raise SiteError(f"cannot turn this JSON schema into a constraint: {err}") from None
+    try:
+        admits_empty = re.fullmatch(pattern, "") is not None
+    except (re.error, RecursionError, OverflowError):
+        admits_empty = False  # a pattern Python cannot read: outlines-core checks it later
+    if admits_empty:  # no JSON text is empty: the schema admits no value (e.g. an empty enum)
+        raise SiteError(f"the JSON schema {text[:200]!r} admits no value; nothing can match it")
     return Regex(pattern)
 
 

@@ -124,6 +124,18 @@ class LM:
                 raise SiteError(
                     "an LM used as a potential must share the site's tokenizer (same vocabulary)"
                 )
+            if (
+                potential.temperature != 1.0
+                or potential.top_k is not None
+                or potential.top_p != 1.0
+                or potential.min_tokens
+                or potential.constraint is not None
+            ):
+                raise SiteError(
+                    "an LM used as a potential must give every token a probability (temperature "
+                    "1, no top_k, top_p 1, min_tokens 0, no constraint): a potential steers and "
+                    "cannot forbid a token — forbid it on the site itself instead"
+                )
         elif potential is not None and not callable(potential):
             raise SiteError("LM potential must be a function of the partial text, or an lc.LM")
         self.constraint = constraint
@@ -134,7 +146,7 @@ class LM:
         self.min_tokens = min_tokens
         self.stop = stops
         self.temperature = float(temperature)
-        self.top_k = top_k
+        self.top_k = None if top_k is None else min(top_k, 2**31 - 1)  # beyond the vocabulary
         self.top_p = float(top_p)
 
     @cached_property
@@ -172,6 +184,7 @@ class LM:
             gen.seed()
         else:
             gen.manual_seed(seed)
+        self.model.check_fits(len(self.prompt_ids), self.max_tokens)
         run = LMRun(self)
         run_to_end([run], {self.model.device: gen})
         return run.value  # type: ignore[return-value]
@@ -182,6 +195,8 @@ class LM:
         by teacher forcing in batched passes (:mod:`lmcascade.lm.text_score`)."""
         if not isinstance(text, str):
             raise SiteError(f"LM.log_prob needs a string, got {type(text).__name__}")
+        ids = self.model.encode(text)
+        self.model.check_fits(len(self.prompt_ids), min(len(ids) + 1, self.max_tokens))
         return text_log_prob(self, text)
 
     def __repr__(self) -> str:

@@ -54,6 +54,7 @@ import torch
 from lmcascade.distributions import is_lm
 from lmcascade.errors import (
     BadYieldError,
+    DSLError,
     LMCascadeError,
     ProgramError,
     ReplayDivergenceError,
@@ -61,7 +62,7 @@ from lmcascade.errors import (
 )
 from lmcascade.lm.step import Observer, step_runs
 from lmcascade.lm.text_score import score_texts
-from lmcascade.memory import check_cache_fits
+from lmcascade.memory import check_step_fits
 from lmcascade.policy import Policy, rescore
 from lmcascade.program import EFFECT_TYPES, BoundProgram, Effect, send
 from lmcascade.requests import Pending
@@ -219,6 +220,7 @@ class Engine:
         self.max_particles = max_particles
         self.generators: dict[torch.device, torch.Generator] = {}
         self.observers: list[Observer] = []
+        self._warned: set[int] = set()  # models already warned about memory
         self.stats: dict[str, Any] = {"model_calls": 0, "tokens_generated": 0, "tokens_scored": 0}
         watching = ENGINES.get()
         if watching is not None:  # lc.infer reports their progress if the run is interrupted
@@ -243,15 +245,11 @@ class Engine:
         have added particles; a schedule may have replaced some)."""
         schedule = schedule or Schedule()
         population = list(particles)
-        first = True
         while True:
             population = self.advance_all(population)
             waiting = [p for p in population if p.waiting is not None]
             if not waiting:
                 return population
-            if first:  # a population whose caches cannot fit fails before any model work
-                check_cache_fits([r for p in waiting for r in p.waiting.runs if r.forced is None])  # type: ignore[union-attr]
-                first = False
             population, to_step = schedule.select(self, population, waiting)
             population.extend(self.step(to_step))
             population = schedule.after_step(self, population)
@@ -285,14 +283,19 @@ class Engine:
             self.generator(model.device)
         texts = {id(t): t for p in particles for t in p.waiting.texts if t.log_prob is None}  # type: ignore[union-attr]
         try:
+            if any(not r.tokens for r in runs):  # new sites: check the step fits first
+                check_step_fits(runs, self._warned)
             if texts:
                 score_texts(list(texts.values()), self.stats)
             branches = step_runs(runs, self.generators, self.stats, self.sampler, self.observers)
-        except LMCascadeError as err:
+        except Exception as err:
             names = list(dict.fromkeys(p._current[1] for p in particles if p._current))
             if not names:
                 raise
             shown = ", ".join(repr(n) for n in names[:3]) + (" ..." if len(names) > 3 else "")
+            if not isinstance(err, LMCascadeError) or isinstance(err, DSLError):
+                err.add_note(f"raised while stepping lmcascade site {shown}")
+                raise
             raise type(err)(f"while stepping site {shown}: {err}") from None
         born: list[Particle] = []
         for p in particles:

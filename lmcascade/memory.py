@@ -7,6 +7,7 @@ True
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,14 +17,22 @@ from lmcascade.errors import ModelError
 
 
 def available_memory(device: Any = "cpu") -> int | None:
-    """Bytes free now on ``device``: a CUDA device's free memory, else the host's
-    (Linux: MemAvailable); None where it cannot be known."""
+    """Bytes free now on ``device``: a CUDA device's free memory, else the host's (Linux:
+    MemAvailable, and no more than a cgroup memory limit leaves); None where unknown."""
     device = torch.device(device)
     if device.type == "cuda":
         try:
             return int(torch.cuda.mem_get_info(device)[0])
         except (RuntimeError, AssertionError):
             return None
+    free = _meminfo()
+    limit = _cgroup_room()
+    if free is None:
+        return limit
+    return free if limit is None else min(free, limit)
+
+
+def _meminfo() -> int | None:
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -37,10 +46,38 @@ def available_memory(device: Any = "cpu") -> int | None:
         return None
 
 
-def check_cache_fits(runs: Sequence[Any]) -> None:
-    """Raises :class:`ModelError` when the model caches of ``runs`` (LM runs about to
-    generate) could outgrow their device: each distinct prompt is cached once, and each run
-    may add up to its ``max_tokens``."""
+def _cgroup_room() -> int | None:
+    """What a cgroup v2 memory limit leaves (``memory.max`` minus ``memory.current``)."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            text = fh.read().strip()
+        if text == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current") as fh:
+            return max(0, int(text) - int(fh.read().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def size(n: float) -> str:
+    """Bytes for people: ``size(3 * 2**30)`` is ``'3.0 GiB'``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,.0f} bytes"
+
+
+LOGIT_COPIES = 4
+"""Vocabulary-sized float32 rows a decoding step holds per position it computes (logits, their
+log-softmax, the shaped and the constraint-masked distributions)."""
+
+
+def check_step_fits(runs: Sequence[Any], warned: set) -> None:
+    """Before a decoding step of ``runs``: a :class:`ModelError` when what the step itself
+    allocates cannot fit on a model's device (vocabulary-sized rows for every position it
+    computes, and the cache of prompts not yet computed), and a warning (once per model, via
+    ``warned``) when the runs' caches could outgrow it by the time every run reaches its
+    ``max_tokens``."""
     by_model: dict[int, list] = {}
     for run in runs:
         by_model.setdefault(id(run.model), []).append(run)
@@ -49,13 +86,29 @@ def check_cache_fits(runs: Sequence[Any]) -> None:
         per_token = getattr(model, "cache_bytes_per_token", 0)
         if not per_token:
             continue
-        prompts = {tuple(r.ctx.ids) for r in group}
-        tokens = sum(len(p) for p in prompts) + sum(r.dist.max_tokens for r in group)
-        need, have = tokens * per_token, available_memory(model.device)
-        if have is not None and need > have:
+        positions = sum(len(r.forced) if r.forced is not None else 1 for r in group)
+        fresh = {id(r.dist.prompt): len(r.dist.prompt_ids) for r in group if not r.tokens}
+        step = positions * model.vocab_size * 4 * LOGIT_COPIES + sum(fresh.values()) * per_token
+        more = sum(
+            (len(r.forced) if r.forced is not None else r.dist.max_tokens) - len(r.tokens)
+            for r in group
+        )
+        have = available_memory(model.device)
+        if have is None:
+            continue
+        if step > have:
             raise ModelError(
+                f"a decoding step of {len(group):,} generations on model {model.name!r} needs "
+                f"about {size(step)} ({positions:,} rows of {model.vocab_size:,} "
+                f"scores, and the prompts' cache), but {size(have)} is free on "
+                f"{model.device}; use fewer particles (or a smaller batch_size)"
+            )
+        if step + more * per_token > have and id(model) not in warned:
+            warned.add(id(model))
+            warnings.warn(
                 f"{len(group):,} generations of up to {max(r.dist.max_tokens for r in group):,} "
-                f"tokens on model {model.name!r} could need {need / 2**30:,.1f} GiB of cache "
-                f"({per_token / 1024:.0f} KiB per token), but {have / 2**30:,.1f} GiB is free "
-                f"on {model.device}; use fewer particles or a lower max_tokens"
+                f"tokens on model {model.name!r} could need {size(more * per_token)} of cache, "
+                f"more than the {size(have)} free on {model.device}; fine "
+                "if they stop early, otherwise use fewer particles or a lower max_tokens",
+                stacklevel=4,
             )

@@ -29,7 +29,7 @@ from lmcascade.distributions import draw_value, is_lm, score
 from lmcascade.errors import SiteError, TokenizationError
 from lmcascade.program import Call, Condition, Effect, Factor, Observe
 from lmcascade.requests import Pending, generation, path_score, text_score
-from lmcascade.trace import Site
+from lmcascade.trace import Site, safe_repr
 
 
 class Policy:
@@ -46,7 +46,8 @@ class Policy:
                 ok = bool(eff.ok)
             except (RuntimeError, TypeError, ValueError) as err:
                 raise SiteError(
-                    f"site {name!r}: condition needs a true/false value, got {eff.ok!r} ({err})"
+                    f"site {name!r}: condition needs a true/false value, got "
+                    f"{safe_repr(eff.ok, 200)} ({err})"
                 ) from None
             return Site(name, "condition", ok, 0.0 if ok else -math.inf)
         if isinstance(eff, Call):
@@ -62,7 +63,9 @@ class Policy:
         try:
             value, lp = draw_value(dist)
         except (RuntimeError, ValueError, NotImplementedError) as err:
-            raise SiteError(f"site {name!r}: sampling {dist!r} failed: {err}") from err
+            raise SiteError(
+                f"site {name!r}: sampling {safe_repr(dist, 200)} failed: {err}"
+            ) from err
         return Site(name, "sample", value, lp, lp, dist=dist)
 
     def observe(self, eff: Observe, name: str) -> Site | Pending:
@@ -75,18 +78,22 @@ class Policy:
             return text_score(name, "observe", eff.dist, eff.value)
         try:
             lp = score(eff.dist, eff.value)
-        except (RuntimeError, ValueError, TypeError) as err:
+        except (RuntimeError, ValueError, TypeError, OverflowError) as err:
             raise SiteError(
-                f"site {name!r}: cannot score value {eff.value!r} under {eff.dist!r}: {err}"
+                f"site {name!r}: cannot score value {safe_repr(eff.value, 200)} under "
+                f"{safe_repr(eff.dist, 200)}: {err}"
             ) from err
         return Site(name, "observe", eff.value, lp, dist=eff.dist)
 
     def factor(self, eff: Factor, name: str) -> Site:
         try:
+            if isinstance(eff.log_weight, str | bytes):
+                raise TypeError("text is not a number")
             lw = float(eff.log_weight)
-        except (TypeError, ValueError, RuntimeError):
+        except (TypeError, ValueError, RuntimeError, OverflowError):
             raise SiteError(
-                f"site {name!r}: factor needs a number (a log-weight), got {eff.log_weight!r}"
+                f"site {name!r}: factor needs a number (a log-weight) that a float can hold, "
+                f"got {safe_repr(eff.log_weight, 200)}"
             ) from None
         if math.isnan(lw) or lw == math.inf:
             raise SiteError(f"site {name!r}: factor log-weight is {lw}; it must be finite or -inf")

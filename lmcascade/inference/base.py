@@ -23,7 +23,7 @@ import torch
 
 from lmcascade.engine import ENGINES, Particle
 from lmcascade.errors import AllWeightsZeroError, Interrupted, OptionError, UnknownMethodError
-from lmcascade.memory import available_memory
+from lmcascade.memory import available_memory, size
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result
 
@@ -76,9 +76,9 @@ class InferenceMethod:
         need, have = n * PARTICLE_BYTES, available_memory()
         if have is not None and need > have:
             raise OptionError(
-                f"method {self.name!r}: {key}={n:,} needs about {need / 2**30:,.1f} GiB for the "
+                f"method {self.name!r}: {key}={n:,} needs about {size(need)} for the "
                 f"particles alone (about {PARTICLE_BYTES / 1000:.0f} KB each, plus the model's "
-                f"cache per token), but {have / 2**30:,.1f} GiB is available; use fewer"
+                f"cache per token), but {size(have)} is available; use fewer"
             )
         return n
 

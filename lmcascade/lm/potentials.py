@@ -4,7 +4,10 @@ A site's ``potential`` may be a function of the partial text (the run evaluates 
 grows) or another :class:`~lmcascade.LM` sharing the tokenizer: the twist is then that LM's
 log-probability of the prefix, which grows by the expert's log-probability of each chosen
 token — one batched call per expert model per decoding step, made after the tokens are
-chosen and before they are fed.
+chosen and before they are fed.  Such an LM may not rule tokens out (``lc.LM`` refuses its
+temperature, top-k, top-p, min_tokens and constraints): a twist steers and is removed when
+the site ends, and an infinite one would drop particles the target keeps.  A probability
+that underflows to zero adds :data:`FLOOR`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from lmcascade.lm.shaping import shape_rows
 
 if TYPE_CHECKING:
     from lmcascade.lm.run import LMRun
+
+FLOOR = -1e4
+"""The twist increment of a token the steering LM gives probability zero (log scale)."""
 
 
 def expert_increments(
@@ -39,5 +45,5 @@ def expert_increments(
         cpu = shaped.to(torch.float64)
         for n, i in enumerate(rows):
             ids = torch.tensor(list(tokens[i]), device=cpu.device)
-            out[i] = cpu[n].gather(0, ids).cpu().tolist()
+            out[i] = cpu[n].gather(0, ids).clamp(min=FLOOR).cpu().tolist()
     return out

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from lmcascade.errors import SiteError
 from lmcascade.lm.detok import Detokenizer
 from lmcascade.models.base import Context, LanguageModel
+from lmcascade.trace import safe_repr
 
 if TYPE_CHECKING:
     from lmcascade.distributions import LM
@@ -101,13 +102,32 @@ class LMRun:
             if forced is None:
                 self.expert = dist.potential.model.open(dist.potential.prompt_ids)
         elif dist.potential is not None:
-            self.twist = float(dist.potential(""))
+            self.twist = self._potential("")
         self.cstate = dist.constraint.start(self.model) if dist.constraint is not None else None
         self.done = False
         self.end: str | None = None
         self.value: str | None = None
         self._detok = Detokenizer(self.model.tokenizer)
         self._stop_scan = 0
+
+    def _potential(self, text: str) -> float:
+        """The site's potential of a prefix: a finite number, or a SiteError saying why not.
+        A twist steers SMC and is removed when the site ends, so it cannot forbid a text
+        (a -inf twist would drop particles the target keeps, a biased result)."""
+        raw = self.dist.potential(text)
+        try:
+            value = math.nan if isinstance(raw, str | bool) else float(raw)
+        except (TypeError, ValueError, OverflowError):
+            value = math.nan
+        if not math.isfinite(value):
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            raise SiteError(
+                f"the potential returned {safe_repr(raw, 60)} for {shown!r}; a log-potential "
+                "must be a finite number. A potential only steers SMC and is removed when the "
+                "site ends, so it cannot forbid a text: forbid with a constraint, or with a "
+                "condition or factor after the site"
+            )
+        return value
 
     @property
     def log_weight(self) -> float:
@@ -169,12 +189,7 @@ class LMRun:
             if self.expert is not None:
                 self.expert.append(token_id)
             else:
-                self.twist = float(self.dist.potential(self._detok.text))
-                if math.isnan(self.twist) or self.twist == math.inf:
-                    raise SiteError(
-                        f"the potential returned {self.twist} for {self._detok.text!r}; a "
-                        "log-potential must be a finite number or -inf"
-                    )
+                self.twist = self._potential(self._detok.text)
         self.ctx.append(token_id)
 
     def feed_block(

@@ -70,23 +70,32 @@ def distributions(
         p = shape_rows(
             logprobs, [r.dist for r in group], [len(r.tokens) for r in group], model.eos_id
         )
+        empty: list[LMRun] = []
         if bool(torch.isnan(p).any()):
-            raise ModelError(
-                f"model {model.name!r} gave NaN next-token log-probabilities (its weights or "
-                "inputs are broken: check the model files with `lmcascade models verify`)"
-            )
+            if bool(torch.isnan(logprobs).any()):
+                raise ModelError(
+                    f"model {model.name!r} gave NaN next-token log-probabilities (its weights "
+                    "or inputs are broken: check the model files with `lmcascade models verify`)"
+                )
+            # nothing may be drawn (min_tokens masks the only token the model allows): the
+            # run ends on eos with probability zero
+            nothing = torch.isnan(p).any(dim=-1)
+            empty = [r for r, bad in zip(group, nothing.tolist(), strict=True) if bad]
+            eos_row = torch.full_like(p[0], float("-inf"))
+            eos_row[model.eos_id] = 0.0
+            p = torch.where(nothing[:, None], eos_row, p)
         gen = generators.get(p.device)
         if gen is None:
             gen = generators[p.device] = torch.Generator(device=p.device)
             gen.seed()
         mask = constraint_masks(group, p, full=full_masks)
         if mask is None:
-            out.append(Rows(group, p, p, None, gen))
+            out.append(Rows(group, p, p, None, gen, empty))
             continue
         masked = p.masked_fill(~mask, float("-inf"))
         blocked = torch.isneginf(masked).all(dim=-1)  # nothing allowed
         q = torch.where(blocked[:, None], p, torch.log_softmax(masked, dim=-1))
-        out.append(Rows(group, p, q, blocked, gen))
+        out.append(Rows(group, p, q, blocked, gen, empty))
     return out
 
 
@@ -165,6 +174,8 @@ def step_runs(
         for observe in observers:
             observe(rows)
         branches.update(feed(rows, sampler.choose(rows), stats))
+        for run in rows.empty:  # ended on the stand-in eos: the site has probability zero
+            run.log_prob = float("-inf")
     return branches
 
 

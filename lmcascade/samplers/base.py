@@ -11,7 +11,7 @@ from: the run's weight gets ``p - q``; 0 for a deterministic choice).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +27,8 @@ class Rows:
     ``p`` is each run's next-token distribution under its site's LM (what weights use);
     ``q`` what a sampler draws from: ``p`` with constraint masks applied and renormalised
     (rows where the constraint allows nothing keep ``p`` and are flagged in ``blocked``).
+    ``empty`` lists the runs whose site allows no token at all (``min_tokens`` forbids the
+    eos a model insists on): their rows are eos, and the step gives them weight zero.
     """
 
     runs: list[LMRun]
@@ -34,6 +36,7 @@ class Rows:
     q: torch.Tensor
     blocked: torch.Tensor | None
     generator: torch.Generator
+    empty: list[LMRun] = field(default_factory=list)
 
 
 @dataclass
