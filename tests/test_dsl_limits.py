@@ -277,6 +277,19 @@ def test_limits_must_be_positive_whole_numbers():
         ("x", "not Name"),
         ("'a'", "handles numbers"),
     ],
+    ids=[
+        "div_zero",
+        "mod_zero",
+        "4000_digits",
+        "900_digit_product",
+        "overflow",
+        "parens",
+        "minus_chain",
+        "too_long",
+        "power",
+        "name",
+        "text_literal",
+    ],  # fmt: skip
 )
 def test_calc_failures_are_clear_value_errors(expression, fragment):
     start = time.perf_counter()
@@ -310,6 +323,7 @@ def test_calc_takes_the_programs_digit_limit():
         ('observe "a" ~ categorical(["a", "b", "a"], [2, 5, 3])', math.log(0.5)),
         ("observe [1, 2] ~ categorical([[1, 2], [3]], [0.25, 0.75])", math.log(0.25)),
     ],
+    ids=["zero_of_two", "five_of_two", "text", "duplicates", "unnormalised", "list_value"],
 )
 def test_observe_on_a_categorical_scores_the_value(statement, expected):
     source = f"program p() {{\n  {statement}\n  return 1\n}}\n"

@@ -92,12 +92,12 @@ def binop(budget: Budget, op: str, a: Any, b: Any) -> Any:
     """``a op b`` for ``+ - * / %``; a string, list or whole number too large for the limits
     is refused before it is built."""
     if op == "+":
-        if isinstance(a, str | list) and type(a) is type(b):
+        if isinstance(a, str | list | tuple) and type(a) is type(b):
             budget.check_size(budget.measure(a) + budget.measure(b), f"{kind_of(a)} joined by +")
         return a + b
     if op == "*":
-        seq, n = (a, b) if isinstance(a, str | list) else (b, a)
-        if isinstance(seq, str | list) and isinstance(n, int):
+        seq, n = (a, b) if isinstance(a, str | list | tuple) else (b, a)
+        if isinstance(seq, str | list | tuple) and isinstance(n, int):
             budget.check_size(
                 budget.measure(seq) * max(n, 0), f"{kind_of(seq)} repeated {n:,} times"
             )
