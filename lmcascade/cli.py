@@ -133,7 +133,10 @@ def _limits(args: argparse.Namespace):
         "size": args.max_size,
         "depth": args.max_depth,
     }
-    return Limits(**{k: v for k, v in given.items() if v is not None})
+    try:
+        return Limits(**{k: v for k, v in given.items() if v is not None})
+    except (TypeError, ValueError) as err:
+        raise LMCascadeError(f"bad budget option: {err}") from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -150,6 +153,7 @@ def _run(args: argparse.Namespace) -> int:
             models=models,
             limits=_limits(args),
             allow_paths=not args.registry_only,
+            device=args.device,
         )
     )
     name = args.program or (module.programs[0].name if module.programs else None)
@@ -162,12 +166,16 @@ def _run(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise LMCascadeError(f"--input needs name=value, got {item!r}")
+        if key in inputs:
+            raise LMCascadeError(f"--input {key}=... is given twice; give each input once")
         inputs[key] = _value(value)
-    options = (
-        {"particles": args.particles}
-        if args.method == "smc"
-        else ({} if args.method == "enumerate" else {"num_samples": args.particles})
-    )
+    if args.method == "enumerate":
+        if args.particles is not None:
+            raise LMCascadeError("--particles does not apply to --method enumerate (it is exact)")
+        options = {}
+    else:
+        key = "particles" if args.method == "smc" else "num_samples"
+        options = {key: 16 if args.particles is None else args.particles}
     bound = programs[name](**inputs)
     result = lc.infer(bound, method=args.method, seed=args.seed, **options)
     print(result.to_json() if args.json else result.summary())
@@ -220,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default="smc", help="enumerate, forward, rejection, importance or smc (default)"
     )
     run.add_argument(
-        "--particles", type=int, default=16, help="particles (smc) or samples (other methods)"
+        "--particles",
+        type=int,
+        default=None,
+        help="particles (smc) or samples (other methods; default 16)",
     )
     run.add_argument("--model", help="bind the file's models to this registry name or path")
     run.add_argument("--device", default="auto")
@@ -253,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         done = f": {err}" if isinstance(err, Interrupted) else ""
         print(f"lmcascade: interrupted{done}; no result", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as err:  # writing the output failed (a full disk, a closed stream...)
+        print(f"lmcascade: error: {err.strerror or err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -134,3 +134,52 @@ def test_registry_only_refuses_model_paths(capsys, tmp_path):
     path.write_text('model lm = "./weights"\nprogram f() { x ~ lm("hi") return x }')
     code, _, err = run_cli(capsys, "run", path, "--registry-only")
     assert code == 1 and "allow_paths" in err and ":1:" in err, err
+
+
+def test_device_applies_to_declared_models(capsys, tmp_path):
+    path = tmp_path / "declared.lmc"
+    path.write_text(
+        'model lm = "smollm2-135m"\nprogram f() { x ~ lm("hi", max_tokens=1) return x }'
+    )
+    code, _, err = run_cli(capsys, "run", path, "--device", "nonsense", "--method", "forward")
+    assert code == 1 and "unknown device 'nonsense'" in err, err
+
+
+def test_inputs_given_twice_and_particles_for_enumerate(capsys, coin):
+    code, _, err = run_cli(capsys, "run", coin, "--input", "p=0.3", "--input", "p=0.4")
+    assert code == 1 and "given twice" in err
+    code, _, err = run_cli(capsys, "run", coin, "--method", "enumerate", "--particles", "3")
+    assert code == 1 and "does not apply" in err
+
+
+@pytest.mark.parametrize("flag", ["--max-steps", "--max-size", "--max-depth"])
+def test_budgets_must_be_positive(capsys, coin, flag):
+    code, _, err = run_cli(capsys, "run", coin, "--input", "p=0.3", flag, "0")
+    assert code == 1 and flag in err and "Traceback" not in err, err
+
+
+def test_a_closed_or_full_output_is_not_a_traceback(coin):
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "lmcascade.cli", "run", str(coin), "--input", "p=0.3"]
+    piped = subprocess.run(
+        f"{' '.join(base)} --json --particles 2000 | head -c 10",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert piped.stderr == "" and piped.stdout.startswith("{")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(base, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert (
+        done.returncode == 1 and done.stderr.strip() == "lmcascade: error: No space left on device"
+    )
+
+
+def test_method_must_be_a_name():
+    from lmcascade.errors import UnknownMethodError
+
+    with pytest.raises(UnknownMethodError, match=r"\['smc'\]"):
+        lc.infer(lc.load(source=COIN).coin(0.5), method=["smc"])

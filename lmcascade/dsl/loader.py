@@ -175,6 +175,7 @@ def load(
     tools: dict[str, Callable[..., Any]] | None = None,
     limits: Limits | None = None,
     allow_paths: bool = True,
+    device: str = "auto",
 ) -> SimpleNamespace:
     """Reads, parses, checks and compiles a ``.lmc`` file or source text into its programs.
 
@@ -186,7 +187,8 @@ def load(
     ``.lmc`` file's folder); ``allow_paths=False`` refuses declarations that name a folder,
     for files from untrusted sources.  ``tools`` are the only functions the file may call;
     ``limits`` (a :class:`~lmcascade.dsl.limits.Limits`) is the per-trace budget of the
-    interpreter.  Returns a namespace with one attribute per program:
+    interpreter; ``device`` is where declared models load (``"auto"``: a GPU when there is
+    one).  Returns a namespace with one attribute per program:
 
     >>> load(source="program one() { return 1 }").one
     <lmcascade program one()>
@@ -230,7 +232,7 @@ def load(
             from lmcascade.models.registry import load as load_model
 
             try:  # a name loads from the registry only, never from a folder of that name
-                loaded[ref] = load_model(ref) if is_path else load_model(ref, allow_paths=False)
+                loaded[ref] = load_model(ref, device=device, allow_paths=is_path)
             except LMCascadeError as err:
                 raise DSLError(
                     str(err), filename=filename, line=decl.line, col=decl.col, source=module.source

@@ -26,6 +26,7 @@ from lmcascade.errors import AllWeightsZeroError, Interrupted, OptionError, Unkn
 from lmcascade.memory import available_memory, size
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result
+from lmcascade.trace import safe_repr
 
 _REGISTRY: dict[str, type[InferenceMethod]] = {}
 
@@ -135,10 +136,11 @@ def infer(
             else ""
         )
         raise ProgramError(f"infer needs a bound program, got {type(bound).__name__}.{hint}")
-    cls = _REGISTRY.get(method)
+    cls = _REGISTRY.get(method) if isinstance(method, str) else None
     if cls is None:
         raise UnknownMethodError(
-            f"unknown inference method {method!r}; available: {', '.join(sorted(_REGISTRY))}"
+            f"unknown inference method {safe_repr(method, 100)}; available: "
+            f"{', '.join(sorted(_REGISTRY))}"
         )
     instance = cls(**options)
     if seed is None:
