@@ -14,25 +14,34 @@ Write a cascade as a generator that yields effects, then pick how to run it:
 {'4': 0.731, '5': 0.269, '2': 0.0}
 """
 
-from lmcascade import constraints, dsl, errors, models
-from lmcascade.distributions import LM
-from lmcascade.dsl.loader import load
-from lmcascade.graph import graph
-from lmcascade.inference import infer, methods
-from lmcascade.program import (
-    BoundProgram,
-    Program,
-    call,
-    condition,
-    factor,
-    gen,
-    observe,
-    program,
-    sample,
-    scope,
-)
-from lmcascade.result import Result
-from lmcascade.trace import Site, Trace
+import os as _os
+import sys as _sys
+
+try:
+    from lmcascade import constraints, dsl, errors, models
+    from lmcascade.distributions import LM
+    from lmcascade.dsl.loader import load
+    from lmcascade.graph import graph
+    from lmcascade.inference import infer, methods
+    from lmcascade.program import (
+        BoundProgram,
+        Program,
+        call,
+        condition,
+        factor,
+        gen,
+        observe,
+        program,
+        sample,
+        scope,
+    )
+    from lmcascade.result import Result
+    from lmcascade.trace import Site, Trace
+except KeyboardInterrupt:  # Ctrl-C while the command line is still loading: one line
+    if _os.path.basename(_sys.argv[0]) == "lmcascade" or _sys.argv[0] == "-m":
+        print("lmcascade: interrupted; no result", file=_sys.stderr)
+        raise SystemExit(130) from None
+    raise
 
 __version__ = "0.1.0"
 

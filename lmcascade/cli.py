@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 
-from lmcascade.dsl.tools import DEFAULT_TOOLS
 from lmcascade.errors import Interrupted, LMCascadeError
 
 
@@ -67,6 +66,7 @@ def _read(path: str):
 
 def _check(args: argparse.Namespace) -> int:
     from lmcascade.dsl.check import check
+    from lmcascade.dsl.tools import DEFAULT_TOOLS
 
     _, module = _read(args.file)
     check(module, models={m.name for m in module.models}, tools=DEFAULT_TOOLS)
@@ -77,6 +77,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _graph(args: argparse.Namespace) -> int:
     from lmcascade.dsl.check import check
+    from lmcascade.dsl.tools import DEFAULT_TOOLS
     from lmcascade.graph import from_program, write
 
     _, module = _read(args.file)

@@ -183,3 +183,24 @@ def test_method_must_be_a_name():
 
     with pytest.raises(UnknownMethodError, match=r"\['smc'\]"):
         lc.infer(lc.load(source=COIN).coin(0.5), method=["smc"])
+
+
+def test_ctrl_c_while_the_command_line_loads(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # `python -m lmcascade.cli` takes seconds to import torch; Ctrl-C lands during the import
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmcascade.cli", "models", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a child of a background job inherits an ignored SIGINT; start it as a terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip() == "lmcascade: interrupted; no result", err
