@@ -96,6 +96,6 @@ def test_empty_prompt_scoring_is_a_clear_error():
     from tiny_hf import tiny_lm
 
     lm = tiny_lm(seed=0)
-    with pytest.raises(ModelError, match="at least one token"):
+    with pytest.raises(ModelError, match="at least 1 token"):
         lc.LM(lm, "", max_tokens=2).log_prob("a")
     assert math.isfinite(lc.LM(lm, "Q", max_tokens=2).log_prob("a"))
