@@ -202,6 +202,7 @@ def test_a_population_too_big_for_memory_fails_before_the_run(monkeypatch):
     assert len(lc.infer(flip(), method="smc", particles=100, seed=0)) == 100
 
 
+@pytest.mark.filterwarnings("ignore:.*could need")  # the first chunk fits, and warns
 def test_a_step_that_cannot_fit_fails_before_it_runs(monkeypatch):
     from tiny_hf import tiny_lm
 
