@@ -402,3 +402,65 @@ def test_every_site_name_of_a_module_is_distinct():
     )
     names = site_names(module)
     assert len(names) == len(set(names.values())) == 19
+
+
+# --- probabilities at and near 0 and 1 are exact (torch would clamp them to eps) -------------
+
+
+@pytest.mark.parametrize(
+    "statement, expected",
+    [
+        ("observe true ~ bernoulli(1e-20)", math.log(1e-20)),
+        ("observe false ~ bernoulli(1e-20)", 0.0),
+        ("observe true ~ bernoulli(0)", -math.inf),
+        ("observe false ~ bernoulli(1)", -math.inf),
+        ("observe 1 ~ geometric(1)", -math.inf),
+        ("observe 0 ~ geometric(1)", 0.0),
+        ("observe 3 ~ geometric(1e-20)", math.log(1e-20) + 3 * math.log1p(-1e-20)),
+        ("observe 1 ~ binomial(10, 0)", -math.inf),
+        ("observe 10 ~ binomial(10, 1)", 0.0),
+        ("observe 1 ~ binomial(2, 1e-20)", math.log(2e-20) + math.log1p(-1e-20)),
+        ("observe 2 ~ binomial(3, 0.5)", math.log(3 / 8)),
+        ("observe 1 ~ categorical([0, 1], [1, 1e-20])", math.log(1e-20)),
+    ],
+)
+def test_extreme_probabilities_are_exact(statement, expected):
+    source = body(statement, "return 1")
+    if expected == -math.inf:
+        with pytest.raises(lc.errors.AllWeightsZeroError):
+            run(source, 0, method="enumerate")
+    else:
+        assert run(source, 0, method="enumerate").log_evidence == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_coin_of_probability_zero_never_lands():
+    with pytest.raises(lc.errors.AllWeightsZeroError, match="condition"):
+        run(body("x ~ bernoulli(0)", "condition x", "return x"), 0, method="enumerate")
+    r = run(body("x ~ bernoulli(0)", "return x"), 0)
+    assert set(r.values) == {False}
+
+
+def test_beta_shapes_torch_cannot_sample_are_refused():
+    with pytest.raises(DSLRuntimeError, match="beta's a must be a number >= 0.01"):
+        run(body("x ~ beta(0.00001, 0.00001)", "return x"), 0)
+
+
+# --- what a run builds is paid for in steps ---------------------------------------------------
+
+
+def test_placeholders_cost_steps():
+    many = "{e}" * 20_000
+    source = body('e = ""', "repeat 1000 {", f'  t = "{many}"', "}", "return 1")
+    start = time.monotonic()
+    with pytest.raises(DSLRuntimeError, match="steps"):
+        run(source, 0, limits=Limits(steps=100_000))
+    assert time.monotonic() - start < 10
+
+
+def test_repeated_lists_cost_their_size():
+    lines = [f"a{i} = [[]] * 999999" for i in range(50)]
+    with pytest.raises(DSLRuntimeError, match="steps") as caught:
+        run(body(*lines, "return 1"), 0)
+    # a line builds about a million items (31,250 steps at 32 units per step), so the 32nd
+    # (a31, on line 33) passes a million steps; before, every line cost a few steps
+    assert caught.value.line == 33

@@ -43,7 +43,6 @@ import torch
 from lmcascade import program as effects
 from lmcascade.distributions import (
     LM,
-    Bernoulli,
     Beta,
     Binomial,
     Categorical,
@@ -93,14 +92,12 @@ def binop(budget: Budget, op: str, a: Any, b: Any) -> Any:
     is refused before it is built."""
     if op == "+":
         if isinstance(a, str | list | tuple) and type(a) is type(b):
-            budget.check_size(budget.measure(a) + budget.measure(b), f"{kind_of(a)} joined by +")
+            budget.build(budget.measure(a) + budget.measure(b), f"{kind_of(a)} joined by +")
         return a + b
     if op == "*":
         seq, n = (a, b) if isinstance(a, str | list | tuple) else (b, a)
         if isinstance(seq, str | list | tuple) and isinstance(n, int):
-            budget.check_size(
-                budget.measure(seq) * max(n, 0), f"{kind_of(seq)} repeated {n:,} times"
-            )
+            budget.build(budget.measure(seq) * max(n, 0), f"{kind_of(seq)} repeated {n:,} times")
         elif isinstance(a, int) and isinstance(b, int):
             budget.check_product(a, b)
         return a * b
@@ -134,7 +131,7 @@ def render(budget: Budget, value: Any, used: int = 0) -> str:
     (``used`` characters before it) would pass the size limit."""
     text = value if isinstance(value, str) else str(value)
     budget.check_size(used + len(text), "the text")
-    budget.charge(len(text) // SIZE_PER_STEP)
+    budget.charge(1 + len(text) // SIZE_PER_STEP)  # each value put into text is a step
     return text
 
 
@@ -253,6 +250,12 @@ def _positive(dist: str, param: str, x: Any) -> float:
     return _number(dist, param, x, lambda v: v > 0, "a number > 0")
 
 
+def _shape(dist: str, param: str, x: Any) -> float:
+    """A shape parameter torch samples faithfully: below 0.01 its draws collapse (a beta of
+    1e-5 draws 0.5 almost always), so smaller ones are refused rather than sampled wrong."""
+    return _number(dist, param, x, lambda v: v >= 0.01, "a number >= 0.01")
+
+
 def _real(dist: str, param: str, x: Any) -> float:
     return _number(dist, param, x, lambda v: True, "a finite number")
 
@@ -325,10 +328,32 @@ def _categorical(values: Any, probs: Any) -> Site:
     ]
     if not math.fsum(weights) > 0:
         raise Refusal("categorical's probabilities must not all be zero")
-    tensor = torch.tensor(weights, dtype=torch.float64)
-    # a zero probability as a logit of -inf: exactly impossible (probs are clamped to eps)
-    dist = Categorical(tensor) if min(weights) > 0 else Categorical(logits=tensor.log())
+    # probabilities as logits: torch clamps probabilities to [eps, 1 - eps], so a zero would
+    # be possible and 1e-20 would score as 2e-16; a log is exact (and log 0 is impossible)
+    dist = Categorical(logits=torch.tensor(weights, dtype=torch.float64).log())
     return Site(dist, "categorical", values, weights)
+
+
+def _bernoulli(p: Any) -> Site:
+    """A coin as a categorical over false and true: exact at 0, 1 and tiny probabilities."""
+    prob = _prob("bernoulli", p)
+    site = _categorical([False, True], [1.0 - prob, prob])
+    return Site(site.dist, "bernoulli", site.values, site.weights)
+
+
+def _logits(p: float) -> torch.Tensor:
+    """The log-odds of ``0 < p < 1``, exactly (torch would clamp a probability to eps)."""
+    return _t(math.log(p) - math.log1p(-p))
+
+
+def _geometric(p: float) -> Site:
+    """Failures before the first success; certain to be 0 when ``p`` is 1."""
+    return _point(0) if p == 1.0 else Site(Geometric(logits=_logits(p)), "count")
+
+
+def _point(value: int) -> Site:
+    """A count that is certain (a binomial with p 0 or 1, a geometric with p 1)."""
+    return _categorical([value], [1.0])
 
 
 def _uniform(lo: Any, hi: Any) -> Site:
@@ -345,7 +370,10 @@ def _binomial(n: Any, p: Any) -> Site:
     count = _number(
         "binomial", "n", n, lambda v: 0 <= v <= _MAX_COUNT and v % 1 == 0, _COUNT_WANTED
     )
-    return Site(Binomial(int(count), _t(_prob("binomial", p))), "count")
+    prob = _prob("binomial", p)
+    if prob in (0.0, 1.0):
+        return _point(int(count) if prob else 0)
+    return Site(Binomial(int(count), logits=_logits(prob)), "count")
 
 
 def _poisson(rate: Any) -> Site:
@@ -361,18 +389,17 @@ _COUNT_WANTED = "a whole number from 0 to 1,000,000,000"
 
 DISTRIBUTIONS: dict[str, Callable[..., Site]] = {
     "categorical": _categorical,
-    "bernoulli": lambda p: Site(Bernoulli(_t(_prob("bernoulli", p))), "bernoulli"),
+    "bernoulli": _bernoulli,
     "normal": lambda mu, sigma: Site(
         Normal(_t(_real("normal", "mu", mu)), _t(_positive("normal", "sigma", sigma))), "scalar"
     ),
     "uniform": _uniform,
     "beta": lambda a, b: Site(
-        Beta(_t(_positive("beta", "a", a)), _t(_positive("beta", "b", b))), "scalar"
+        Beta(_t(_shape("beta", "a", a)), _t(_shape("beta", "b", b))), "scalar"
     ),
     "poisson": _poisson,
-    "geometric": lambda p: Site(
-        Geometric(_t(_number("geometric", "p", p, lambda v: 0 < v <= 1, "a number in (0, 1]"))),
-        "count",
+    "geometric": lambda p: _geometric(
+        _number("geometric", "p", p, lambda v: 0 < v <= 1, "a number in (0, 1]")
     ),
     "binomial": _binomial,
 }
@@ -686,7 +713,7 @@ class Interpreter:
             out = []
             for item in e.items:
                 out.append((yield from self.expr(item, f)))
-            self.guard(e, lambda: f.budget.check_size(f.budget.measure(out), "the list"))
+            self.guard(e, lambda: f.budget.build(f.budget.measure(out), "the list"))
             return out
         if isinstance(e, ast.Call):
             return (yield from self.call(e, f))

@@ -182,6 +182,14 @@ class Budget:
             self.charge(cost)
         return size
 
+    def build(self, size: int, what: str) -> None:
+        """Before building ``what`` of ``size``: refused over the size limit, and paid for
+        (one step per ``SIZE_PER_STEP`` units), so the steps also bound what a run can
+        allocate in all."""
+        self.check_size(size, what)
+        if size >= SIZE_PER_STEP:
+            self.charge(size // SIZE_PER_STEP)
+
     def check_size(self, size: int, what: str) -> None:
         """Refuses to build ``what`` when its ``size`` is over the size limit."""
         if size > self.limits.size:
