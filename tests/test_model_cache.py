@@ -140,6 +140,30 @@ def test_same_size_same_mtime_corruption_is_caught_by_verify(converted):
         registry.verify(NAME)
 
 
+def test_an_edit_that_restores_the_mtime_is_caught_on_load(converted):
+    # the inode's change time cannot be set back, so the cheap check still hashes the file
+    weights = converted / "model.safetensors"
+    corrupt_in_place(weights, weights.stat().st_size // 2, bytes(4096), keep_mtime=True)
+    with pytest.raises(ModelIntegrityError, match=r"model\.safetensors was modified"):
+        registry.load(NAME, device="cpu")
+
+
+@pytest.mark.parametrize("version", ['"2"', "null", "[2]", "true"])
+def test_a_manifest_with_a_malformed_format_is_corrupt(converted, version):
+    marker = converted / registry.MARKER
+    text = marker.read_text()
+    rewrite(marker, text.replace('"format": 2', f'"format": {version}'))
+    assert registry.cache_state(NAME).state == "corrupt"
+    with pytest.raises(ModelIntegrityError, match="malformed"):
+        registry.load(NAME, device="cpu")
+
+
+def test_a_home_that_cannot_be_expanded(monkeypatch):
+    monkeypatch.setenv("LMCASCADE_HOME", "~nosuchuser_lmcascade/x")
+    with pytest.raises(ModelError, match="LMCASCADE_HOME.*cannot be expanded"):
+        registry.home()
+
+
 def test_changed_layer_count_in_config_is_refused(converted):
     config = converted / "config.json"
     text = config.read_text()

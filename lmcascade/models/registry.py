@@ -148,7 +148,10 @@ def home() -> Path:
     elif "\x00" in raw:
         raise ModelError(f"{HOME_VAR}={raw!r} is not a valid path (it holds a NUL character)")
     else:
-        root = Path(raw).expanduser()
+        try:
+            root = Path(raw).expanduser()
+        except RuntimeError as err:  # "~nosuchuser/..."
+            raise ModelError(f"{HOME_VAR}={raw[:200]!r} cannot be expanded: {err}") from None
     return root.absolute() / "models"
 
 
@@ -283,6 +286,7 @@ def _valid_record(rel: Any, rec: Any) -> bool:
     parts = Path(rel).parts
     return (
         bool(parts)
+        and "\0" not in rel
         and not Path(rel).is_absolute()
         and ".." not in parts
         and isinstance(rec.get("sha256"), str)
@@ -308,14 +312,17 @@ def _inspect(name: str, folder: Path, sha256: str | None, *, full: bool) -> Cach
         why = "it was converted from other weights than the pinned ones"
         return CacheState(name, folder, "outdated", (why,))
     records = manifest.get("files")
-    if manifest.get("format", 1) < FORMAT or records is None:
+    version = manifest.get("format", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        return CacheState(name, folder, "corrupt", (f"{MARKER} is malformed",))
+    if version < FORMAT or records is None:
         why = "it was converted by an older lmcascade that recorded no per-file checksums"
         return CacheState(name, folder, "outdated", (why,))
     if not isinstance(records, dict) or not all(_valid_record(k, v) for k, v in records.items()):
         return CacheState(name, folder, "corrupt", (f"{MARKER} is malformed",))
     problems: list[str] = []
     hashed: list[str] = []
-    new_times: dict[str, int] = {}
+    new_times: dict[str, tuple[int, int]] = {}
     for rel, rec in sorted(records.items()):
         path = folder / rel
         try:
@@ -330,7 +337,8 @@ def _inspect(name: str, folder: Path, sha256: str | None, *, full: bool) -> Cach
             problems.append(f"{rel} is not a file")
         elif st.st_size != rec["size"]:
             problems.append(f"{rel} has {st.st_size:,} bytes, expected {rec['size']:,}")
-        elif full or st.st_mtime_ns != rec["mtime_ns"]:
+        elif full or (st.st_mtime_ns, st.st_ctime_ns) != (rec["mtime_ns"], rec.get("ctime_ns")):
+            # ctime cannot be set back: an edit that restores the mtime still changes it
             hashed.append(rel)
             try:
                 digest = _sha256_file(path)
@@ -341,8 +349,8 @@ def _inspect(name: str, folder: Path, sha256: str | None, *, full: bool) -> Cach
                 problems.append(
                     f"{rel} was modified (SHA-256 {digest[:12]}..., expected {rec['sha256'][:12]}...)"
                 )
-            elif st.st_mtime_ns != rec["mtime_ns"]:
-                new_times[rel] = st.st_mtime_ns
+            elif (st.st_mtime_ns, st.st_ctime_ns) != (rec["mtime_ns"], rec.get("ctime_ns")):
+                new_times[rel] = (st.st_mtime_ns, st.st_ctime_ns)
     for rel in sorted(_disk_files(folder) - set(records)):
         problems.append(f"{rel} is not one of the converted files")
     if problems:
@@ -359,12 +367,12 @@ def _inspect(name: str, folder: Path, sha256: str | None, *, full: bool) -> Cach
     )
 
 
-def _record_times(folder: Path, manifest: dict, new_times: dict[str, int]) -> None:
+def _record_times(folder: Path, manifest: dict, new_times: dict[str, tuple[int, int]]) -> None:
     """Records the modification times of files whose content was just hashed and found
     unchanged (after a copy or a ``touch``), atomically; best effort (a read-only cache
     stays usable, it is only hashed again next time)."""
-    for rel, mtime in new_times.items():
-        manifest["files"][rel]["mtime_ns"] = mtime
+    for rel, (mtime, ctime) in new_times.items():
+        manifest["files"][rel].update(mtime_ns=mtime, ctime_ns=ctime)
     tmp = folder / f".{MARKER}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -384,6 +392,7 @@ def _write_manifest(spec: ModelSpec, out: Path) -> None:
                 "sha256": _sha256_file(path),
                 "size": st.st_size,
                 "mtime_ns": st.st_mtime_ns,
+                "ctime_ns": st.st_ctime_ns,
             }
     manifest = {
         "format": FORMAT,
