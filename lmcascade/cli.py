@@ -101,22 +101,35 @@ def _graph(args: argparse.Namespace) -> int:
 
 
 def _value(text: str):
-    """An ``--input`` value: JSON when it parses as JSON (at most 100 levels deep), else text."""
+    """An ``--input`` value: JSON when it parses as JSON (finite numbers, at most 100 levels
+    deep), else the text itself; either must be valid UTF-8 text."""
     import json
 
+    def refuse(name: str):
+        raise LMCascadeError(f"--input values must be finite numbers, got {name}")
+
+    deep = "an --input value is nested too deep; keep JSON within 100 levels"
     try:
-        value = json.loads(text)
-    except ValueError:
-        return text
+        value = json.loads(text, parse_constant=refuse)
     except RecursionError:
-        raise LMCascadeError(
-            "an --input value is nested too deep; keep JSON within 100 levels"
-        ) from None
+        raise LMCascadeError(deep) from None
+    except ValueError as err:
+        if "integer string conversion" in str(err):
+            raise LMCascadeError(
+                "an --input number has more than 4,300 digits; pass it as text in quotes"
+            ) from None
+        value = text
+    try:  # bytes that are not UTF-8, or a lone surrogate, fail here
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LMCascadeError("an --input value is not valid text (not UTF-8)") from None
+    except RecursionError:
+        raise LMCascadeError(deep) from None
     depth, level = 0, [value]
     while level:
         depth += 1
         if depth > 100:
-            raise LMCascadeError("an --input value is nested too deep; keep JSON within 100 levels")
+            raise LMCascadeError(deep)
         level = [
             v
             for item in level

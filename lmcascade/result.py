@@ -163,7 +163,9 @@ class Result:
         return len(self.traces)
 
     def distribution(self) -> dict:
-        """Value -> probability, equal values merged, most probable first."""
+        """Value -> probability, equal values merged, most probable first.  A value that
+        cannot be a dict key (a list, a dict, an array) is keyed by a :class:`ValueKey`,
+        which prints as the value and holds it in ``.value``."""
         totals: dict[Any, list] = {}
         for trace, w in zip(self.traces, self.weights, strict=True):
             if not w > 0:
@@ -178,11 +180,12 @@ class Result:
         return {value_key(v): p / total for v, p in ranked}
 
     def best(self) -> Any:
-        """The most probable value (by merged weight)."""
+        """The most probable value (by merged weight), as the program returned it."""
         dist = self.distribution()
         if not dist:
             return None
-        return next(iter(dist))
+        key = next(iter(dist))
+        return key.value if isinstance(key, ValueKey) else key
 
     def sample(self, n: int, seed: int | None = None) -> list:
         """``n`` values drawn with replacement in proportion to their weights."""

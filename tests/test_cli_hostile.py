@@ -204,3 +204,45 @@ def test_ctrl_c_while_the_command_line_loads():
     )
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip() == "lmcascade: interrupted; no result"
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("NaN", "finite numbers, got NaN"),
+        ("[1, Infinity]", "finite numbers, got Infinity"),
+        ("9" * 5000, "more than 4,300 digits"),
+        ('"\\ud800x"', "not valid text"),
+    ],
+)
+def test_input_values_that_are_not_data(capsys, coin, value, message):
+    code, _, err = run_cli(capsys, "run", coin, "--input", f"p={value}")
+    assert code == 1 and message in err, err
+
+
+def test_a_fifo_is_not_read(capsys, tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.lmc"
+    os.mkfifo(fifo)
+    code, _, err = run_cli(capsys, "check", fifo)
+    assert code == 1 and "not a regular file" in err
+
+
+def test_a_device_that_cannot_run_a_model(capsys, tmp_path):
+    path = tmp_path / "declared.lmc"
+    path.write_text(
+        'model lm = "smollm2-135m"\nprogram f() { x ~ lm("hi", max_tokens=1) return x }'
+    )
+    code, _, err = run_cli(capsys, "run", path, "--device", "meta", "--method", "forward")
+    assert code == 1 and "cannot run a model" in err, err
+
+
+def test_best_is_the_value_itself():
+    @lc.program
+    def pair():
+        x = yield lc.sample("x", lc.distributions.Bernoulli(0.9))
+        return [bool(x), "a"]
+
+    best = lc.infer(pair(), method="enumerate").best()
+    assert best == [True, "a"] and isinstance(best, list)

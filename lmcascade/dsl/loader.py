@@ -46,6 +46,8 @@ def read_source(path: str | os.PathLike) -> str:
     try:
         if os.path.isdir(name):
             raise DSLError(f"{name!r} is a folder, not a .lmc file", filename=name)
+        if os.path.exists(name) and not os.path.isfile(name):  # a FIFO or device would block
+            raise DSLError(f"{name!r} is not a regular file", filename=name)
         with open(name, "rb") as fh:
             # a UTF-8 character is at most 4 bytes: this much is always enough to refuse
             data = fh.read(4 * MAX_SOURCE_CHARS + 1)

@@ -43,6 +43,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ModelError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from err
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"device {device!r} cannot run a model; use 'auto', 'cpu' or 'cuda[:N]'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError("device 'cuda' was asked for but no CUDA GPU is available; use 'auto'")
     return dev
