@@ -53,7 +53,8 @@ class Limits:
     :class:`~lmcascade.errors.DSLRuntimeError` saying which option raises it).
 
     ``steps`` counts statements and expression evaluations (building or comparing a large
-    value costs one more step per 32 units of its size, a call of a program four); ``size`` bounds every string and list
+    value costs one more step per 32 units of its size, a call of a program four, a template
+    placeholder one); ``size`` bounds every string and list
     the program builds (see the module's text for how sizes are counted); ``digits`` bounds
     whole numbers (``calc`` included); ``depth`` bounds nested calls of programs;
     ``iterations`` bounds each ``repeat`` and ``for`` loop.
