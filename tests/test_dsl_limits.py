@@ -464,3 +464,17 @@ def test_repeated_lists_cost_their_size():
     # a line builds about a million items (31,250 steps at 32 units per step), so the 32nd
     # (a31, on line 33) passes a million steps; before, every line cost a few steps
     assert caught.value.line == 33
+
+
+@pytest.mark.parametrize(
+    "site, fragment",
+    [
+        ("normal(0, 1e-300)", "sigma must be a number from 1e-150"),
+        ("normal(0, 1e200)", "sigma must be a number from 1e-150"),
+        ("uniform(-1e308, 1e308)", "width"),
+    ],
+)
+def test_parameters_whose_densities_a_float_cannot_hold(site, fragment):
+    with pytest.raises(DSLRuntimeError, match=fragment):
+        run(body(f"observe 0 ~ {site}", "return 1"), 0, method="enumerate")
+    assert math.isfinite(run(body("observe 0 ~ normal(0, 1e-100)", "return 1"), 0).log_evidence)

@@ -250,6 +250,12 @@ def _positive(dist: str, param: str, x: Any) -> float:
     return _number(dist, param, x, lambda v: v > 0, "a number > 0")
 
 
+def _scale(dist: str, param: str, x: Any) -> float:
+    """A scale whose square a float holds (below 1e-150 it underflows, and densities are
+    NaN), and whose square does not overflow."""
+    return _number(dist, param, x, lambda v: 1e-150 <= v <= 1e150, "a number from 1e-150 to 1e150")
+
+
 def _shape(dist: str, param: str, x: Any) -> float:
     """A shape parameter torch samples faithfully: below 0.01 its draws collapse (a beta of
     1e-5 draws 0.5 almost always), so smaller ones are refused rather than sampled wrong."""
@@ -360,6 +366,8 @@ def _uniform(lo: Any, hi: Any) -> Site:
     low, high = _real("uniform", "low", lo), _real("uniform", "high", hi)
     if not low < high:
         raise Refusal(f"uniform needs low < high, got {lo!r} and {hi!r}")
+    if not math.isfinite(high - low):  # its density, 1 / (high - low), would be 0
+        raise Refusal(f"uniform's width {high} - {low} overflows; keep it below 1e308")
     return Site(Uniform(_t(low), _t(high)), "scalar")
 
 
@@ -391,7 +399,7 @@ DISTRIBUTIONS: dict[str, Callable[..., Site]] = {
     "categorical": _categorical,
     "bernoulli": _bernoulli,
     "normal": lambda mu, sigma: Site(
-        Normal(_t(_real("normal", "mu", mu)), _t(_positive("normal", "sigma", sigma))), "scalar"
+        Normal(_t(_real("normal", "mu", mu)), _t(_scale("normal", "sigma", sigma))), "scalar"
     ),
     "uniform": _uniform,
     "beta": lambda a, b: Site(
