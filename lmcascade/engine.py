@@ -382,6 +382,22 @@ class Engine:
         """The program's next effect, or None once it has returned (recorded as done)."""
         try:
             eff, p._scope = send(p._gen, p._send, p._scope)
+        except (TypeError, AttributeError) as err:
+            said = str(err)
+            effect = next(
+                (
+                    t.__name__
+                    for t in EFFECT_TYPES
+                    if f"'{t.__name__}'" in said or f'"{t.__name__}"' in said
+                ),
+                None,
+            )
+            if effect is None:
+                raise
+            raise ProgramError(
+                f"program {p.program.name!r} used an effect ({effect}) as an ordinary value "
+                f"({said}); did you forget `yield`? Write `x = yield lc.gen(...)`"
+            ) from err
         except StopIteration as stop:
             if p._cursor < len(p.trace):
                 raise ReplayDivergenceError(

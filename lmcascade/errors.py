@@ -144,11 +144,21 @@ class OptionError(InferenceError):
 
 
 class NothingAcceptedError(InferenceError):
-    """Rejection sampling exhausted its attempt budget without accepting a sample."""
+    """Rejection sampling exhausted its attempt budget without accepting a sample; ``traces``
+    holds a sample of the rejected traces."""
+
+    def __init__(self, message: str, traces: tuple = ()) -> None:
+        super().__init__(message)
+        self.traces = list(traces)
 
 
 class AllWeightsZeroError(InferenceError):
-    """Every trace has weight zero: the conditions were never satisfied."""
+    """Every trace has weight zero: the conditions were never satisfied.  ``traces`` holds
+    the rejected traces, so what the model wrote can be read back."""
+
+    def __init__(self, message: str, traces: tuple = ()) -> None:
+        super().__init__(message)
+        self.traces = list(traces)
 
 
 class TooManyTracesError(InferenceError):

@@ -12,6 +12,7 @@ options, seeds every random source, times the run and fills the common stats.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import math
 import random
 import time
@@ -48,7 +49,16 @@ class InferenceMethod:
     name: ClassVar[str] = ""
     options: ClassVar[dict[str, Any]] = {}
 
+    aliases: ClassVar[dict[str, str]] = {}  # another name users know -> the option's name
+
     def __init__(self, **options: Any) -> None:
+        for alias, name in self.aliases.items():
+            if alias in options:
+                if name in options and options[name] != options[alias]:
+                    raise OptionError(
+                        f"method {self.name!r}: {alias} and {name} name the same option; give one"
+                    )
+                options[name] = options.pop(alias)
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             raise OptionError(
@@ -136,10 +146,14 @@ def infer(
             else ""
         )
         raise ProgramError(f"infer needs a bound program, got {type(bound).__name__}.{hint}")
+    if isinstance(method, str) and method not in _REGISTRY and method.lower() in _REGISTRY:
+        method = method.lower()  # "SMC", "Forward"
     cls = _REGISTRY.get(method) if isinstance(method, str) else None
     if cls is None:
+        close = difflib.get_close_matches(str(method).lower(), list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UnknownMethodError(
-            f"unknown inference method {safe_repr(method, 100)}; available: "
+            f"unknown inference method {safe_repr(method, 100)}{hint}; available: "
             f"{', '.join(sorted(_REGISTRY))}"
         )
     instance = cls(**options)
@@ -184,7 +198,17 @@ def zero_weight_error(particles: list[Particle], what: str) -> AllWeightsZeroErr
                 killers[site.name] = killers.get(site.name, 0) + 1
                 break
     named = ", ".join(f"{n!r} ({c}x)" for n, c in sorted(killers.items(), key=lambda kv: -kv[1]))
+    shown = "; ".join(_what_it_held(p.trace) for p in particles[:3])
     return AllWeightsZeroError(
         f"{what}: every trace has weight zero (zeroed at site {named or 'unknown'}); the "
-        "condition is never satisfied — relax it, raise the budget, or check the program"
+        "condition is never satisfied — relax it, raise the budget, or check the program. "
+        f"The first traces held: {shown or 'nothing'} (all of them: err.traces)",
+        tuple(p.trace for p in particles),
     )
+
+
+def _what_it_held(trace: Any) -> str:
+    """The values a rejected trace drew, short: ``x='Paris.', n=3``."""
+    values = trace.values()
+    text = ", ".join(f"{k}={safe_repr(v, 60)}" for k, v in list(values.items())[:4])
+    return "{" + text + (", ..." if len(values) > 4 else "") + "}"

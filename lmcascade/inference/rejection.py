@@ -107,7 +107,8 @@ class Rejection(InferenceMethod):
         if not accepted:
             err = zero_weight_error(rejected_sample, f"rejection after {attempts} attempts")
             raise NothingAcceptedError(
-                str(err) + ". No sample was accepted: raise max_attempts or try method='smc'"
+                str(err) + ". No sample was accepted: raise max_attempts or try method='smc'",
+                tuple(err.traces),
             )
         stats = dict(engine.stats)
         stats.update(

@@ -54,6 +54,7 @@ class SMC(InferenceMethod):
     """Sequential Monte Carlo with token, segment or site resampling."""
 
     name = "smc"
+    aliases = {"num_samples": "particles"}  # what every sampling method calls its size
     options = {
         "particles": 16,
         "ess_threshold": 0.5,

@@ -1,0 +1,80 @@
+"""What a new user hits first (issue: first contact): structured values read back as returned,
+errors that show what happened, method and option names that survive a switch."""
+
+import json
+
+import pytest
+
+import lmcascade as lc
+from lmcascade.errors import (
+    AllWeightsZeroError,
+    NothingAcceptedError,
+    OptionError,
+    ProgramError,
+    UnknownMethodError,
+)
+from programs import LM, hard_condition
+
+
+@lc.program
+def pair():
+    x = yield lc.gen("x", LM, "", max_tokens=1)
+    return [x, 2]
+
+
+def test_structured_values_come_back_as_returned():
+    r = lc.infer(pair(), method="enumerate")
+    best = r.best()
+    assert isinstance(best, list) and best[1] == 2
+    assert all(isinstance(key.value, list) for key in r.distribution())
+    data = json.loads(r.to_json())
+    assert all(isinstance(d["value"], list) for d in data["distribution"])  # written once
+    assert all(isinstance(t["value"], list) for t in data["traces"])
+
+
+@lc.program
+def never():
+    x = yield lc.gen("x", LM, "", max_tokens=2)
+    yield lc.condition("never", False)
+    return x
+
+
+def test_a_zero_weight_error_shows_what_the_traces_held():
+    with pytest.raises(AllWeightsZeroError, match=r"The first traces held: \{x=") as caught:
+        lc.infer(never(), method="forward", num_samples=5, seed=0)
+    assert len(caught.value.traces) == 5
+    assert all("x" in t for t in caught.value.traces)
+
+
+def test_rejection_that_accepts_nothing_keeps_the_traces():
+    with pytest.raises(NothingAcceptedError) as caught:
+        lc.infer(never(), method="rejection", num_samples=2, max_attempts=6, seed=0)
+    assert caught.value.traces and "x" in caught.value.traces[0]
+
+
+@lc.program
+def forgot_yield():
+    yield lc.factor("start", 0.0)
+    text = lc.gen("text", LM, "", max_tokens=2)  # no yield: an effect, not a text
+    return text + "!"
+
+
+def test_a_missing_yield_gets_a_hint():
+    with pytest.raises(ProgramError, match="did you forget `yield`"):
+        lc.infer(forgot_yield(), method="forward", num_samples=2, seed=0)
+
+
+def test_method_names_ignore_case_and_suggest():
+    r = lc.infer(hard_condition(), method="Enumerate")
+    assert r.method == "enumerate"
+    with pytest.raises(UnknownMethodError, match="did you mean 'forward'"):
+        lc.infer(hard_condition(), method="forwrd")
+
+
+def test_num_samples_works_for_smc_too():
+    r = lc.infer(hard_condition(), method="smc", num_samples=9, seed=0, progress=False)
+    assert len(r) == 9 and r.options["particles"] == 9
+    with pytest.raises(OptionError, match="name the same option"):
+        lc.infer(hard_condition(), method="smc", num_samples=9, particles=8)
+    same = lc.infer(hard_condition(), method="smc", particles=9, seed=0, progress=False)
+    assert same.values == r.values
