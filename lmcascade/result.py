@@ -121,6 +121,16 @@ def effective_sample_size(log_weights: Sequence[float] | np.ndarray) -> float:
     return float(1.0 / np.sum(w**2))
 
 
+def _short_stat(value: Any) -> str:
+    """A stat for the summary line: floats to 4 digits, a list by its length and last item."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        last = f", last {_short_stat(value[-1])}" if value else ""
+        return f"[{len(value)} values{last}]"
+    return safe_repr(value, 60)
+
+
 class Result:
     """Weighted traces from one inference run.
 
@@ -138,6 +148,7 @@ class Result:
         stats: dict | None = None,
         method: str = "",
         options: dict | None = None,
+        ess: float | None = None,
     ) -> None:
         self.traces = list(traces)
         self.log_weights = np.asarray(log_weights, dtype=np.float64)
@@ -146,6 +157,7 @@ class Result:
         self.method = method
         self.options = dict(options or {})
         self.genealogy: list[list[int]] = []  # ancestor indices per resampling (SMC)
+        self._ess = ess
 
     @property
     def values(self) -> list:
@@ -157,7 +169,10 @@ class Result:
 
     @property
     def ess(self) -> float:
-        return effective_sample_size(self.log_weights)
+        """The effective sample size of the weights; for SMC whose last step resampled the
+        finished population, the ESS before that resample (the copies it made are not new
+        samples)."""
+        return effective_sample_size(self.log_weights) if self._ess is None else self._ess
 
     def __len__(self) -> int:
         return len(self.traces)
@@ -210,9 +225,7 @@ class Result:
         if len(dist) > top:
             lines.append(f"  ... {len(dist) - top} more values")
         lines.append(f"  log evidence: {self.log_evidence:.6g}    ESS: {self.ess:.2f}")
-        stats = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.stats.items()
-        )
+        stats = ", ".join(f"{k}={_short_stat(v)}" for k, v in self.stats.items())
         lines.append(f"  stats: {stats}")
         return "\n".join(lines)
 

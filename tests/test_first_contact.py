@@ -78,3 +78,19 @@ def test_num_samples_works_for_smc_too():
         lc.infer(hard_condition(), method="smc", num_samples=9, particles=8)
     same = lc.infer(hard_condition(), method="smc", particles=9, seed=0, progress=False)
     assert same.values == r.values
+
+
+def test_smc_reports_the_ess_before_its_final_resample():
+    r = lc.infer(
+        hard_condition(), method="smc", particles=12, ess_threshold=1.0, seed=0, progress=False
+    )
+    last = r.genealogy[-1]
+    assert r.ess == r.stats["ess"][-1] < 12  # not 12 for 12 copies
+    assert r.stats["distinct_traces"] == len(set(last)) < 12
+    assert len(set(map(tuple, [[w] for w in r.log_weights]))) == 1  # equal weights after it
+
+
+def test_summary_stats_fit_on_a_line():
+    r = lc.infer(hard_condition(), method="smc", particles=12, seed=0, progress=False)
+    stats_line = r.summary().splitlines()[-1]
+    assert "ess=[" in stats_line and "values, last" in stats_line and len(stats_line) < 400

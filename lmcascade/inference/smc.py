@@ -120,12 +120,16 @@ class SMC(InferenceMethod):
             resamples=schedule.resamples,
             ess=schedule.ess_history,
             num_zero_weight=sum(lw == -math.inf for lw in log_weights),
+            distinct_traces=len(
+                {id(p.trace.sites[-1]) if p.trace.sites else None for p in particles}
+            ),
         )
         result = Result(
             [p.trace for p in particles],
             log_weights,
             log_evidence=log_mean_exp(log_weights),
             stats=stats,
+            ess=schedule.final_ess,
         )
         result.genealogy = schedule.genealogy
         return result
@@ -143,6 +147,7 @@ class SMCSchedule(Schedule):
         self.rng = rng
         self.genealogy: list[list[int]] = []
         self.ess_history: list[float] = []
+        self.final_ess: float | None = None  # the ESS before a resample of finished particles
         self.steps = self.resamples = 0
         # run -> entropy of the distribution it drew its latest token from (kept for the runs
         # still in progress; a run held at a boundary keeps its last value)
@@ -258,4 +263,6 @@ class SMCSchedule(Schedule):
                 p.release()
         self.genealogy.append([int(a) for a in ancestors])
         self.resamples += 1
+        if all(p.done for p in particles):  # the final resample: copies are not new samples
+            self.final_ess = ess
         return new
