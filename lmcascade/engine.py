@@ -289,7 +289,11 @@ class Engine:
                 score_texts(list(texts.values()), self.stats)
             branches = step_runs(runs, self.generators, self.stats, self.sampler, self.observers)
         except Exception as err:
-            names = list(dict.fromkeys(p._current[1] for p in particles if p._current))
+            found = (
+                p.waiting.meta.get("site") or (p._current[1] if p._current else None)  # type: ignore[union-attr]
+                for p in particles
+            )
+            names = [n for n in dict.fromkeys(found) if n is not None]
             if not names:
                 raise
             shown = ", ".join(repr(n) for n in names[:3]) + (" ..." if len(names) > 3 else "")

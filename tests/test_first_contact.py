@@ -94,3 +94,23 @@ def test_summary_stats_fit_on_a_line():
     r = lc.infer(hard_condition(), method="smc", particles=12, seed=0, progress=False)
     stats_line = r.summary().splitlines()[-1]
     assert "ess=[" in stats_line and "values, last" in stats_line and len(stats_line) < 400
+
+
+def test_enumerating_a_full_vocabulary_fails_before_the_next_forward_pass():
+    from tiny_hf import tiny_lm
+
+    lm = tiny_lm()  # 8 tokens, every one with some probability
+
+    @lc.program
+    def long(n):
+        return (yield lc.gen("answer", lm, "ab", max_tokens=n))
+
+    calls = []
+    forward = lm.hf.forward
+    lm.hf.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    with pytest.raises(lc.errors.TooManyTracesError, match=r"site 'answer'.*up to 8\^4"):
+        lc.infer(long(6), method="enumerate", max_traces=1000)
+    # the third level holds about 400 contexts; the fourth (3,000) would pass max_traces, so the
+    # run stops after three passes instead of computing a level it cannot keep
+    assert len(calls) == 3
+    assert len(lc.infer(long(3), method="enumerate", max_traces=1000)) > 0  # 8^3 fits

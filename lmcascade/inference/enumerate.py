@@ -113,7 +113,9 @@ class Enumerate(InferenceMethod):
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
         limit = self.config["max_traces"]
-        engine = Engine(EnumeratePolicy(), sampler=AllChildren(), seed=seed, max_particles=limit)
+        engine = Engine(
+            EnumeratePolicy(), sampler=AllChildren(limit), seed=seed, max_particles=limit
+        )
         bounded = Bounded(limit)
         particles = engine.run([Particle(bound)], bounded)
         complete = [p for p in particles if not p.dead]
