@@ -136,13 +136,16 @@ def test_registry_only_refuses_model_paths(capsys, tmp_path):
     assert code == 1 and "allow_paths" in err and ":1:" in err, err
 
 
-def test_device_applies_to_declared_models(capsys, tmp_path):
+@pytest.mark.parametrize(
+    "device, message", [("nonsense", "unknown device 'nonsense'"), ("meta", "cannot run a model")]
+)
+def test_device_applies_to_declared_models(capsys, tmp_path, device, message):
     path = tmp_path / "declared.lmc"
     path.write_text(
         'model lm = "smollm2-135m"\nprogram f() { x ~ lm("hi", max_tokens=1) return x }'
     )
-    code, _, err = run_cli(capsys, "run", path, "--device", "nonsense", "--method", "forward")
-    assert code == 1 and "unknown device 'nonsense'" in err, err
+    code, _, err = run_cli(capsys, "run", path, "--device", device, "--method", "forward")
+    assert code == 1 and message in err, err
 
 
 def test_inputs_given_twice_and_particles_for_enumerate(capsys, coin):
@@ -227,15 +230,6 @@ def test_a_fifo_is_not_read(capsys, tmp_path):
     os.mkfifo(fifo)
     code, _, err = run_cli(capsys, "check", fifo)
     assert code == 1 and "not a regular file" in err
-
-
-def test_a_device_that_cannot_run_a_model(capsys, tmp_path):
-    path = tmp_path / "declared.lmc"
-    path.write_text(
-        'model lm = "smollm2-135m"\nprogram f() { x ~ lm("hi", max_tokens=1) return x }'
-    )
-    code, _, err = run_cli(capsys, "run", path, "--device", "meta", "--method", "forward")
-    assert code == 1 and "cannot run a model" in err, err
 
 
 def test_best_is_the_value_itself():
