@@ -188,8 +188,7 @@ def _run(args: argparse.Namespace) -> int:
             raise LMCascadeError("--particles does not apply to --method enumerate (it is exact)")
         options = {}
     else:
-        key = "particles" if args.method == "smc" else "num_samples"
-        options = {key: 16 if args.particles is None else args.particles}
+        options = {"num_samples": 16 if args.particles is None else args.particles}
     bound = programs[name](**inputs)
     result = lc.infer(bound, method=args.method, seed=args.seed, **options)
     print(result.to_json() if args.json else result.summary())

@@ -78,12 +78,11 @@ def check_step_fits(runs: Sequence[Any], warned: set) -> None:
     computes, and the cache of prompts not yet computed), and a warning (once per model, via
     ``warned``) when the runs' caches could outgrow it by the time every run reaches its
     ``max_tokens``."""
-    by_model: dict[int, list] = {}
-    for run in runs:
-        by_model.setdefault(id(run.model), []).append(run)
-    for group in by_model.values():
+    from lmcascade.lm.scoring import by_model
+
+    for group in by_model(runs):
         model = group[0].model
-        per_token = getattr(model, "cache_bytes_per_token", 0)
+        per_token = model.cache_bytes_per_token
         if not per_token:
             continue
         positions = sum(len(r.forced) if r.forced is not None else 1 for r in group)

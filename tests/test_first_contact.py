@@ -87,7 +87,7 @@ def test_smc_reports_the_ess_before_its_final_resample():
     last = r.genealogy[-1]
     assert r.ess == r.stats["ess"][-1] < 12  # not 12 for 12 copies
     assert r.stats["distinct_traces"] == len(set(last)) < 12
-    assert len(set(map(tuple, [[w] for w in r.log_weights]))) == 1  # equal weights after it
+    assert len(set(r.log_weights.tolist())) == 1  # equal weights after it
 
 
 def test_summary_stats_fit_on_a_line():

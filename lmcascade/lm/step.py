@@ -71,7 +71,8 @@ def distributions(
             logprobs, [r.dist for r in group], [len(r.tokens) for r in group], model.eos_id
         )
         empty: list[LMRun] = []
-        if bool(torch.isnan(p).any()):
+        nothing = torch.isnan(p).any(dim=-1)
+        if bool(nothing.any()):
             if bool(torch.isnan(logprobs).any()):
                 raise ModelError(
                     f"model {model.name!r} gave NaN next-token log-probabilities (its weights "
@@ -79,7 +80,6 @@ def distributions(
                 )
             # nothing may be drawn (min_tokens masks the only token the model allows): the
             # run ends on eos with probability zero
-            nothing = torch.isnan(p).any(dim=-1)
             empty = [r for r, bad in zip(group, nothing.tolist(), strict=True) if bad]
             eos_row = torch.full_like(p[0], float("-inf"))
             eos_row[model.eos_id] = 0.0

@@ -71,7 +71,6 @@ class AllChildren(TokenSampler):
     def _check(self, rows: Rows, counts: list[int]) -> None:
         total = sum(counts)
         vocab = rows.p.shape[-1]
-        run = rows.runs[0]
         full = [
             r
             for r, c in zip(rows.runs, counts, strict=True)
@@ -79,7 +78,7 @@ class AllChildren(TokenSampler):
         ]
         if total <= self.limit and not (full and total * vocab > self.limit):
             return
-        run = full[0] if full else run
+        run = full[0] if full else rows.runs[0]
         steps = run.dist.max_tokens - len(run.tokens)
         digits = steps * math.log10(max(vocab, 2))
         raise TooManyTracesError(
