@@ -57,6 +57,7 @@ from lmcascade.dsl.limits import SIZE_PER_STEP, Budget, Limits, Refusal, over
 from lmcascade.dsl.tools import calc
 from lmcascade.errors import DSLError, DSLRuntimeError, LMCascadeError
 from lmcascade.program import Program
+from lmcascade.trace import safe_repr
 
 Effects = Generator[Any, Any, Any]
 
@@ -267,8 +268,7 @@ def _real(dist: str, param: str, x: Any) -> float:
 
 
 def _short(x: Any) -> str:
-    text = repr(x)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return safe_repr(x, 40)
 
 
 def _t(x: float) -> torch.Tensor:
