@@ -23,6 +23,7 @@ it was drawn from as its proposal density.
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from typing import Any
 
 from lmcascade.distributions import draw_value, is_lm, score
@@ -30,6 +31,10 @@ from lmcascade.errors import SiteError, TokenizationError
 from lmcascade.program import Call, Condition, Effect, Factor, Observe
 from lmcascade.requests import Pending, generation, path_score, text_score
 from lmcascade.trace import Site, safe_repr
+
+ON_TOOL_ERROR: ContextVar[str] = ContextVar("lmcascade_on_tool_error", default="zero")
+"""What a tool call that raises does: ``"zero"`` gives its trace weight zero (the run goes
+on), ``"raise"`` stops the run with the error.  ``lc.infer`` sets it from its option."""
 
 
 class Policy:
