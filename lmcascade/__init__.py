@@ -23,6 +23,7 @@ try:
     from lmcascade.dsl.loader import load
     from lmcascade.graph import graph
     from lmcascade.inference import infer, methods
+    from lmcascade.inference.many import infer_many
     from lmcascade.program import (
         BoundProgram,
         Program,
@@ -61,6 +62,7 @@ __all__ = [
     "gen",
     "graph",
     "infer",
+    "infer_many",
     "load",
     "methods",
     "models",

@@ -15,8 +15,10 @@ the engine can :meth:`~LanguageModel.fork` (after resampling) and
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -85,6 +87,37 @@ def check_crop(context: Context, length: int) -> bool:
     return length < len(context.ids)
 
 
+BATCHED_CALLS = ("next_logprobs", "path_logprobs", "block_logprobs")
+"""The model methods that compute: while a :data:`BATCHER` is set, they are routed to it."""
+
+BATCHER: ContextVar[Any] = ContextVar("lmcascade_model_batcher", default=None)
+"""Where this thread's model calls go instead of the model: an object with
+``submit(model, name, fn, args, kwargs)`` that returns what ``fn(model, *args, **kwargs)``
+would.  ``lc.infer_many`` sets it in each input's run so that the calls of every run are
+made together, as one batched call (see :mod:`lmcascade.inference.many`)."""
+
+
+def routed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a model method named ``name``), sent to the thread's :data:`BATCHER` if set."""
+
+    @functools.wraps(fn)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        batcher = BATCHER.get()
+        if batcher is None:
+            return fn(self, *args, **kwargs)
+        return batcher.submit(self, name, fn, args, kwargs)
+
+    method.routed = True  # type: ignore[attr-defined]
+    return method
+
+
+def _route(cls: type) -> None:
+    for name in BATCHED_CALLS:
+        fn = cls.__dict__.get(name)
+        if fn is not None and not getattr(fn, "routed", False):
+            setattr(cls, name, routed(name, fn))
+
+
 class LanguageModel(ABC):
     """Base class of every model: a tokenizer plus batched next-token log-probabilities.
 
@@ -98,6 +131,10 @@ class LanguageModel(ABC):
     max_context: int | None = None  # tokens a context may hold (prompt and generation); None: any
     min_prompt_tokens: int = 0  # a model that needs a token to condition on says 1
     cache_bytes_per_token: int = 0  # a cached model's memory per context token (0: none)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _route(cls)  # every model's compute methods can be batched across runs
 
     @property
     def eos_id(self) -> int:
@@ -254,3 +291,6 @@ class LanguageModel(ABC):
     def decode(self, ids: Sequence[int]) -> str:
         """Shorthand for ``self.tokenizer.decode``."""
         return self.tokenizer.decode(ids)
+
+
+_route(LanguageModel)  # its default path and block methods too
