@@ -103,12 +103,19 @@ def _graph(args: argparse.Namespace) -> int:
 def _value(text: str):
     """An ``--input`` value: JSON when it parses as JSON (finite numbers, at most 100 levels
     deep), else the text itself; either must be valid UTF-8 text."""
+    return _json_value(text, "an --input value", fallback=True)
+
+
+def _json_value(text: str, what: str, fallback: bool = False):
+    """``text`` parsed as JSON, checked: finite numbers, at most 100 levels deep, ints within
+    4,300 digits, valid UTF-8.  Text that is not JSON is an error unless ``fallback``, when
+    it is the value itself."""
     import json
 
     def refuse(name: str):
-        raise LMCascadeError(f"--input values must be finite numbers, got {name}")
+        raise LMCascadeError(f"{what} must hold finite numbers, got {name}")
 
-    deep = "an --input value is nested too deep; keep JSON within 100 levels"
+    deep = f"{what} is nested too deep; keep JSON within 100 levels"
     try:
         value = json.loads(text, parse_constant=refuse)
     except RecursionError:
@@ -116,13 +123,15 @@ def _value(text: str):
     except ValueError as err:
         if "integer string conversion" in str(err):
             raise LMCascadeError(
-                "an --input number has more than 4,300 digits; pass it as text in quotes"
+                f"{what} has a number of more than 4,300 digits; pass it as text in quotes"
             ) from None
+        if not fallback:
+            raise LMCascadeError(f"{what} is not JSON: {err}") from None
         value = text
     try:  # bytes that are not UTF-8, or a lone surrogate, fail here
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise LMCascadeError("an --input value is not valid text (not UTF-8)") from None
+        raise LMCascadeError(f"{what} is not valid text (not UTF-8)") from None
     except RecursionError:
         raise LMCascadeError(deep) from None
     depth, level = 0, [value]
@@ -137,6 +146,36 @@ def _value(text: str):
             for v in (item.values() if isinstance(item, dict) else item)
         ]
     return value
+
+
+def _read_inputs(path: str) -> list[dict]:
+    """The inputs of ``--inputs FILE``: one JSON object of program arguments per line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except IsADirectoryError:
+        raise LMCascadeError(f"--inputs {path}: is a folder; give a .jsonl file") from None
+    except OSError as err:
+        raise LMCascadeError(f"--inputs {path}: {err.strerror or err}") from None
+    inputs = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        what = f"--inputs {path}, line {number},"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise LMCascadeError(f"{what} is not UTF-8 text") from None
+        if not line.strip():
+            continue
+        value = _json_value(line, what)
+        if not isinstance(value, dict):
+            raise LMCascadeError(
+                f"{what} must be a JSON object naming the program's inputs, such as "
+                '{"a": 17, "b": 25}'
+            )
+        inputs.append(value)
+    if not inputs:
+        raise LMCascadeError(f"--inputs {path} holds no inputs (one JSON object per line)")
+    return inputs
 
 
 def _limits(args: argparse.Namespace):
@@ -157,6 +196,11 @@ def _run(args: argparse.Namespace) -> int:
     import lmcascade as lc
 
     _, module = _read(args.file)
+    if args.out and not args.inputs:
+        raise LMCascadeError("--out goes with --inputs (one result line per input)")
+    if args.inputs and args.input:
+        raise LMCascadeError("give --input NAME=VALUE or --inputs FILE.jsonl, not both")
+    many = _read_inputs(args.inputs) if args.inputs else None  # read before loading models
     models = {}
     if args.model:
         model = lc.models.load(args.model, device=args.device)
@@ -189,10 +233,53 @@ def _run(args: argparse.Namespace) -> int:
         options = {}
     else:
         options = {"num_samples": 16 if args.particles is None else args.particles}
+    if many is not None:
+        return _run_many(args, programs[name], many, options)
     bound = programs[name](**inputs)
     result = lc.infer(bound, method=args.method, seed=args.seed, **options)
     print(result.to_json() if args.json else result.summary())
     return 0
+
+
+def _run_many(args: argparse.Namespace, program, inputs: list[dict], options: dict) -> int:
+    """``run --inputs``: one line per input as each finishes (JSON with ``--json``); exit 1
+    if any input failed."""
+    import json
+
+    import lmcascade as lc
+    from lmcascade.trace import jsonable, safe_repr
+
+    failed = 0
+    runs = lc.infer_many(
+        program, inputs, method=args.method, seed=args.seed, out=args.out, **options
+    )
+    with runs:
+        for item, result in runs:
+            ok = isinstance(result, lc.Result)
+            failed += not ok
+            if args.json:
+                line = {"input": jsonable(item)}
+                if ok:
+                    line["result"] = {k: v for k, v in result.to_dict().items() if k != "traces"}
+                else:
+                    line["error"] = {"type": type(result).__name__, "message": str(result)}
+                print(json.dumps(line, allow_nan=False), flush=True)
+            elif ok:
+                dist = result.distribution()
+                top = next(iter(dist.items()), None)
+                best = f"{safe_repr(result.best(), 80)} (p={top[1]:.3f})" if top else "none"
+                print(
+                    f"{safe_repr(item, 120)}: best {best}, log evidence {result.log_evidence:.4g}",
+                    flush=True,
+                )
+            else:
+                print(f"{safe_repr(item, 120)}: error: {result}", flush=True)
+    skipped = runs.stats["inputs_skipped"]
+    if skipped:
+        print(f"lmcascade: {skipped} inputs already in {args.out} were skipped", file=sys.stderr)
+    if failed:
+        print(f"lmcascade: {failed} of {len(inputs)} inputs failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=VALUE",
         help="a program argument (JSON values, else text); repeatable",
+    )
+    run.add_argument(
+        "--inputs",
+        metavar="FILE.jsonl",
+        help="run every input of a JSON-lines file (one object of arguments per line), "
+        "batched together",
+    )
+    run.add_argument(
+        "--out",
+        metavar="FILE.jsonl",
+        help="with --inputs: append each finished result here; a rerun skips those done",
     )
     run.add_argument(
         "--method", default="smc", help="enumerate, forward, rejection, importance or smc (default)"
