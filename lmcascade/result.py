@@ -95,6 +95,37 @@ class ValueKey:
         return safe_repr(self.value)
 
 
+class Rejected:
+    """The type of :data:`REJECTED`: one object, falsy like ``None``, shown as ``REJECTED``."""
+
+    __slots__ = ()
+    _instance: Rejected | None = None
+
+    def __new__(cls) -> Rejected:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "REJECTED"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __reduce__(self) -> str:
+        return "REJECTED"  # unpickles as the module's one object
+
+
+REJECTED = Rejected()
+"""What :attr:`Result.values` holds for a trace of weight zero (a failed condition, a
+constraint that could not be met, a dead particle), so that it differs from a program that
+returned ``None``.
+
+>>> REJECTED, REJECTED is Rejected(), bool(REJECTED)
+(REJECTED, True, False)
+"""
+
+
 def log_mean_exp(log_weights: Sequence[float] | np.ndarray) -> float:
     """log(mean(exp(w))), stable; ``-inf`` when every weight is zero."""
     lw = np.asarray(log_weights, dtype=np.float64)
@@ -131,12 +162,19 @@ def _short_stat(value: Any) -> str:
     return safe_repr(value, 60)
 
 
+def _idle_counter(key: str, value: Any) -> bool:
+    """A counter at zero (no tokens scored, no tool errors), left off the summary line; the
+    seed always shows."""
+    return key != "seed" and type(value) is int and value == 0
+
+
 class Result:
     """Weighted traces from one inference run.
 
-    ``values`` are the programs' return values (``None`` for a trace stopped at weight zero),
-    ``log_weights`` their unnormalised log-weights and ``weights`` the normalised ones (numpy
-    float64).  ``log_evidence`` estimates log Z (``nan`` where a method does not estimate it).
+    ``values`` are the programs' return values (:data:`REJECTED` for a trace of weight zero,
+    which stopped before it returned), ``log_weights`` their unnormalised log-weights and
+    ``weights`` the normalised ones (numpy float64).  ``log_evidence`` estimates log Z (``nan``
+    where a method does not estimate it).
     """
 
     def __init__(
@@ -161,7 +199,23 @@ class Result:
 
     @property
     def values(self) -> list:
-        return [t.value for t in self.traces]
+        """Each trace's return value, in the order of ``traces``; :data:`REJECTED` where the
+        trace has weight zero.
+
+        >>> from lmcascade.trace import Trace
+        >>> t = Trace(); t.done = True  # returned None
+        >>> Result([t, Trace()], [0.0, -math.inf]).values
+        [None, REJECTED]
+        """
+        return [
+            REJECTED if lw == -math.inf else t.value
+            for t, lw in zip(self.traces, self.log_weights, strict=True)
+        ]
+
+    @property
+    def num_rejected(self) -> int:
+        """How many traces have weight zero (their ``values`` are :data:`REJECTED`)."""
+        return int(np.sum(self.log_weights == -np.inf))
 
     @property
     def weights(self) -> np.ndarray:
@@ -212,8 +266,12 @@ class Result:
         return [self.traces[i].value for i in idx]
 
     def summary(self, top: int = 10) -> str:
-        """A readable table: the most probable values, evidence, ESS and stats."""
-        lines = [f"lmcascade result — method {self.method!r}, {len(self.traces)} traces"]
+        """A readable table: the most probable values, evidence and ESS, then the stats on one
+        line (lists by their length and last item, counters at zero left off; all of them are
+        in ``stats``)."""
+        rejected = self.num_rejected
+        head = f"lmcascade result — method {self.method!r}, {len(self.traces)} traces"
+        lines = [head + (f" ({rejected} rejected: weight zero)" if rejected else "")]
         dist = self.distribution()
         shown = [(safe_repr(v, 1000), p) for v, p in list(dist.items())[:top]]
         width = min(60, max((len(text) for text, _ in shown), default=5))
@@ -225,7 +283,9 @@ class Result:
         if len(dist) > top:
             lines.append(f"  ... {len(dist) - top} more values")
         lines.append(f"  log evidence: {self.log_evidence:.6g}    ESS: {self.ess:.2f}")
-        stats = ", ".join(f"{k}={_short_stat(v)}" for k, v in self.stats.items())
+        stats = ", ".join(
+            f"{k}={_short_stat(v)}" for k, v in self.stats.items() if not _idle_counter(k, v)
+        )
         lines.append(f"  stats: {stats}")
         return "\n".join(lines)
 
@@ -240,14 +300,16 @@ class Result:
                 for v, p in self.distribution().items()
             ],
             "traces": [
-                {**t.to_dict(), "weight": jsonable(float(w))}
-                for t, w in zip(self.traces, self.weights, strict=True)
+                {**t.to_dict(), "weight": jsonable(float(w)), "rejected": bool(lw == -math.inf)}
+                for t, w, lw in zip(self.traces, self.weights, self.log_weights, strict=True)
             ],
             "stats": jsonable(self.stats),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        """The full result as strict JSON (values, weights, traces, stats).  Numbers that
+        """The full result as strict JSON (values, weights, traces, stats).  Each trace says
+        whether it was ``"rejected"`` (weight zero; its ``"value"`` is then ``null``, as it
+        never returned).  Numbers that
         JSON cannot hold are strings: a zero-weight trace's log-weight is ``"-inf"``, an
         estimate a method does not make is ``"nan"`` (``float(s)`` reads either back);
         values nested too deep are written as their ``repr``."""

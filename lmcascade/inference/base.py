@@ -16,15 +16,17 @@ import difflib
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from lmcascade.engine import ENGINES, Particle
+from lmcascade.engine import ENGINES, Particle, Schedule
 from lmcascade.errors import AllWeightsZeroError, Interrupted, OptionError, UnknownMethodError
+from lmcascade.inference.progress import Ticking, progress_bar
 from lmcascade.memory import available_memory, size
+from lmcascade.policy import ON_TOOL_ERROR
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result
 from lmcascade.trace import safe_repr
@@ -43,8 +45,24 @@ def methods() -> dict[str, type[InferenceMethod]]:
     return dict(_REGISTRY)
 
 
+COMMON_OPTIONS: dict[str, Any] = {"progress": True, "on_tool_error": "zero"}
+"""Options every method takes, with their defaults: ``progress`` (a progress bar, shown in a
+terminal once a run has taken about two seconds) and ``on_tool_error`` (``"zero"``: a tool call
+that raises gives its trace weight zero and the run goes on; ``"raise"``: the error stops the
+run)."""
+
+TOOL_ERROR_MODES = ("zero", "raise")
+
+
 class InferenceMethod:
-    """Base class: option checking and the common frame; subclasses implement :meth:`run`."""
+    """Base class: option checking and the common frame; subclasses implement :meth:`run`.
+
+    ``options`` are the method's own; every method also takes :data:`COMMON_OPTIONS`.
+
+    >>> from lmcascade.inference import methods
+    >>> methods()["forward"](num_samples=5).config["progress"]
+    True
+    """
 
     name: ClassVar[str] = ""
     options: ClassVar[dict[str, Any]] = {}
@@ -59,14 +77,30 @@ class InferenceMethod:
                         f"method {self.name!r}: {alias} and {name} name the same option; give one"
                     )
                 options[name] = options.pop(alias)
-        unknown = sorted(set(options) - set(self.options))
+        defaults = {**COMMON_OPTIONS, **self.options}
+        unknown = sorted(set(options) - set(defaults))
         if unknown:
             raise OptionError(
                 f"method {self.name!r} has no option {unknown[0]!r}; its options are "
-                f"{', '.join(sorted(self.options)) or '(none)'}"
+                f"{', '.join(sorted(defaults))}"
             )
-        self.config = {**self.options, **options}
+        self.config = {**defaults, **options}
+        self.check_common()
         self.check_options()
+
+    def check_common(self) -> None:
+        """Validates the options every method takes (:data:`COMMON_OPTIONS`)."""
+        if not isinstance(self.config["progress"], bool):
+            raise OptionError(
+                f"method {self.name!r}: option progress must be True or False, got "
+                f"{safe_repr(self.config['progress'], 100)}"
+            )
+        if self.config["on_tool_error"] not in TOOL_ERROR_MODES:
+            raise OptionError(
+                f"method {self.name!r}: option on_tool_error must be 'zero' (a tool call that "
+                "raises gives its trace weight zero and the run goes on) or 'raise' (the error "
+                f"stops the run), got {safe_repr(self.config['on_tool_error'], 100)}"
+            )
 
     def check_options(self) -> None:
         """Validates ``self.config``; raise :class:`OptionError` naming the option."""
@@ -93,6 +127,18 @@ class InferenceMethod:
             )
         return n
 
+    @contextlib.contextmanager
+    def ticking(
+        self, inner: Schedule | None = None, status: Callable[[list], str] | None = None
+    ) -> Iterator[Ticking]:
+        """A schedule that runs ``inner`` and ticks this run's progress bar once per decoding
+        step (``status`` of the population as its postfix); the bar closes with the block."""
+        bar = progress_bar(self.name, self.config["progress"])
+        try:
+            yield Ticking(bar, inner, status)
+        finally:
+            bar.close()
+
     def run(self, bound: BoundProgram, seed: int) -> Result:
         raise NotImplementedError
 
@@ -100,6 +146,24 @@ class InferenceMethod:
 PARTICLE_BYTES = 3_000
 """Host memory of one particle of a short LM program (trace, run state, bookkeeping), as
 measured with tracemalloc on SMC populations of 2,000 and 8,000."""
+
+
+@contextlib.contextmanager
+def tool_errors(mode: str) -> Iterator[None]:
+    """Sets :data:`lmcascade.policy.ON_TOOL_ERROR` to ``mode`` for a block (then restores it,
+    also when the block raises).
+
+    >>> with tool_errors("raise"):
+    ...     ON_TOOL_ERROR.get()
+    'raise'
+    >>> ON_TOOL_ERROR.get()
+    'zero'
+    """
+    token = ON_TOOL_ERROR.set(mode)
+    try:
+        yield
+    finally:
+        ON_TOOL_ERROR.reset(token)
 
 
 @contextlib.contextmanager
@@ -125,7 +189,9 @@ def infer(
     """Runs inference on a bound program and returns a :class:`~lmcascade.result.Result`.
 
     ``method`` is a registered name (see :func:`methods`); ``seed`` makes the run reproducible
-    (without one a seed is drawn and recorded in ``result.stats["seed"]``).
+    (without one a seed is drawn and recorded in ``result.stats["seed"]``).  Besides its own
+    options every method takes :data:`COMMON_OPTIONS`: ``progress`` and ``on_tool_error``
+    (set in :data:`lmcascade.policy.ON_TOOL_ERROR` for the run).
 
     >>> import lmcascade as lc
     >>> from pyro.distributions import Bernoulli
@@ -165,7 +231,7 @@ def infer(
     engines: list = []
     token = ENGINES.set(engines)
     try:
-        with seeded(seed), torch.inference_mode():
+        with seeded(seed), tool_errors(instance.config["on_tool_error"]), torch.inference_mode():
             result = instance.run(bound, seed)
     except KeyboardInterrupt:
         raise Interrupted(method, progress(engines, time.perf_counter() - start)) from None

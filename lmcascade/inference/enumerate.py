@@ -117,7 +117,8 @@ class Enumerate(InferenceMethod):
             EnumeratePolicy(), sampler=AllChildren(limit), seed=seed, max_particles=limit
         )
         bounded = Bounded(limit)
-        particles = engine.run([Particle(bound)], bounded)
+        with self.ticking(bounded, status=lambda ps: f"{len(ps)} traces open") as schedule:
+            particles = engine.run([Particle(bound)], schedule)
         complete = [p for p in particles if not p.dead]
         bounded.dead += len(particles) - len(complete)
         if not complete:

@@ -18,22 +18,31 @@ conditions are recorded in the weights, so the weighted samples target the poste
 
 from __future__ import annotations
 
-from lmcascade.engine import Engine, Particle
+from lmcascade.engine import Engine, Particle, Schedule
 from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result, log_mean_exp
 
 
 def run_population(
-    bound: BoundProgram, n: int, engine: Engine, batch_size: int | None
+    bound: BoundProgram,
+    n: int,
+    engine: Engine,
+    batch_size: int | None,
+    schedule: Schedule | None = None,
 ) -> list[Particle]:
     """Runs ``n`` particles of ``bound`` to completion, ``batch_size`` at a time."""
     batch = batch_size or n
     particles: list[Particle] = []
     while len(particles) < n:
         chunk = [Particle(bound) for _ in range(min(batch, n - len(particles)))]
-        particles.extend(engine.run(chunk))
+        particles.extend(engine.run(chunk, schedule))
     return particles
+
+
+def finished(particles: list[Particle]) -> str:
+    """A progress bar's status: how many of the population have finished."""
+    return f"{sum(p.done for p in particles)}/{len(particles)} finished"
 
 
 def weighted_result(particles: list[Particle], engine: Engine, what: str) -> Result:
@@ -65,7 +74,8 @@ class Forward(InferenceMethod):
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
         engine = Engine(seed=seed)
-        particles = run_population(
-            bound, self.config["num_samples"], engine, self.config["batch_size"]
-        )
+        with self.ticking(status=finished) as schedule:
+            particles = run_population(
+                bound, self.config["num_samples"], engine, self.config["batch_size"], schedule
+            )
         return weighted_result(particles, engine, "forward sampling")

@@ -22,10 +22,10 @@ each target site it covers takes the proposal's value and is weighted by
 
 from __future__ import annotations
 
-from lmcascade.engine import Engine, Particle
+from lmcascade.engine import Engine, Particle, Schedule
 from lmcascade.errors import OptionError
 from lmcascade.inference.base import InferenceMethod, register
-from lmcascade.inference.forward import run_population, weighted_result
+from lmcascade.inference.forward import finished, run_population, weighted_result
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result
 
@@ -49,15 +49,19 @@ class Importance(InferenceMethod):
             )
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
+        with self.ticking(status=finished) as schedule:
+            return self._run(bound, seed, schedule)
+
+    def _run(self, bound: BoundProgram, seed: int, schedule: Schedule) -> Result:
         n, batch = self.config["num_samples"], self.config["batch_size"]
         proposal: BoundProgram | None = self.config["proposal"]
         if proposal is None:
             engine = Engine(seed=seed)
             return weighted_result(
-                run_population(bound, n, engine, batch), engine, "importance sampling"
+                run_population(bound, n, engine, batch, schedule), engine, "importance sampling"
             )
         guide_engine = Engine(seed=seed, stop_dead=False)
-        guides = run_population(proposal, n, guide_engine, batch)
+        guides = run_population(proposal, n, guide_engine, batch, schedule)
         for g in guides:
             for site in g.trace:
                 if site.kind in ("observe", "factor", "condition"):
@@ -68,7 +72,7 @@ class Importance(InferenceMethod):
         # Each particle takes the proposal's values by name, rescored under the target
         # (the proposal's density of each value stays its proposal density).
         engine = Engine(seed=seed + 1)
-        particles = engine.run([Particle(bound, replay=g.trace) for g in guides])
+        particles = engine.run([Particle(bound, replay=g.trace) for g in guides], schedule)
         for p, g in zip(particles, guides, strict=True):
             if p.dead:
                 continue

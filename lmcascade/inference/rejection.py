@@ -1,10 +1,17 @@
-"""Rejection sampling: exact posterior samples under hard conditions.
+"""Rejection sampling: exact posterior samples, accepted in proportion to their weights.
 
-Traces are drawn from the prior in batches; a trace that violates a condition is rejected.
-Programs with soft weights (factors, observes) need ``max_log_weight``, an upper bound on
-every trace's log-weight: a trace is then accepted with probability ``exp(w - max_log_weight)``.
-Accepted traces are exact posterior samples, so they carry equal weights;
-``log_evidence`` is log(acceptance rate) + ``max_log_weight``.
+Traces are drawn from the prior (constrained LM sites from their constrained distribution) in
+batches, and each is accepted with probability ``exp(w - B)``, where ``w`` is its log-weight
+and ``B`` an upper bound on every trace's log-weight.  Accepted traces are exact, independent
+posterior samples, so they carry equal weights; ``log_evidence`` is
+``log(acceptance rate) + B``.
+
+The bound is known, and ``B = 0``, when every soft weight comes from a site whose weight is a
+probability: a constrained LM site (its weight is the log of the probability the constraint
+allows, at most 0), an observe of an LM or of a discrete distribution, and conditions (0 or
+weight zero).  Such programs need no option.  A factor, or an observe of a continuous density,
+has no known bound: with a soft weight there the run stops at once, at that site, asking for
+``max_log_weight`` (an upper bound on every trace's log-weight, which then replaces 0).
 
 >>> import lmcascade as lc
 >>> from pyro.distributions import Categorical
@@ -25,13 +32,60 @@ import math
 
 import numpy as np
 
+from lmcascade.distributions import is_lm
 from lmcascade.engine import Engine, Particle
-from lmcascade.errors import InferenceError, NothingAcceptedError, OptionError
+from lmcascade.errors import (
+    InferenceError,
+    LMCascadeError,
+    NothingAcceptedError,
+    OptionError,
+)
 from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
-from lmcascade.program import BoundProgram
+from lmcascade.policy import Policy
+from lmcascade.program import BoundProgram, Factor, Observe
+from lmcascade.requests import Pending
 from lmcascade.result import Result
+from lmcascade.trace import Site
 
 MAX_BATCH = 4096
+
+ROUNDING = 1e-4
+"""How far (in log-weight) a trace may exceed the bound and still count as at the bound: a
+constrained site's weight is a log-mass computed in the model's float32, so a constraint that
+allows every token can give ``+1e-7`` per token instead of 0."""
+
+
+class KnownBounds(Policy):
+    """The prior, refusing at once a soft weight whose upper bound is unknown: a factor, or an
+    observe of a continuous density, whose log-weight is neither 0 nor ``-inf``.  (Every other
+    site's weight is at most 0: see the module docstring.)"""
+
+    def factor(self, eff: Factor, name: str) -> Site:
+        return unbounded(super().factor(eff, name), "a factor")
+
+    def observe(self, eff: Observe, name: str) -> Site | Pending:
+        out = super().observe(eff, name)
+        if isinstance(out, Site) and not is_probability(eff.dist):
+            return unbounded(out, "an observe of a continuous density")
+        return out
+
+
+def is_probability(dist: object) -> bool:
+    """Whether ``dist``'s log-density is a log-probability (at most 0): an LM, or a
+    distribution with discrete support."""
+    return is_lm(dist) or bool(getattr(getattr(dist, "support", None), "is_discrete", False))
+
+
+def unbounded(site: Site, what: str) -> Site:
+    """``site``, unless its soft weight needs a bound the run was not given."""
+    if site.log_prob in (0.0, -math.inf):
+        return site
+    raise InferenceError(
+        f"rejection: site {site.name!r} is {what} with log-weight {site.log_prob:.4g}, which "
+        "has no known upper bound, so rejection cannot make it an acceptance probability. Pass "
+        "max_log_weight, an upper bound on every trace's total log-weight (0 if every such "
+        "weight is at most 0), or use method='importance' or 'smc'"
+    )
 
 
 @register
@@ -52,7 +106,9 @@ class Rejection(InferenceMethod):
         if self.config["batch_size"] is not None:
             self.positive_int("batch_size")
         bound = self.config["max_log_weight"]
-        if bound is not None and not (isinstance(bound, int | float) and math.isfinite(bound)):
+        if bound is not None and (
+            isinstance(bound, bool) or not (isinstance(bound, int | float) and math.isfinite(bound))
+        ):
             raise OptionError(
                 f"method 'rejection': max_log_weight must be a finite number, got {bound!r}"
             )
@@ -60,50 +116,34 @@ class Rejection(InferenceMethod):
     def run(self, bound: BoundProgram, seed: int) -> Result:
         want = self.config["num_samples"]
         budget = self.config["max_attempts"]
-        max_lw = self.config["max_log_weight"]
-        fixed_batch = self.config["batch_size"]
+        declared = self.config["max_log_weight"]
+        max_lw = 0.0 if declared is None else float(declared)
         rng = np.random.default_rng(seed)
-        engine = Engine(seed=seed)
+        engine = Engine(Policy() if declared is not None else KnownBounds(), seed=seed)
         accepted: list[Particle] = []
         attempts = n_ok = 0
         rejected_sample: list[Particle] = []
-        while len(accepted) < want and attempts < budget:
-            need = want - len(accepted)
-            if fixed_batch:
-                size = fixed_batch
-            elif n_ok:
-                rate = n_ok / attempts
-                size = int(math.ceil(1.2 * need / rate)) + 1
-            else:
-                size = want if attempts == 0 else 2 * attempts
-            size = max(1, min(size, budget - attempts, MAX_BATCH))
-            batch = engine.run([Particle(bound) for _ in range(size)])
-            attempts += size
-            for p in batch:
-                lw = p.trace.log_weight
-                if lw == -math.inf:
-                    if len(rejected_sample) < 1000:
-                        rejected_sample.append(p)
-                    continue
-                if max_lw is None:
-                    if lw != 0.0:
-                        site = next(s.name for s in p.trace if s.log_weight not in (0.0,))
-                        raise InferenceError(
-                            f"rejection: site {site!r} gives a soft weight ({lw:.4g}); pass "
-                            "max_log_weight (an upper bound on every trace's log-weight) or use "
-                            "method='importance'"
-                        )
-                    ok = True
-                else:
-                    if lw > max_lw + 1e-9:
-                        raise OptionError(
-                            f"rejection: a trace has log-weight {lw:.6g} > max_log_weight "
-                            f"{max_lw}; the bound must hold for every trace"
-                        )
-                    ok = rng.random() < math.exp(lw - max_lw)
-                n_ok += ok
-                if ok and len(accepted) < want:
-                    accepted.append(p)
+
+        def status(_: list) -> str:
+            return f"{len(accepted)}/{want} accepted of {attempts} tried"
+
+        with self.ticking(status=status) as schedule:
+            while len(accepted) < want and attempts < budget:
+                size = self._batch_size(want - len(accepted), attempts, n_ok, budget)
+                batch = engine.run([Particle(bound) for _ in range(size)], schedule)
+                attempts += size
+                for p in batch:
+                    lw = p.trace.log_weight
+                    if lw == -math.inf:
+                        if len(rejected_sample) < 1000:
+                            rejected_sample.append(p)
+                        continue
+                    if lw > max_lw + ROUNDING:
+                        raise self._bound_broken(p, lw, declared)
+                    ok = lw >= max_lw or rng.random() < math.exp(lw - max_lw)
+                    n_ok += ok
+                    if ok and len(accepted) < want:
+                        accepted.append(p)
         if not accepted:
             err = zero_weight_error(rejected_sample, f"rejection after {attempts} attempts")
             raise NothingAcceptedError(
@@ -116,8 +156,34 @@ class Rejection(InferenceMethod):
             accepted=len(accepted),
             acceptance_rate=n_ok / attempts,
             shortfall=want - len(accepted),
+            log_weight_bound=max_lw,
         )
-        log_z = math.log(n_ok / attempts) + (max_lw or 0.0)
+        log_z = math.log(n_ok / attempts) + max_lw
         return Result(
             [p.trace for p in accepted], [0.0] * len(accepted), log_evidence=log_z, stats=stats
+        )
+
+    def _batch_size(self, need: int, attempts: int, n_ok: int, budget: int) -> int:
+        """How many traces to draw next: enough for ``need`` more at the rate seen so far."""
+        if self.config["batch_size"]:
+            size = self.config["batch_size"]
+        elif n_ok:
+            size = int(math.ceil(1.2 * need / (n_ok / attempts))) + 1
+        else:
+            size = need if attempts == 0 else 2 * attempts
+        return max(1, min(size, budget - attempts, MAX_BATCH))
+
+    @staticmethod
+    def _bound_broken(p: Particle, lw: float, declared: float | None) -> LMCascadeError:
+        """The error for a trace whose log-weight exceeds the bound."""
+        if declared is not None:
+            return OptionError(
+                f"rejection: a trace has log-weight {lw:.6g} > max_log_weight {declared}; the "
+                "bound must hold for every trace"
+            )
+        site = max(p.trace, key=lambda s: s.log_weight)
+        return InferenceError(
+            f"rejection: a trace has log-weight {lw:.6g} > 0 (largest at site {site.name!r}), "
+            "but every site's weight should be at most 0 here; pass max_log_weight, an upper "
+            "bound on every trace's log-weight"
         )

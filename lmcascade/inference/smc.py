@@ -37,11 +37,11 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lmcascade.engine import Engine, Particle, Schedule
 from lmcascade.errors import InferenceError, OptionError
 from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
+from lmcascade.inference.progress import progress_bar
 from lmcascade.inference.resampling import scheme
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result, effective_sample_size, log_mean_exp
@@ -66,7 +66,6 @@ class SMC(InferenceMethod):
         "segment_min": 1,
         "segment_max": 64,
         "max_steps": 100_000,
-        "progress": True,
     }
 
     def check_options(self) -> None:
@@ -153,13 +152,7 @@ class SMCSchedule(Schedule):
         # still in progress; a run held at a boundary keeps its last value)
         self.entropy: dict = {}
         self._fresh: dict = {}
-        self.bar = tqdm(
-            desc="smc",
-            unit="step",
-            delay=2.0,
-            leave=False,
-            disable=None if cfg["progress"] else True,
-        )
+        self.bar = progress_bar("smc", cfg["progress"])
 
     def record_entropy(self, rows) -> None:
         """An engine observer: the entropy of each run's next-token distribution ``q``."""
