@@ -29,9 +29,12 @@ def compile_lmc(source: str, *, limits: Limits | None = None, tools: dict | None
 
 
 def run(source: str, *args, limits: Limits | None = None, tools=None, method="forward"):
+    """Runs ``p(*args)``; a tool that fails stops the run here (``on_tool_error="raise"``),
+    with a located error, as every other failure does (tests/test_dsl_instruct.py checks the
+    default, where such a trace gets weight zero and the run goes on)."""
     programs = compile_lmc(source, limits=limits, tools=tools)
     options = {"num_samples": 2, "seed": 0} if method == "forward" else {}
-    return lc.infer(programs["p"](*args), method=method, **options)
+    return lc.infer(programs["p"](*args), method=method, on_tool_error="raise", **options)
 
 
 def body(*lines: str) -> str:

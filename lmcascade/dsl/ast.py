@@ -40,6 +40,11 @@ class Bool(Node):
 
 
 @dataclass(frozen=True)
+class NoneLit(Node):
+    """``none``: no value (what ``match`` gives when nothing matches)."""
+
+
+@dataclass(frozen=True)
 class Var(Node):
     name: str
 
@@ -100,7 +105,19 @@ class Call(Node):
     kwargs: tuple[tuple[str, Expr], ...] = ()
 
 
-Expr = Num | Str | Bool | Var | ListExpr | BinOp | Compare | BoolOp | Not | Neg | Index | Call
+@dataclass(frozen=True)
+class Try(Node):
+    """``try body else orelse``: ``orelse`` when evaluating ``body`` fails (a tool that
+    raised, an operation that failed); never when the run went over a budget."""
+
+    body: Expr
+    orelse: Expr
+
+
+Expr = (
+    Num | Str | Bool | NoneLit | Var | ListExpr | BinOp | Compare | BoolOp | Not | Neg | Index
+    | Call | Try
+)  # fmt: skip
 
 
 # --- statements --------------------------------------------------------------------------------

@@ -23,13 +23,14 @@ lmcascade.errors.DSLCheckError: f.lmc:1:22: undefined variable 'y'
 from __future__ import annotations
 
 import difflib
+import json
 from collections import ChainMap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from lmcascade.dsl import ast
+from lmcascade.dsl import ast, instruct, kinds
 from lmcascade.dsl.parser import MAX_DEPTH, depth_message, nesting
-from lmcascade.errors import DSLCheckError
+from lmcascade.errors import DSLCheckError, LMCascadeError
 
 # name -> (min positional, max positional)
 DISTRIBUTIONS = {
@@ -58,7 +59,26 @@ BUILTINS = {
     "join": (2, 2),
     "contains": (2, 2),
 }
-LM_OPTIONS = {"max_tokens", "min_tokens", "stop", "temperature", "top_k", "top_p"}
+BUILTINS.update(
+    {
+        "match": (2, 2),
+        "regex": (1, 1),
+        "json_schema": (1, 1),
+        "forbid": (1, 99),
+        "allow": (1, 1),
+        "max_word_length": (1, 1),
+    }
+)
+LM_OPTIONS = {
+    "max_tokens",
+    "min_tokens",
+    "stop",
+    "temperature",
+    "top_k",
+    "top_p",
+    "constraint",
+    "potential",
+}
 
 
 Entry = tuple[ast.Sample, int | None]
@@ -86,26 +106,41 @@ class Sampled:
 
 
 class Names:
-    """The variables defined at a point of a program: the current block's own names over the
-    enclosing blocks' (a branch or a loop body is a new layer, so nothing is copied).
+    """The variables defined at a point of a program, with the kinds of their values where the
+    source shows them: the current block's own names over the enclosing blocks' (a branch or
+    a loop body is a new layer, so nothing is copied).
 
     >>> outer = Names(own={"x"})
     >>> inner = outer.child("i")
-    >>> inner.own.add("y")
-    >>> ("x" in inner, "y" in inner, "y" in outer, sorted(inner.all()))
-    (True, True, False, ['i', 'x', 'y'])
+    >>> inner.define("y", frozenset({"text"}))
+    >>> ("x" in inner, "y" in inner, "y" in outer, sorted(inner.all()), inner.kind("y"))
+    (True, True, False, ['i', 'x', 'y'], frozenset({'text'}))
     """
 
     def __init__(self, parent: Names | None = None, own: Iterable[str] = ()) -> None:
         self.parent, self.own = parent, set(own)
+        self.kinds: dict[str, kinds.Kinds] = {}
 
     def __contains__(self, name: object) -> bool:
+        return self._layer(name) is not None
+
+    def _layer(self, name: object) -> Names | None:
         layer: Names | None = self
         while layer is not None:
             if name in layer.own:
-                return True
+                return layer
             layer = layer.parent
-        return False
+        return None
+
+    def define(self, name: str, kind: kinds.Kinds = None) -> None:
+        """Defines ``name`` in this layer, holding a value of ``kind`` (None: unknown)."""
+        self.own.add(name)
+        self.kinds[name] = kind
+
+    def kind(self, name: str) -> kinds.Kinds:
+        """The kinds of ``name``'s value here (None when unknown or undefined)."""
+        layer = self._layer(name)
+        return None if layer is None else layer.kinds.get(name)
 
     def child(self, *names: str) -> Names:
         """A new layer over this one, defining ``names``."""
@@ -130,30 +165,53 @@ def always_returns(body) -> bool:
     )
 
 
+def assigned(body) -> set[str]:
+    """Every variable a block sets (through nested blocks)."""
+    out: set[str] = set()
+    stack = list(body)
+    while stack:
+        s = stack.pop()
+        if isinstance(s, ast.Sample | ast.Assign):
+            out.add(s.target)
+        elif isinstance(s, ast.If):
+            stack.extend(s.body + s.orelse)
+        elif isinstance(s, ast.For | ast.Repeat):
+            stack.extend(s.body)
+            if isinstance(s, ast.For):
+                out.add(s.var)
+    return out
+
+
 class Checker:
-    """Walks one module; ``errors`` collects every problem (the first is raised)."""
+    """Walks one module and collects every problem in ``errors``, in source order."""
 
     def __init__(self, module: ast.Module, models: Iterable[str], tools: dict) -> None:
         self.module = module
         self.models = set(models) | {m.name for m in module.models}
         self.tools = tools
         self.programs = {p.name: p for p in module.programs}
+        self.errors: list[DSLCheckError] = []
+        self.unknown: set[str] = set()  # undefined names already reported in this program
 
-    def fail(self, node: ast.Node, message: str) -> DSLCheckError:
-        return DSLCheckError(
-            message,
-            filename=self.module.filename,
-            line=node.line,
-            col=node.col,
-            source=self.module.source,
+    def report(self, node: ast.Node, message: str) -> None:
+        self.errors.append(
+            DSLCheckError(
+                message,
+                filename=self.module.filename,
+                line=node.line,
+                col=node.col,
+                source=self.module.source,
+            )
         )
 
-    def run(self) -> None:
+    def run(self) -> list[DSLCheckError]:
+        """Every problem of the module, in source order."""
         depth, deepest = nesting(self.module)
         if depth > MAX_DEPTH and deepest is not None:
-            raise self.fail(deepest, depth_message(depth))
+            self.report(deepest, depth_message(depth))
+            return self.errors  # walking a tree this deep could overflow Python's stack
         if not self.module.programs:
-            raise self.fail(
+            self.report(
                 self.module,
                 "this file defines no program; write one as `program NAME(PARAMS) { ... }`",
             )
@@ -161,23 +219,25 @@ class Checker:
         for decl in self.module.models:
             if decl.name in declared:
                 first = declared[decl.name]
-                raise self.fail(
+                self.report(
                     decl,
                     f"model {decl.name!r} is declared twice (first at {first.line}:{first.col})",
                 )
-            declared[decl.name] = decl
+            declared.setdefault(decl.name, decl)
         seen: dict[str, ast.ProgramDef] = {}
         for prog in self.module.programs:
             if prog.name in seen:
-                raise self.fail(prog, f"program {prog.name!r} is defined twice")
+                self.report(prog, f"program {prog.name!r} is defined twice")
             if prog.name.startswith("__") and prog.name.endswith("__"):
-                raise self.fail(
+                self.report(
                     prog,
                     f"program name {prog.name!r} is reserved: names that begin and end with "
                     "'__' are Python's special attributes; rename it",
                 )
-            seen[prog.name] = prog
+            seen.setdefault(prog.name, prog)
+            self.unknown = set()
             self.block(prog.body, Names(own=prog.params), loop=False, sampled=Sampled())
+        return sorted(self.errors, key=lambda e: (e.line, e.col))
 
     # statements: each adds the names it defines to ``defined`` (the current block's layer)
     def block(self, body, defined: Names, loop: bool, sampled: Sampled) -> None:
@@ -185,13 +245,13 @@ class Checker:
             self.stmt(stmt, defined, loop, sampled)
 
     def duplicate(self, s: ast.Sample, loop: bool, sampled: Sampled) -> None:
-        """Fails if the site of sample ``s`` can meet an earlier one in one execution."""
+        """Reports the sample ``s`` if its site can meet an earlier one in one execution."""
         name = s.target
         hint = f"rename the second sample, e.g. `{name}2 ~ {s.call.func}(...)`"
         if loop:
             if name in sampled.straight:
                 first, _ = sampled.straight[name]
-                raise self.fail(
+                self.report(
                     s,
                     f"site {name!r} is sampled in a loop here (sites {name}[0], {name}[1], ...) "
                     f"and before it, at {first.line}:{first.col}; {hint}",
@@ -201,75 +261,100 @@ class Checker:
         if name in sampled.straight:
             first, if_line = sampled.straight[name]
             where = f"{first.line}:{first.col}" + ("" if if_line is None else " in an `if` branch")
-            raise self.fail(s, f"site {name!r} is sampled twice (first at {where}); {hint}")
-        if name in sampled.looped:
+            self.report(s, f"site {name!r} is sampled twice (first at {where}); {hint}")
+        elif name in sampled.looped:
             first, _ = sampled.looped[name]
-            raise self.fail(
+            self.report(
                 s,
                 f"site {name!r} is sampled in a loop at {first.line}:{first.col} (sites "
                 f"{name}[0], {name}[1], ...) and again here, after it; {hint}",
             )
-        sampled.straight[name] = (s, None)
+        sampled.straight.setdefault(name, (s, None))
 
     def stmt(self, s, defined: Names, loop: bool, sampled: Sampled) -> None:
         if isinstance(s, ast.Sample):
-            self.site_call(s.call, defined)
+            items = self.site_call(s.call, defined)
             self.duplicate(s, loop, sampled)
-            defined.own.add(s.target)
+            defined.define(s.target, kinds.of_sample(s.call, self.models, items))
         elif isinstance(s, ast.Assign):
-            self.expr(s.value, defined)
-            defined.own.add(s.target)
+            defined.define(s.target, self.expr(s.value, defined))
         elif isinstance(s, ast.Observe):
             self.expr(s.value, defined)
             self.site_call(s.call, defined)
         elif isinstance(s, ast.Condition | ast.Factor | ast.Return):
             self.expr(s.value, defined)
             if isinstance(s, ast.Factor) and isinstance(s.value, ast.Str | ast.ListExpr):
-                raise self.fail(s.value, "factor needs a number (a log-weight)")
+                self.report(s.value, "factor needs a number (a log-weight)")
         elif isinstance(s, ast.If):
-            self.expr(s.test, defined)
-            # the two branches may share names (only one runs); what either samples may meet
-            # what follows the if, unless that branch always returns
-            outcomes = []
-            for body in (s.body, s.orelse):
-                seen, layer = sampled.copy(), defined.child()
-                self.block(body, layer, loop, seen)
-                outcomes.append((layer.own, seen, always_returns(body)))
-            for _, seen, returns in outcomes:
-                if not returns:
-                    sampled.merge(seen, s.line)
-            (left, _, left_returns), (right, _, right_returns) = outcomes
+            self.branches(s, defined, loop, sampled)
+        elif isinstance(s, ast.For | ast.Repeat):
+            self.loop(s, defined, sampled)
+        else:  # pragma: no cover
+            self.report(s, f"unsupported statement {type(s).__name__}")
+
+    def branches(self, s: ast.If, defined: Names, loop: bool, sampled: Sampled) -> None:
+        """An ``if``: the two branches may share names (only one runs); what either samples
+        may meet what follows the if, unless that branch always returns.  A name either
+        branch sets holds, after the ``if``, a value of either branch's kind."""
+        self.expr(s.test, defined)
+        outcomes = []
+        for body in (s.body, s.orelse):
+            seen, layer = sampled.copy(), defined.child()
+            self.block(body, layer, loop, seen)
+            outcomes.append((layer, seen, always_returns(body)))
+        for _, seen, returns in outcomes:
+            if not returns:
+                sampled.merge(seen, s.line)
+        (left, _, left_returns), (right, _, right_returns) = outcomes
+        if left_returns != right_returns:
+            after = right.own if left_returns else left.own
+        else:
+            after = left.own & right.own
+        for name in sorted(left.own | right.own):
+            if name not in after and name not in defined:
+                continue
             if left_returns != right_returns:
-                defined.own |= right if left_returns else left
+                kind = (right if left_returns else left).kind(name)
             else:
-                defined.own |= left & right
-        elif isinstance(s, ast.For):
-            self.expr(s.iterable, defined)
+                kind = kinds.join(left.kind(name), right.kind(name))
+            defined.define(name, kind)
+
+    def loop(self, s: ast.For | ast.Repeat, defined: Names, sampled: Sampled) -> None:
+        """A ``for`` or ``repeat``: names the body sets may hold, in the body and after the
+        loop, a value from any iteration (their kinds are unknown inside)."""
+        if isinstance(s, ast.For):
+            over = self.expr(s.iterable, defined)
             if isinstance(s.iterable, ast.Num | ast.Bool):
-                raise self.fail(s.iterable, "for needs a list or a string to loop over")
-            self.block(s.body, defined.child(s.var), True, sampled)
-        elif isinstance(s, ast.Repeat):
+                self.report(s.iterable, "for needs a list or a string to loop over")
+            layer = defined.child()
+            layer.define(s.var, over if over == kinds.ONE[kinds.TEXT] else None)
+        else:
             self.expr(s.count, defined)
             if isinstance(s.count, ast.Str | ast.ListExpr | ast.Bool) or (
                 isinstance(s.count, ast.Num) and (s.count.value < 0 or s.count.value % 1)
             ):
-                raise self.fail(s.count, "repeat needs a whole number of times")
-            self.block(s.body, defined.child(), True, sampled)
-        else:  # pragma: no cover
-            raise self.fail(s, f"unsupported statement {type(s).__name__}")
+                self.report(s.count, "repeat needs a whole number of times")
+            layer = defined.child()
+        changed = sorted(n for n in assigned(s.body) if n in defined)
+        for name in changed:
+            layer.define(name, None)
+        self.block(s.body, layer, True, sampled)
+        for name in changed:
+            defined.define(name, kinds.join(defined.kind(name), layer.kind(name)))
 
-    def site_call(self, call: ast.Call, defined: Names) -> None:
-        """The right side of ``~``: a model or a distribution."""
+    def site_call(self, call: ast.Call, defined: Names) -> list[kinds.Kinds]:
+        """The right side of ``~``: a model or a distribution; for a categorical whose values
+        are written out, their kinds."""
         if call.func in self.models:
             if len(call.args) != 1:
-                raise self.fail(
+                self.report(
                     call,
                     f"model {call.func!r} takes one prompt, got "
                     f"{len(call.args)} positional arguments",
                 )
             for key, _ in call.kwargs:
                 if key not in LM_OPTIONS:
-                    raise self.fail(
+                    self.report(
                         call,
                         f"unknown option {key!r} for model {call.func!r}; "
                         f"options: {', '.join(sorted(LM_OPTIONS))}",
@@ -278,30 +363,73 @@ class Checker:
             self.arity(call, DISTRIBUTIONS[call.func], "distribution")
         else:
             known = sorted(self.models | set(DISTRIBUTIONS))
-            raise self.fail(
+            self.report(
                 call,
                 f"{call.func!r} is not a model or distribution"
                 f"{self.suggest(call.func, known)}; declare models with "
                 '`model NAME = "..."` or bind them when loading',
             )
-        for arg in call.args:
-            self.expr(arg, defined)
-        for _, value in call.kwargs:
-            self.expr(value, defined)
+        items: list[kinds.Kinds] = []
+        for i, arg in enumerate(call.args):
+            if i == 0 and isinstance(arg, ast.ListExpr) and call.func == "categorical":
+                items = [self.expr(x, defined) for x in arg.items]  # the values drawn
+            else:
+                self.expr(arg, defined)
+        for key, value in call.kwargs:
+            if key == "potential" and call.func in self.models:
+                self.potential(value, defined)
+            else:
+                kind = self.expr(value, defined)
+                if key == "constraint" and call.func in self.models:
+                    self.constraint(value, kind)
+        return items
+
+    def potential(self, value: ast.Expr, defined: Names) -> None:
+        """A model's ``potential=``: a tool named bare, a model call, or a value."""
+        if isinstance(value, ast.Var) and value.name not in defined and value.name in self.tools:
+            return
+        if isinstance(value, ast.Call) and value.func in self.models:
+            self.site_call(value, defined)
+            return
+        if isinstance(value, ast.Var) and value.name not in defined:
+            self.report(
+                value,
+                f"potential={value.name} names no tool or variable; give a tool (a function of "
+                "the partial text, passed with lc.load(..., tools={...})) or a model call, "
+                'e.g. potential=lm2("...")',
+            )
+            return
+        self.expr(value, defined)
+
+    def constraint(self, value: ast.Expr, kind: kinds.Kinds) -> None:
+        if kind is not None and kind != kinds.ONE[kinds.CONSTRAINT]:
+            example = "regex(...)"
+            if isinstance(value, ast.Str) and all(isinstance(p, str) for p in value.parts):
+                example = f"regex({json.dumps(''.join(value.parts))})"  # type: ignore[arg-type]
+            self.report(
+                value,
+                f"constraint= needs a constraint, got {kinds.words(kind)}: write {example}, "
+                "json_schema(...), forbid(...), allow([...]) or max_word_length(n)",
+            )
 
     def arity(self, call: ast.Call, bounds: tuple[int, int], what: str) -> None:
         low, high = bounds
         n = len(call.args)
         if not low <= n <= high:
             want = str(low) if low == high else f"{low} to {high}"
-            raise self.fail(call, f"{what} {call.func!r} takes {want} arguments, got {n}")
+            self.report(call, f"{what} {call.func!r} takes {want} arguments, got {n}")
 
-    def expr(self, e, defined: Names) -> None:
+    def expr(self, e, defined: Names) -> kinds.Kinds:
+        """Checks ``e``; the kinds of its value, where the source shows them."""
         if isinstance(e, ast.Var):
             if e.name not in defined:
-                known = sorted(defined.all())
-                raise self.fail(e, f"undefined variable {e.name!r}{self.suggest(e.name, known)}")
-        elif isinstance(e, ast.Str):
+                if e.name not in self.unknown:
+                    self.unknown.add(e.name)
+                    known = sorted(defined.all())
+                    self.report(e, f"undefined variable {e.name!r}{self.suggest(e.name, known)}")
+                return None
+            return defined.kind(e.name)
+        if isinstance(e, ast.Str):
             for part in e.parts:
                 if isinstance(part, ast.Var):
                     self.expr(part, defined)
@@ -309,60 +437,113 @@ class Checker:
             for item in e.items:
                 self.expr(item, defined)
         elif isinstance(e, ast.BinOp):
-            self.expr(e.left, defined)
-            self.expr(e.right, defined)
-            lits = (e.left, e.right)
-            if any(isinstance(x, ast.Str) for x in lits) and any(
-                isinstance(x, ast.Num | ast.Bool) for x in lits
-            ):
-                raise self.fail(
+            left, right = self.expr(e.left, defined), self.expr(e.right, defined)
+            if kinds.arithmetic_problem(e.op, left, right):
+                self.report(
                     e,
                     f"cannot use {e.op!r} between text and a number; "
                     "convert with str(...) or int(...)",
                 )
+            return kinds.of_binop(e.op, left, right)
         elif isinstance(e, ast.Compare):
-            self.expr(e.left, defined)
-            self.expr(e.right, defined)
+            self.compare(e, self.expr(e.left, defined), self.expr(e.right, defined))
         elif isinstance(e, ast.BoolOp):
+            out: kinds.Kinds = frozenset()
             for v in e.values:
-                self.expr(v, defined)
+                out = kinds.join(out, self.expr(v, defined))
+            return out
         elif isinstance(e, ast.Not | ast.Neg):
             self.expr(e.value, defined)
         elif isinstance(e, ast.Index):
-            self.expr(e.value, defined)
+            container = self.expr(e.value, defined)
             self.expr(e.index, defined)
+            return kinds.of_index(container)
+        elif isinstance(e, ast.Try):
+            return kinds.join(self.expr(e.body, defined), self.expr(e.orelse, defined))
         elif isinstance(e, ast.Call):
-            self.call(e, defined)
+            return self.call(e, defined)
+        return kinds.of_literal(e)
 
-    def call(self, call: ast.Call, defined: Names) -> None:
+    def compare(self, e: ast.Compare, left: kinds.Kinds, right: kinds.Kinds) -> None:
+        """Reports a comparison between values of known different kinds."""
+        problem = kinds.comparison_problem(e.op, left, right)
+        if problem is None or left is None or right is None:
+            return
+
+        def side(x: ast.Expr, k: frozenset[str]) -> str:
+            return f"{x.name} ({kinds.words(k)})" if isinstance(x, ast.Var) else kinds.words(k)
+
+        hint = "convert one side with int(...), float(...) or str(...)"
+        if kinds.NONE in left | right and e.op not in ("==", "!="):
+            hint = "test for none first (`x != none and ...`) or give a default with try/else"
+        self.report(
+            e,
+            f"`{e.op}` compares {side(e.left, left)} with {side(e.right, right)}, {problem}; "
+            f"{hint}",
+        )
+
+    def call(self, call: ast.Call, defined: Names) -> kinds.Kinds:
         """A call inside an expression: a tool, a builtin or another program."""
         if call.func in self.programs:
             params = self.programs[call.func].params
             self.arity(call, (len(params), len(params)), "program")
+        elif call.func == "chat":
+            return self.chat(call, defined)
         elif call.func in BUILTINS:
             self.arity(call, BUILTINS[call.func], "function")
+            self.literal_pattern(call)
         elif call.func in self.tools:
             pass
         elif call.func in self.models or call.func in DISTRIBUTIONS:
-            raise self.fail(
+            self.report(
                 call,
                 f"{call.func!r} draws a random value: use it in a sample "
                 f"statement, `x ~ {call.func}(...)`",
             )
         else:
-            known = sorted(set(self.programs) | set(BUILTINS) | set(self.tools))
-            raise self.fail(
+            known = sorted(set(self.programs) | set(BUILTINS) | set(self.tools) | {"chat"})
+            self.report(
                 call,
                 f"unknown function or tool {call.func!r}"
                 f"{self.suggest(call.func, known)}; pass tools to "
                 "lc.load(..., tools={...})",
             )
         if call.kwargs and call.func not in self.tools:
-            raise self.fail(call, f"{call.func!r} takes no keyword arguments")
+            self.report(call, f"{call.func!r} takes no keyword arguments")
         for arg in call.args:
             self.expr(arg, defined)
         for _, value in call.kwargs:
             self.expr(value, defined)
+        return None if call.func in self.programs else kinds.of_call(call.func, self.tools)
+
+    def chat(self, call: ast.Call, defined: Names) -> kinds.Kinds:
+        """``chat(model, user, system=...)``: the first argument names a model."""
+        usage = 'write chat(lm, "user message", system="system message")'
+        if len(call.args) != 2:
+            self.report(call, f"chat takes a model and a user message, got {len(call.args)} "
+                        f"arguments; {usage}")  # fmt: skip
+        elif not (isinstance(call.args[0], ast.Var) and call.args[0].name in self.models):
+            self.report(call.args[0], f"chat's first argument must name a model; {usage}")
+        for key, value in call.kwargs:
+            if key != "system":
+                self.report(call, f"chat takes only the keyword system=, not {key}=; {usage}")
+            self.expr(value, defined)
+        for arg in call.args[1:]:
+            self.expr(arg, defined)
+        return kinds.ONE[kinds.TEXT]
+
+    def literal_pattern(self, call: ast.Call) -> None:
+        """A pattern or schema written out in the source is checked now, not when it runs."""
+        check = PATTERN_CHECKS.get(call.func)
+        if check is None or not call.args:
+            return
+        first = call.args[0]
+        if not (isinstance(first, ast.Str) and all(isinstance(p, str) for p in first.parts)):
+            return
+        try:
+            check("".join(first.parts))  # type: ignore[arg-type]
+        except (LMCascadeError, ValueError, TypeError) as err:
+            self.report(first, str(err))
 
     @staticmethod
     def suggest(name: str, known: list[str]) -> str:
@@ -370,6 +551,62 @@ class Checker:
         return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+PATTERN_CHECKS = {
+    "match": lambda text: instruct.compiled(instruct.bounded_pattern("match", text)),
+    "regex": lambda text: instruct.bounded_pattern("regex", text),
+    "json_schema": lambda text: instruct.CONSTRAINTS["json_schema"](text),
+}
+
+MAX_REPORTED = 50
+"""The most problems one report lists (the rest are counted)."""
+
+
+class CheckFailed(DSLCheckError):
+    """Every problem :func:`check` found: located as the first one, listing each (one
+    ``file:line:col: message`` with its line and caret after another); ``errors`` holds them
+    as separate :class:`~lmcascade.errors.DSLCheckError` s."""
+
+    def __init__(self, errors: list[DSLCheckError], source: str | None = None) -> None:
+        first = errors[0]
+        super().__init__(
+            first.reason, filename=first.filename, line=first.line, col=first.col, source=source
+        )
+        self.errors = tuple(errors)
+        if len(errors) > 1:
+            shown = "\n".join(str(e) for e in errors[:MAX_REPORTED])
+            count = f"{len(errors)} problems"
+            if len(errors) > MAX_REPORTED:
+                count = f"{MAX_REPORTED} of {len(errors)} problems shown"
+            self.args = (f"{shown}\n({count} in {first.filename})",)
+
+
+def problems(module: ast.Module, *, models: Iterable[str], tools: dict) -> list[DSLCheckError]:
+    """Every problem :func:`check` would report, in source order (empty when none).
+
+    >>> from lmcascade.dsl.parser import parse
+    >>> [e.reason for e in problems(parse("program f() { return 1 }"), models=(), tools={})]
+    []
+    """
+    return Checker(module, models, tools).run()
+
+
 def check(module: ast.Module, *, models: Iterable[str], tools: dict) -> None:
-    """Raises the first :class:`~lmcascade.errors.DSLCheckError` found in ``module``."""
-    Checker(module, models, tools).run()
+    """Raises a :class:`~lmcascade.errors.DSLCheckError` for every problem found in
+    ``module``: the problem itself when there is one, else a :class:`CheckFailed` listing
+    them all, each with its line, column and caret; either way ``errors`` holds them one by
+    one.
+
+    >>> from lmcascade.dsl.parser import parse
+    >>> source = 'program f(q) {\\n  a = q + 1\\n  if b == 3 { return c }\\n  return a\\n}'
+    >>> try:
+    ...     check(parse(source, filename="f.lmc"), models=(), tools={})
+    ... except CheckFailed as err:
+    ...     print([(e.line, e.col, e.reason) for e in err.errors])
+    [(3, 6, "undefined variable 'b'"), (3, 22, "undefined variable 'c'")]
+    """
+    found = problems(module, models=models, tools=tools)
+    if len(found) == 1:
+        found[0].errors = (found[0],)  # type: ignore[attr-defined]
+        raise found[0]
+    if found:
+        raise CheckFailed(found, module.source)

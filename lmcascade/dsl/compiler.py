@@ -53,9 +53,12 @@ from lmcascade.distributions import (
     Uniform,
 )
 from lmcascade.dsl import ast
-from lmcascade.dsl.limits import SIZE_PER_STEP, Budget, Limits, Refusal, over
+from lmcascade.dsl.instruct import CONSTRAINTS, apply_chat, constraint, match
+from lmcascade.dsl.limits import SIZE_PER_STEP, Budget, Limits, OverLimit, Refusal, over
 from lmcascade.dsl.tools import calc
+from lmcascade.dsl.values import Mismatch, kind_of
 from lmcascade.errors import DSLError, DSLRuntimeError, LMCascadeError
+from lmcascade.policy import ON_TOOL_ERROR
 from lmcascade.program import Program
 from lmcascade.trace import safe_repr
 
@@ -63,25 +66,6 @@ Effects = Generator[Any, Any, Any]
 
 
 # --- values ------------------------------------------------------------------------------------
-
-
-def kind_of(value: object) -> str:
-    """What a value is, in the words of the DSL (for messages)."""
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, int):
-        return "a whole number"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "text"
-    if isinstance(value, list | tuple):
-        return "a list"
-    return type(value).__name__
-
-
-class Mismatch(TypeError):
-    """A value of the wrong kind for an operation; the message says which kinds it takes."""
 
 
 def _is_number(value: object) -> bool:
@@ -205,6 +189,11 @@ BUILTINS: dict[str, Callable[..., Any]] = {
     "split": _split,
     "join": _join,
     "contains": _contains,
+    "match": match,
+    **{
+        name: lambda budget, *args, name=name: constraint(budget, name, *args)
+        for name in CONSTRAINTS
+    },
 }
 
 
@@ -468,13 +457,21 @@ def site_names(module: ast.Module) -> dict[int, str]:
 
 
 class _ToolFailed:
-    """What a tool call returns when the tool raised: the program then fails at the call, with
-    its position (an exception raised inside the call effect would lose it)."""
+    """What a tool call inside ``try`` (or under ``on_tool_error="raise"``) returns when the
+    tool raised, recorded as the call site's value: the program then goes to the ``else``
+    branch, or fails at the call with its position."""
 
     __slots__ = ("error",)
 
     def __init__(self, error: Exception) -> None:
         self.error = error
+
+    def __repr__(self) -> str:
+        return f"<tool failed: {type(self.error).__name__}: {safe_repr(str(self.error), 80)}>"
+
+
+class BudgetError(DSLRuntimeError):
+    """A run went over one of its budgets (or Python's stack): ``try`` does not catch it."""
 
 
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -495,6 +492,7 @@ class Frame:
     env: dict
     budget: Budget
     loop: int = 0
+    catching: bool = False  # inside ``try``: a failing tool goes to its else branch
 
 
 class Interpreter:
@@ -505,14 +503,16 @@ class Interpreter:
     ) -> None:
         self.module, self.models = module, models
         self.limits = limits if limits is not None else Limits()
-        self.tools = {name: _guarded(_with_limits(fn, self.limits)) for name, fn in tools.items()}
+        self.tools = {name: _with_limits(fn, self.limits) for name, fn in tools.items()}
+        self.guarded = {name: _guarded(fn) for name, fn in self.tools.items()}
         self.definitions = {p.name: p for p in module.programs}
         self.programs: dict[str, Program] = {}
         self.names = site_names(module)
         self.peak_steps = 0  # the most steps any run has taken so far (for tests and tuning)
 
-    def fail(self, node: ast.Node, message: str) -> DSLRuntimeError:
-        return DSLRuntimeError(
+    def fail(self, node: ast.Node, message: str, *, fatal: bool = False) -> DSLRuntimeError:
+        """The located error at ``node``; ``fatal`` ones (a budget spent) escape ``try``."""
+        return (BudgetError if fatal else DSLRuntimeError)(
             message,
             filename=self.module.filename,
             line=node.line,
@@ -540,7 +540,7 @@ class Interpreter:
             try:
                 return (yield from interp.invoke(definition, env, budget))
             except RecursionError:
-                raise interp.fail(definition, explain(RecursionError())) from None
+                raise interp.fail(definition, explain(RecursionError()), fatal=True) from None
             finally:
                 interp.peak_steps = max(interp.peak_steps, budget.steps)
 
@@ -561,7 +561,7 @@ class Interpreter:
             try:
                 out = yield from self.stmt(stmt, f)
             except RecursionError:
-                raise self.fail(stmt, explain(RecursionError())) from None
+                raise self.fail(stmt, explain(RecursionError()), fatal=True) from None
             if out is not None:
                 return out
         return None
@@ -587,7 +587,8 @@ class Interpreter:
             raise self.fail(node, str(err)) from None
         except Exception as err:  # noqa: BLE001 - every failure becomes a located error
             cause = None if isinstance(err, Refusal) else err
-            raise self.fail(node, self.describe(node, err)) from cause
+            fatal = isinstance(err, OverLimit)
+            raise self.fail(node, self.describe(node, err), fatal=fatal) from cause
 
     def describe(self, node: ast.Node, err: Exception) -> str:
         """The message for ``err`` raised by the operation at ``node``."""
@@ -633,7 +634,7 @@ class Interpreter:
             else:
                 count = yield from self.expr(s.count, f)
                 items = range(self.guard(s, self.repeat_count, count))
-            inner = Frame(f.env, f.budget, f.loop + 1)
+            inner = Frame(f.env, f.budget, f.loop + 1, f.catching)
             for item in items:
                 if isinstance(s, ast.For):
                     f.env[s.var] = item
@@ -667,21 +668,37 @@ class Interpreter:
         return count
 
     def arguments(self, call: ast.Call, f: Frame) -> Effects:
-        """A call's positional and keyword argument values, evaluated left to right."""
+        """A call's positional and keyword argument values, evaluated left to right (a
+        model's ``potential=`` as :meth:`potential` reads it)."""
         args = []
         for a in call.args:
             args.append((yield from self.expr(a, f)))
         kwargs = {}
         for key, v in call.kwargs:
-            kwargs[key] = yield from self.expr(v, f)
+            if key == "potential" and call.func in self.models:
+                kwargs[key] = yield from self.potential(v, f)
+            else:
+                kwargs[key] = yield from self.expr(v, f)
         return args, kwargs
+
+    def potential(self, e: ast.Expr, f: Frame) -> Effects:
+        """A model's ``potential=``: a tool named bare (a function of the partial text), a
+        model call (that LM steers, as a product of experts), or any other value."""
+        if isinstance(e, ast.Var) and e.name not in f.env and e.name in self.tools:
+            return self.tools[e.name]
+        if isinstance(e, ast.Call) and e.func in self.models:
+            return (yield from self.distribution(e, f)).dist
+        return (yield from self.expr(e, f))
 
     def distribution(self, call: ast.Call, f: Frame) -> Effects:
         """The evaluated right side of ``~``: a model or a named distribution."""
         self.tick(call, f)
         args, kwargs = yield from self.arguments(call, f)
         if call.func in self.models:
-            dist = self.guard(call, lambda: LM(self.models[call.func], *args, **kwargs))
+            model = self.models[call.func]
+            dist = self.guard(call, lambda: LM(model, *args, **kwargs))
+            if dist.constraint is not None:  # a bad pattern fails here, located
+                self.guard(call, dist.constraint.start, model)
             return Site(dist, "lm")
         return self.guard(call, lambda: DISTRIBUTIONS[call.func](*args, **kwargs))
 
@@ -689,6 +706,10 @@ class Interpreter:
         self.tick(e, f)
         if isinstance(e, ast.Num | ast.Bool):
             return e.value
+        if isinstance(e, ast.NoneLit):
+            return None
+        if isinstance(e, ast.Try):
+            return (yield from self.attempt(e, f))
         if isinstance(e, ast.Var):
             return self.lookup(e, f)
         if isinstance(e, ast.Str):
@@ -778,28 +799,65 @@ class Interpreter:
                 )
         return container[index]
 
+    def attempt(self, e: ast.Try, f: Frame) -> Effects:
+        """``try body else orelse``: the body's value, or the else branch's when the body
+        fails (a tool raised, an operation failed); a spent budget is not caught."""
+        try:
+            return (yield from self.expr(e.body, Frame(f.env, f.budget, f.loop, True)))
+        except BudgetError:
+            raise
+        except DSLRuntimeError:
+            return (yield from self.expr(e.orelse, f))
+
+    def chat(self, call: ast.Call, f: Frame) -> Effects:
+        """``chat(model, user, system=...)``: the model's chat prompt (the model is named, not
+        evaluated)."""
+        model = self.models[call.args[0].name]  # the checker makes it a model's name
+        user = yield from self.expr(call.args[1], f)
+        system = None
+        for _, v in call.kwargs:  # only system=
+            system = yield from self.expr(v, f)
+        for value in (user, system):
+            self.guard(call, f.budget.measure, value)
+        prompt = self.guard(call, apply_chat, model, user, system)
+        return self.guard(call, self.admit, prompt, f.budget)
+
+    def tool(self, call: ast.Call, f: Frame, args: list, kwargs: dict) -> Effects:
+        """A tool call, a site of its own.  Outside ``try`` a tool that raises is the core's
+        to handle: its trace gets weight zero and the run goes on (under
+        ``on_tool_error="raise"``, a located error here instead); inside ``try`` the failure
+        is recorded as the site's value and the else branch runs."""
+        site = f"{call.func}@{call.line}:{call.col}[]"
+        catching = f.catching or ON_TOOL_ERROR.get() == "raise"
+        fn = (self.guarded if catching else self.tools)[call.func]
+        result = yield effects.call(site, fn, *args, **kwargs)
+        if isinstance(result, _ToolFailed):
+            err = result.error
+            message = f"tool {call.func!r} failed: {explain(err)}"
+            if not isinstance(err, ValueError | LMCascadeError):
+                message += f" ({type(err).__name__})"
+            raise self.fail(call, message) from err
+        return result
+
     def call(self, call: ast.Call, f: Frame) -> Effects:
+        if call.func == "chat" and call.func not in self.definitions:
+            return (yield from self.chat(call, f))
         args, kwargs = yield from self.arguments(call, f)
         if call.func in self.definitions:  # another program: its own scope, one level deeper
             definition = self.definitions[call.func]
             if len(args) != len(definition.params):  # the checker stops this
                 raise self.fail(call, f"{call.func!r} takes {len(definition.params)} arguments")
             self.guard(call, f.budget.enter)
-            inner = Frame(dict(zip(definition.params, args, strict=True)), f.budget)
-            with effects.scope(self.site(self.names[id(call)], f)):
-                out = yield from self.block(definition.body, inner)
-            f.budget.depth -= 1
+            env = dict(zip(definition.params, args, strict=True))
+            inner = Frame(env, f.budget, catching=f.catching)
+            try:
+                with effects.scope(self.site(self.names[id(call)], f)):
+                    out = yield from self.block(definition.body, inner)
+            finally:
+                f.budget.depth -= 1
             return out[1] if out is not None else None
         if call.func in self.tools:
-            site = f"{call.func}@{call.line}:{call.col}[]"
-            result = yield effects.call(site, self.tools[call.func], *args, **kwargs)
-            if isinstance(result, _ToolFailed):
-                err = result.error
-                message = f"tool {call.func!r} failed: {explain(err)}"
-                if not isinstance(err, ValueError | LMCascadeError):
-                    message += f" ({type(err).__name__})"
-                raise self.fail(call, message) from err
-            return result
+            return (yield from self.tool(call, f, args, kwargs))
         if call.func not in BUILTINS:
             raise self.fail(call, f"unknown function {call.func!r}")  # the checker stops this
         budget = f.budget

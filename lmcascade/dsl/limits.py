@@ -81,6 +81,12 @@ class Refusal(ValueError):
     ``.lmc`` program may do.  The message says which, and how to raise the limit."""
 
 
+class OverLimit(Refusal):
+    """A run went over one of its budgets (or an operation gave up, as ``match`` does on a
+    pattern that backtracks without end).  ``try ... else ...`` does not catch it: the budget
+    is spent, and what follows could not run either."""
+
+
 def how_to_raise(name: str) -> str:
     """How to raise limit ``name``: the ``lc.load`` keyword, and the CLI option if it has one."""
     advice = f"lc.load(..., limits=Limits({name}=...))"
@@ -89,9 +95,9 @@ def how_to_raise(name: str) -> str:
     return advice
 
 
-def over(name: str, what: str) -> Refusal:
+def over(name: str, what: str) -> OverLimit:
     """The refusal for exceeding limit ``name``: ``what`` happened, and how to raise it."""
-    return Refusal(f"{what}; raise the limit with {how_to_raise(name)}")
+    return OverLimit(f"{what}; raise the limit with {how_to_raise(name)}")
 
 
 def digits_of(n: int) -> int:

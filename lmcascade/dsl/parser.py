@@ -298,6 +298,14 @@ class ToAst(Transformer_NonRecursive):
     def false(self, meta, items):
         return ast.Bool(meta.line, meta.column, False)
 
+    @v_args(meta=True)
+    def none(self, meta, items):
+        return ast.NoneLit(meta.line, meta.column)
+
+    @v_args(meta=True)
+    def try_expr(self, meta, items):
+        return ast.Try(meta.line, meta.column, items[0], items[1])
+
     def var(self, items):
         tok = items[0]
         return ast.Var(tok.line, tok.column, str(tok))
