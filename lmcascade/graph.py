@@ -4,9 +4,10 @@ Nodes are inputs, sample sites (LM or distribution), deterministic assignments, 
 observe / factor / condition sites and the return, plus structured nodes for ``if``, ``for``
 and ``repeat`` (their statements hang off them by ``contains`` edges).  Data edges run from the
 node that last defined a variable to the nodes that read it.  ``.lmc`` programs give their
-graph exactly (:func:`from_program`); a Python program's graph is read off one execution
-(:func:`from_trace`): its sites in order, with data edges where a value flows unchanged into a
-later site (an earlier output inside a later prompt, say).
+graph exactly (:func:`from_program`).  A Python program's graph (:func:`graph`, ``lc.graph``)
+is found by intervention on a few sampled runs: a site's value is changed and the program
+re-executed, and every later input that changes gets a data edge
+(:mod:`lmcascade.flowgraph.build` explains how, and what the nodes and edges carry).
 
 >>> import lmcascade as lc
 >>> module = lc.dsl.parse('program f(q) { a ~ lm("{q}") b = shout(a) return b }')
@@ -150,49 +151,38 @@ def from_program(program: ast.ProgramDef, models: set[str] | None = None) -> nx.
     return g
 
 
-def from_trace(trace) -> nx.DiGraph:
-    """A graph read off one execution: sites in order, data edges where values flow unchanged."""
-    g = nx.DiGraph()
-    earlier: list[tuple[str, Any]] = []
-    for site in trace:
-        attrs: dict[str, Any] = {"kind": site.kind, "label": site.name}
-        text_in = ""
-        if site.kind == "sample" and getattr(site.dist, "is_lm", False):
-            attrs.update(model=site.dist.model.name, distribution="LM")
-            text_in = site.dist.prompt
-        elif site.dist is not None:
-            attrs["distribution"] = type(site.dist).__name__
-        g.add_node(site.name, **attrs)
-        for name, value in earlier:
-            if isinstance(value, str) and value and value in text_in:
-                g.add_edge(name, site.name, kind="data")
-            elif site.kind in ("observe", "call") and value is not None and value == site.value:
-                g.add_edge(name, site.name, kind="data")
-        if site.kind in ("sample", "call"):
-            earlier.append((site.name, site.value))
-    g.add_node("return", kind="return", label="return")
-    for name, value in earlier:
-        if (
-            isinstance(value, str)
-            and value
-            and isinstance(trace.value, str)
-            and (value in trace.value)
-        ):
-            g.add_edge(name, "return", kind="data")
-    return g
+def graph(bound: Any, *, runs: int = 8, max_tokens: int | None = 16, seed: int = 0) -> nx.DiGraph:
+    """The graph of a bound Python program: its sites, and the data flow between them found
+    by changing one value at a time over ``runs`` sampled runs (seeded by ``seed``, each
+    generation cut to ``max_tokens`` tokens; None keeps each site's own limit).  Conditions
+    that fail and runs that raise do not stop it; see :mod:`lmcascade.flowgraph.build`.
+
+    >>> import lmcascade as lc
+    >>> from lmcascade.models import ToyLM
+    >>> lm = ToyLM(["a", "b", "<eos>"], lambda ctx: [0.0, 0.0, 0.0])
+    >>> @lc.program
+    ... def two():
+    ...     x = yield lc.gen("x", lm, "a", max_tokens=2)
+    ...     y = yield lc.gen("y", lm, f"b{x}", max_tokens=2)
+    ...     return y
+    >>> g = lc.graph(two(), runs=4)
+    >>> list(g.nodes), g.edges["x", "y"]["via"]
+    (['x', 'y', 'return'], ['dist.prompt'])
+    """
+    from lmcascade.flowgraph.build import program_graph
+
+    return program_graph(bound, runs=runs, max_tokens=max_tokens, seed=seed)
 
 
-def graph(bound) -> nx.DiGraph:
-    """The IR graph of a bound Python program, from one forward execution (seed 0)."""
-    from lmcascade.inference import infer
-
-    result = infer(bound, method="forward", num_samples=1, seed=0)
-    return from_trace(result.traces[0])
+def _quoted(text: Any) -> str:
+    """A DOT string literal."""
+    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def to_dot(g: nx.DiGraph) -> str:
-    """Graphviz DOT text."""
-    lines = [f'digraph "{g.graph.get("name", "program")}" {{', "  rankdir=TB;"]
+    """Graphviz DOT text (edges other than data flow are dashed: ``contains``, ``control``,
+    ``raises``)."""
+    lines = [f"digraph {_quoted(g.graph.get('name', 'program'))} {{", "  rankdir=TB;"]
     shapes = {
         "sample": "ellipse",
         "input": "plaintext",
@@ -200,13 +190,15 @@ def to_dot(g: nx.DiGraph) -> str:
         "condition": "diamond",
         "observe": "box",
         "factor": "box",
+        "error": "octagon",
     }
     for n, d in g.nodes(data=True):
-        label = str(d.get("label", n)).replace('"', '\\"')
-        lines.append(f'  "{n}" [label="{label}", shape={shapes.get(d.get("kind"), "box")}];')
+        shape = shapes.get(d.get("kind"), "box")
+        lines.append(f"  {_quoted(n)} [label={_quoted(d.get('label', n))}, shape={shape}];")
     for a, b, d in g.edges(data=True):
-        style = ", style=dashed" if d.get("kind") == "contains" else ""
-        lines.append(f'  "{a}" -> "{b}" [label="{d.get("kind", "")}"{style}];')
+        kind = d.get("kind", "")
+        style = "" if kind in ("data", "") else ", style=dashed"
+        lines.append(f"  {_quoted(a)} -> {_quoted(b)} [label={_quoted(kind)}{style}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -219,7 +211,7 @@ def to_mermaid(g: nx.DiGraph) -> str:
         label = str(d.get("label", n)).replace('"', "'")
         lines.append(f'  {ids[n]}["{label}"]')
     for a, b, d in g.edges(data=True):
-        arrow = "-.->" if d.get("kind") == "contains" else "-->"
+        arrow = "-->" if d.get("kind", "data") == "data" else "-.->"
         lines.append(f"  {ids[a]} {arrow} {ids[b]}")
     return "\n".join(lines) + "\n"
 

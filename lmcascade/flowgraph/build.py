@@ -1,0 +1,374 @@
+"""The graph of a Python program, found by intervention on a few sampled runs.
+
+A Python program has no AST we can read the way a ``.lmc`` program has, and its data flow
+cannot be read off one sample: texts from LM sites are pasted into f-strings (identity is
+lost), and a short or empty text found "inside" a later prompt proves nothing.  So the graph
+asks the question a data edge answers — *would this input change if that value changed?* —
+and answers it by running the program again with that one value changed:
+
+1. ``runs`` forward samples (:func:`~lmcascade.flowgraph.samples.sample_traces`), which go
+   past failed conditions and end quietly on errors, give the sites each run reaches and a
+   realistic value for each;
+2. each run is re-executed from its recorded values (:func:`~lmcascade.flowgraph.replay.execute`,
+   no model, no tool call) and every effect's inputs are fingerprinted — twice, so inputs that
+   differ between identical executions (objects made afresh each time) are left out;
+3. for each site value, and each program argument, the run is re-executed with that value
+   replaced by a few others (:func:`~lmcascade.flowgraph.variants.variants`: other runs'
+   values, the support of a finite distribution, shifted / empty / long texts, other
+   numbers).  A later effect whose inputs change gets a ``data`` edge from it (its ``via``
+   names the inputs: ``dist.prompt``, ``args[0]``, ``ok``...); one that appears or disappears
+   while the changed run still returns gets a ``control`` edge (the value picks a branch);
+   a changed return value gives an edge into ``return``.
+
+The graph is the union over the runs.  Every node carries ``seen`` (``"3/8"``: in how many
+runs it was reached) and edges carry in how many runs they were found; a condition carries
+``held`` (how often it was true when reached).  A run that raised adds an ``error`` node
+(``raises`` edge from the site it raised after or at), and ``g.graph["failures"]`` lists each
+error with its count.  With a fixed ``seed`` the graph is deterministic.
+
+>>> import lmcascade as lc
+>>> from lmcascade.models import ToyLM
+>>> lm = ToyLM(["a", "b", "<eos>"], lambda ctx: [0.0, 0.0, 0.0])
+>>> @lc.program
+... def echo(question):
+...     x = yield lc.gen("x", lm, f"{question}b", max_tokens=2)
+...     y = yield lc.call("tool", str.upper, x)
+...     yield lc.condition("never", False)
+...     return y
+>>> g = program_graph(echo("a"), runs=2)
+>>> sorted((a, b, d["kind"]) for a, b, d in g.edges(data=True))
+[('input:question', 'x', 'data'), ('tool', 'return', 'data'), ('x', 'tool', 'data')]
+>>> g.nodes["never"]["held"], g.nodes["x"]["seen"]
+('0/2', '2/2')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import networkx as nx
+import torch
+
+from lmcascade.distributions import is_lm
+from lmcascade.errors import OptionError, ProgramError
+from lmcascade.flowgraph.fingerprint import fingerprint
+from lmcascade.flowgraph.replay import MISSING, NO_VALUE_KINDS, STOP, Execution, Step, execute
+from lmcascade.flowgraph.samples import Failed, Stopped, sample_traces
+from lmcascade.flowgraph.variants import variants
+from lmcascade.flowgraph.watch import Watched
+from lmcascade.program import BoundProgram, Program
+from lmcascade.trace import Trace
+
+RUNS = 8
+"""Sampled runs by default: enough for most branches, fast on a small model."""
+
+MAX_TOKENS = 16
+"""Tokens per generation by default, while sampling the runs."""
+
+BUDGET = 200_000
+"""Effects re-executed in all by the interventions; past it the graph stops looking for more
+edges (``g.graph["truncated"]`` is true)."""
+
+
+def program_graph(
+    bound: BoundProgram, *, runs: int = RUNS, max_tokens: int | None = MAX_TOKENS, seed: int = 0
+) -> nx.DiGraph:
+    """The graph of a bound Python program from ``runs`` sampled runs (seeded by ``seed``,
+    each generation cut to ``max_tokens`` tokens; None keeps the program's own limits)."""
+    _check(bound, runs, max_tokens, seed)
+    traces = sample_traces(bound, runs, max_tokens, seed)
+    flow = _Flow(bound, traces)
+    with _quiet():
+        for index, trace in enumerate(traces):
+            flow.add(index, trace)
+    return flow.graph()
+
+
+def _check(bound: Any, runs: Any, max_tokens: Any, seed: Any) -> None:
+    if isinstance(bound, Program):
+        raise ProgramError(
+            f"lc.graph needs a bound program: call {bound.name!r} with its arguments first, "
+            f"as in lc.graph({bound.name}(...))"
+        )
+    if not isinstance(bound, BoundProgram):
+        raise ProgramError(
+            f"lc.graph needs a bound program (an @lc.program called with its arguments), got "
+            f"{type(bound).__name__}; for a .lmc program use lmcascade.graph.from_program"
+        )
+    for option, value, low in (("runs", runs, 1), ("max_tokens", max_tokens, 1), ("seed", seed, 0)):
+        if option == "max_tokens" and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise OptionError(
+                f"lc.graph option {option} must be an integer >= {low}, got {value!r}"
+                + ("; None keeps each site's own max_tokens" if option == "max_tokens" else "")
+            )
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Re-executions print nothing and warn nothing (the program runs many times)."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class _Flow:
+    """What the runs found: nodes, their counts, edges with the runs that found them."""
+
+    def __init__(self, bound: BoundProgram, traces: list[Trace]) -> None:
+        self.bound = bound
+        self.n = len(traces)
+        self.arguments = bound.program.signature.bind(*bound.args, **bound.kwargs)
+        self.arguments.apply_defaults()
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.seen: Counter[str] = Counter()
+        self.held: Counter[str] = Counter()
+        self.edges: dict[tuple[str, str], dict[str, Any]] = {}
+        self.failures: Counter[tuple[str, str | None, bool, str]] = Counter()
+        self.returned = 0
+        self.used = 0
+        self.truncated = False
+        self.own = [_values(t) for t in traces]
+        self.by_site: dict[str, list[Any]] = {}
+        for values in self.own:
+            for name, value in values.items():
+                if value is not STOP:
+                    self.by_site.setdefault(name, []).append(value)
+
+    # -- one run ------------------------------------------------------------------------------
+
+    def add(self, index: int, trace: Trace) -> None:
+        own = self.own[index]
+
+        def lookup(name: str) -> Any:
+            if name in own:
+                return own[name]
+            others = self.by_site.get(name)
+            return others[0] if others else MISSING
+
+        start = self._start(self.arguments.arguments)
+        base = execute(start, lookup)
+        again = execute(start, lookup)
+        unstable = {
+            name: {p for p in step.inputs if step.inputs[p] != again.steps[name].inputs.get(p)}
+            for name, step in base.steps.items()
+            if name in again.steps
+        }
+        stable_return = base.returned_fp == again.returned_fp
+        self._record(base, trace)
+        compared = self._compared(lookup)
+
+        def compare(source: str, changed: Execution) -> None:
+            self._compare(index, source, base, changed, unstable, stable_return)
+
+        for name, step in base.steps.items():
+            value = own.get(name, MISSING)
+            if step.kind in NO_VALUE_KINDS or value is MISSING or value is STOP:
+                continue
+            others = [v for v in self.by_site.get(name, ()) if v is not value]
+            for candidate in variants(value, others, _support(step), compared.get(name, ())):
+                if self._spend(base):
+                    compare(name, execute(start, _replacing(lookup, name, candidate)))
+        for param, value in self.arguments.arguments.items():
+            found = variants(value, compared=compared.get(f"input:{param}", ()))
+            if not found:  # a model, say: passed on unchanged, so followed by identity
+                self._identity(index, f"input:{param}", base, fingerprint(value))
+            for candidate in found:
+                if self._spend(base):
+                    args = dict(self.arguments.arguments, **{param: candidate})
+                    compare(f"input:{param}", execute(self._start(args), lookup))
+
+    def _compared(self, lookup: Callable[[str], Any]) -> dict[str, list]:
+        """The texts each site value and argument was compared with, by one execution that
+        hands the program :class:`~lmcascade.flowgraph.watch.Watched` texts."""
+        logs: dict[str, list[str]] = {}
+
+        def watched(name: str, value: Any) -> Any:
+            return Watched(value, logs.setdefault(name, [])) if isinstance(value, str) else value
+
+        args = {p: watched(f"input:{p}", v) for p, v in self.arguments.arguments.items()}
+        execute(self._start(args), lambda name: watched(name, lookup(name)))
+        return {name: list(dict.fromkeys(log)) for name, log in logs.items()}
+
+    def _start(self, arguments: dict[str, Any]) -> Callable[[], Iterator]:
+        bound_args = self.arguments.signature.bind_partial()
+        bound_args.arguments.update(arguments)
+        fn = self.bound.program.fn
+        return lambda: fn(*bound_args.args, **bound_args.kwargs)
+
+    def _spend(self, base: Execution) -> bool:
+        self.used += len(base.steps) + 1
+        self.truncated = self.truncated or self.used > BUDGET
+        return not self.truncated
+
+    def _record(self, base: Execution, trace: Trace) -> None:
+        for name, step in base.steps.items():
+            if name not in self.nodes:
+                self.nodes[name] = _attributes(step)
+            self.seen[name] += 1
+            if step.kind == "condition" and _truth(step.effect) is True:
+                self.held[name] += 1
+        stopped = trace.value if isinstance(trace.value, Stopped) else None
+        if stopped is not None:
+            self.failures[(stopped.message, stopped.site, stopped.at_site, _type(stopped))] += 1
+        elif base.outcome == "returned":
+            self.returned += 1
+        for site in trace:  # tool errors the engine recorded on a site and went on from
+            error = getattr(site, "error", None)
+            if error is not None and not isinstance(site.value, Failed):
+                found = Stopped(
+                    error if isinstance(error, BaseException) else Exception(error), site.name, True
+                )
+                self.failures[(found.message, site.name, True, _type(found))] += 1
+
+    def _compare(
+        self,
+        index: int,
+        source: str,
+        base: Execution,
+        changed: Execution,
+        unstable: dict[str, set[str]],
+        stable_return: bool,
+    ) -> None:
+        for name, step in changed.steps.items():
+            before = base.steps.get(name)
+            if before is None:
+                self._edge(source, name, index, "control")
+                continue
+            skip = unstable.get(name, set())
+            paths = {
+                p
+                for p in before.inputs.keys() | step.inputs.keys()
+                if p not in skip and before.inputs.get(p, MISSING) != step.inputs.get(p, MISSING)
+            }
+            if paths:
+                self._edge(source, name, index, "data", paths)
+        if changed.outcome != "returned":
+            return
+        for name in base.steps.keys() - changed.steps.keys():
+            self._edge(source, name, index, "control")
+        if base.outcome == "returned" and stable_return and base.returned_fp != changed.returned_fp:
+            self._edge(source, "return", index, "data")
+
+    def _identity(self, index: int, source: str, base: Execution, key: Any) -> None:
+        for name, step in base.steps.items():
+            paths = {p for p, fp in step.inputs.items() if fp == key}
+            if paths:
+                self._edge(source, name, index, "data", paths)
+
+    def _edge(
+        self, a: str, b: str, index: int, kind: str, via: set[str] | frozenset = frozenset()
+    ) -> None:
+        edge = self.edges.setdefault((a, b), {"kinds": set(), "via": set(), "runs": set()})
+        edge["kinds"].add(kind)
+        edge["via"] |= via
+        edge["runs"].add(index)
+
+    # -- the graph ----------------------------------------------------------------------------
+
+    def graph(self) -> nx.DiGraph:
+        g = nx.DiGraph(name=self.bound.name, runs=self.n, truncated=self.truncated)
+        everywhere = f"{self.n}/{self.n}"
+        for param in self.arguments.arguments:
+            g.add_node(f"input:{param}", kind="input", label=param, seen=everywhere)
+        for name, attrs in self.nodes.items():
+            k = self.seen[name]
+            label = attrs["label"] + ("" if k == self.n else f" ({k}/{self.n})")
+            g.add_node(name, **{**attrs, "label": label, "seen": f"{k}/{self.n}"})
+            if attrs["kind"] == "condition":
+                g.nodes[name]["held"] = f"{self.held[name]}/{k}"
+        failures = []
+        for (message, site, at_site, kind), k in self.failures.items():
+            node = f"raise:{kind}@{site or 'start'}"
+            failures.append({"error": message, "site": site, "at_site": at_site, "runs": k})
+            if node not in g:
+                g.add_node(node, kind="error", label=f"raises {kind}", error=message, runs=0)
+            g.nodes[node]["runs"] += k
+            g.nodes[node]["seen"] = f"{g.nodes[node]['runs']}/{self.n}"
+            if site is not None and site in g:
+                g.add_edge(site, node, kind="raises")
+        g.graph["failures"] = failures
+        if self.returned:
+            label = "return" + ("" if self.returned == self.n else f" ({self.returned}/{self.n})")
+            g.add_node("return", kind="return", label=label, seen=f"{self.returned}/{self.n}")
+        for (a, b), edge in self.edges.items():
+            if a in g and b in g and a != b:
+                kind = "data" if "data" in edge["kinds"] else "control"
+                attrs = {"kind": kind, "seen": f"{len(edge['runs'])}/{self.n}"}
+                if kind == "data" and edge["via"]:
+                    attrs["via"] = sorted(edge["via"])
+                g.add_edge(a, b, **attrs)
+        return g
+
+
+def _values(trace: Trace) -> dict[str, Any]:
+    """The values a run's sites sent back to the program, by name (:data:`STOP` where
+    resolving the site raised)."""
+    out: dict[str, Any] = {}
+    for site in trace:
+        if isinstance(site.value, Failed):
+            out[site.name] = STOP
+        elif site.kind not in NO_VALUE_KINDS:
+            out[site.name] = site.value
+    return out
+
+
+def _replacing(lookup: Callable[[str], Any], name: str, value: Any) -> Callable[[str], Any]:
+    return lambda site: value if site == name else lookup(site)
+
+
+def _support(step: Step) -> list[Any]:
+    """A few values of a scalar finite distribution's support (none for other sites)."""
+    dist = getattr(step.effect, "dist", None)
+    if (
+        step.kind != "sample"
+        or not isinstance(dist, torch.distributions.Distribution)
+        or not dist.has_enumerate_support
+        or dist.batch_shape != ()
+        or dist.event_shape != ()
+    ):
+        return []
+    try:
+        return dist.enumerate_support(expand=False).reshape(-1)[:8].tolist()
+    except Exception:  # a support that cannot be listed: synthetic variants only
+        return []
+
+
+def _truth(eff: Any) -> bool | None:
+    try:
+        return bool(eff.ok)
+    except Exception:
+        return None
+
+
+def _type(stopped: Stopped) -> str:
+    return type(stopped.error).__name__
+
+
+def _attributes(step: Step) -> dict[str, Any]:
+    """A node's attributes, named as :func:`lmcascade.graph.from_program` names them."""
+    eff, name = step.effect, step.name
+    attrs: dict[str, Any] = {"kind": step.kind, "label": f"{step.kind} {name}"}
+    dist = getattr(eff, "dist", None)
+    model = dist.model if is_lm(dist) else getattr(eff, "model", None)
+    if is_lm(dist):
+        attrs["distribution"] = "LM"
+    elif dist is not None:
+        attrs["distribution"] = type(dist).__name__
+    if model is not None or step.kind == "sample":
+        attrs["model"] = getattr(model, "name", None)
+    if step.kind == "sample":
+        attrs["label"] = f"{name} ~ {attrs['model'] or attrs.get('distribution')}"
+    elif step.kind == "call":
+        fn = getattr(eff, "fn", None)
+        attrs["tool"] = getattr(fn, "__name__", type(fn).__name__)
+        attrs["label"] = f"{name} = {attrs['tool']}(...)"
+    if step.line is not None:
+        attrs.update(line=step.line, file=step.file)
+    return attrs

@@ -1,0 +1,248 @@
+"""lc.graph for Python programs: data flow found by intervention, independent of the values
+sampled, and never stopped by a failing condition or a run that raises."""
+
+import math
+
+import pytest
+from pyro.distributions import Bernoulli
+
+import lmcascade as lc
+from lmcascade.errors import OptionError, ProgramError
+from lmcascade.flowgraph.samples import sample_traces
+from lmcascade.graph import to_dot, to_mermaid
+from lmcascade.models import ToyLM
+from programs import LM
+
+# a model that only ever says nothing: its first token is eos
+SILENT = ToyLM(["a", "q", ":", "<eos>"], lambda ctx: [-math.inf, -math.inf, -math.inf, 0.0])
+# digits or letters, so int() fails on some samples
+MIXED = ToyLM(
+    ["1", "x", "<eos>"], lambda ctx: [0.0, 0.0, -1.0] if len(ctx) < 2 else [-9.0, -9.0, 0.0]
+)
+
+
+def edges(g, kind=None):
+    return {(a, b) for a, b, d in g.edges(data=True) if kind is None or d["kind"] == kind}
+
+
+def test_a_condition_that_always_fails_still_gets_its_graph():
+    @lc.program
+    def impossible():
+        x = yield lc.gen("x", LM, "q", max_tokens=2)
+        yield lc.condition("never", x == "not a text the model makes")
+        y = yield lc.gen("y", LM, "q" + x, max_tokens=2)
+        return y
+
+    with pytest.raises(lc.errors.AllWeightsZeroError):  # what the old graph ran into
+        lc.infer(impossible(), method="forward", num_samples=1, seed=0)
+    g = lc.graph(impossible())
+    assert list(g.nodes) == ["x", "never", "y", "return"]
+    assert g.nodes["never"]["held"] == "0/8" and g.nodes["y"]["seen"] == "8/8"
+    assert {("x", "never"), ("x", "y"), ("y", "return")} <= edges(g, "data")
+    assert g.graph["failures"] == []
+
+
+def test_a_value_passed_unchanged_to_a_tool_gets_an_edge():
+    @lc.program
+    def tool():
+        x = yield lc.gen("x", LM, "q", max_tokens=3)
+        n = yield lc.call("count", len, x)
+        return n
+
+    g = lc.graph(tool())
+    assert g.edges["x", "count"]["kind"] == "data"
+    assert g.edges["x", "count"]["via"] == ["args[0]"]
+    assert g.nodes["count"]["tool"] == "len" and ("count", "return") in edges(g, "data")
+
+
+def test_an_empty_output_still_flows_into_the_next_prompt():
+    @lc.program
+    def silent_then_ask():
+        x = yield lc.gen("x", SILENT, "q", max_tokens=3)
+        y = yield lc.gen("y", LM, f"q{x}:", max_tokens=2)
+        return y
+
+    traces = sample_traces(silent_then_ask(), runs=8, max_tokens=16, seed=0)
+    assert all(t["x"].value == "" for t in traces)  # every sample is the empty text
+    g = lc.graph(silent_then_ask())
+    assert g.edges["x", "y"] == {"kind": "data", "seen": "8/8", "via": ["dist.prompt"]}
+
+
+def test_a_value_that_is_sometimes_empty_gets_its_edge_in_every_run():
+    @lc.program
+    def maybe_empty():
+        x = yield lc.gen("x", LM, "q", max_tokens=2)
+        y = yield lc.gen("y", LM, "q" + x + ":", max_tokens=2)
+        return x + "|" + y
+
+    values = [t["x"].value for t in sample_traces(maybe_empty(), 8, 16, 0)]
+    assert "" in values and any(values)
+    g = lc.graph(maybe_empty())
+    assert g.edges["x", "y"]["seen"] == "8/8"
+    assert {("x", "return"), ("y", "return")} <= edges(g, "data")
+
+
+def test_only_real_flow_makes_an_edge():
+    @lc.program
+    def independent(question):
+        yield lc.gen("x", LM, "q", max_tokens=2)  # its value is not used
+        y = yield lc.gen("y", LM, question, max_tokens=2)
+        yield lc.factor("short", -len(y))
+        return y
+
+    g = lc.graph(independent("qa"))
+    assert edges(g) == {("input:question", "y"), ("y", "short"), ("y", "return")}
+    assert g.nodes["x"]["seen"] == "8/8"
+
+
+def test_branches_seen_in_some_runs_appear_with_their_counts():
+    @lc.program
+    def branch():
+        coin = yield lc.sample("coin", Bernoulli(0.5))
+        if coin:
+            text = yield lc.gen("heads", LM, "q", max_tokens=2)
+        else:
+            text = yield lc.gen("tails", LM, "qa", max_tokens=2)
+        return text
+
+    g = lc.graph(branch())
+    heads, tails = (int(g.nodes[n]["seen"].split("/")[0]) for n in ("heads", "tails"))
+    assert heads + tails == 8 and 0 < heads < 8
+    assert g.nodes["heads"]["label"] == f"heads ~ hashed-toy ({heads}/8)"
+    assert g.nodes["coin"]["distribution"] == "Bernoulli"
+    assert edges(g, "control") == {("coin", "heads"), ("coin", "tails")}
+    assert {("heads", "return"), ("tails", "return")} <= edges(g, "data")
+
+
+def test_the_same_seed_gives_the_same_graph():
+    @lc.program
+    def branchy():
+        coin = yield lc.sample("coin", Bernoulli(0.3))
+        x = yield lc.gen("x", LM, "q" if coin else "qa", max_tokens=3)
+        if "a" in x:
+            yield lc.condition("has_b", "b" in x)
+        return x
+
+    a, b = lc.graph(branchy(), runs=6, seed=3), lc.graph(branchy(), runs=6, seed=3)
+    assert list(a.nodes(data=True)) == list(b.nodes(data=True))
+    assert list(a.edges(data=True)) == list(b.edges(data=True)) and a.graph == b.graph
+
+
+def test_runs_that_raise_are_noted_and_the_rest_is_drawn():
+    @lc.program
+    def parse():
+        x = yield lc.gen("x", MIXED, "1", max_tokens=2)
+        n = int(x)
+        yield lc.factor("big", n)
+        return n
+
+    g = lc.graph(parse())
+    failures = g.graph["failures"]  # one entry per message: int('') and int('x')
+    assert {f["site"] for f in failures} == {"x"}
+    assert all(f["error"].startswith("ValueError: invalid literal") for f in failures)
+    raised = sum(f["runs"] for f in failures)
+    assert 0 < raised < 8
+    assert g.nodes["raise:ValueError@x"]["seen"] == f"{raised}/8"
+    assert g.edges["x", "raise:ValueError@x"]["kind"] == "raises"
+    assert g.nodes["big"]["seen"] == f"{8 - raised}/8" and ("x", "big") in edges(g, "data")
+
+
+def test_a_program_that_always_raises_still_shows_its_sites():
+    @lc.program
+    def broken():
+        x = yield lc.gen("x", LM, "q", max_tokens=2)
+        yield lc.factor("oops", "not a number")
+        return x
+
+    g = lc.graph(broken())
+    assert "return" not in g and g.nodes["x"]["seen"] == "8/8"
+    (failure,) = g.graph["failures"]
+    assert failure["site"] == "oops" and failure["at_site"] and failure["runs"] == 8
+    assert "factor needs a number" in failure["error"]
+
+
+def test_a_failing_tool_is_noted_on_the_graph():
+    def picky(text):
+        if "a" in text:
+            raise ValueError("no a, please")
+        return text.upper()
+
+    @lc.program
+    def uses_tool():
+        x = yield lc.gen("x", LM, "q", max_tokens=3)
+        y = yield lc.call("picky", picky, x)
+        return y
+
+    g = lc.graph(uses_tool())
+    messages = {f["error"] for f in g.graph["failures"]}
+    assert messages == {"ValueError: no a, please"}
+    assert g.edges["picky", "raise:ValueError@picky"]["kind"] == "raises"
+    assert ("x", "picky") in edges(g, "data")
+
+
+def test_loops_scopes_arguments_and_models():
+    @lc.program
+    def step(model, prompt):
+        return (yield lc.gen("text", model, prompt, max_tokens=2))
+
+    @lc.program
+    def chain(model, start, rounds=2):
+        text = start
+        for _ in range(rounds):
+            with lc.scope("round[]"):
+                text = yield from step(model, "q" + text)
+        yield lc.call("keep", print, text, object())  # a fresh object: no edge from it
+        return text
+
+    g = lc.graph(chain(LM, "a"))
+    assert [n for n in g if not n.startswith("input:")] == [
+        "round[0]/text",
+        "round[1]/text",
+        "keep",
+        "return",
+    ]
+    assert g.edges["round[0]/text", "round[1]/text"]["via"] == ["dist.prompt"]
+    assert g.edges["round[1]/text", "keep"]["via"] == ["args[0]"]
+    assert ("input:start", "round[0]/text") in edges(g, "data")
+    assert g.edges["input:model", "round[1]/text"]["via"] == ["dist.model"]
+    assert ("input:rounds", "round[1]/text") in edges(g, "control")
+    assert g.nodes["round[0]/text"]["line"] > 0
+
+
+def test_generations_are_cut_to_max_tokens():
+    @lc.program
+    def long():
+        return (yield lc.gen("x", LM, "q", max_tokens=200))
+
+    traces = sample_traces(long(), runs=4, max_tokens=2, seed=0)
+    assert all(len(t["x"].token_ids) <= 2 for t in traces)
+    assert lc.graph(long(), max_tokens=None).nodes["x"]["seen"] == "8/8"
+
+
+def test_bad_arguments_are_clear_errors():
+    @lc.program
+    def one():
+        return (yield lc.gen("x", LM, "q", max_tokens=2))
+
+    with pytest.raises(ProgramError, match=r"call 'one' with its arguments first"):
+        lc.graph(one)
+    with pytest.raises(ProgramError, match="needs a bound program"):
+        lc.graph("one.lmc")
+    with pytest.raises(OptionError, match="option runs must be an integer >= 1, got 0"):
+        lc.graph(one(), runs=0)
+    with pytest.raises(OptionError, match="max_tokens"):
+        lc.graph(one(), max_tokens=1.5)
+
+
+def test_dot_and_mermaid_of_a_python_graph():
+    @lc.program
+    def quoted():
+        x = yield lc.gen('say "hi"', LM, "q", max_tokens=2)
+        yield lc.condition("never", False)
+        return x
+
+    g = lc.graph(quoted(), runs=2)
+    dot = to_dot(g)
+    assert '"say \\"hi\\"" [label="say \\"hi\\" ~ hashed-toy", shape=ellipse];' in dot
+    assert '"never" [label="condition never", shape=diamond];' in dot
+    assert "flowchart TD" in to_mermaid(g)
