@@ -51,6 +51,7 @@ FRIENDLY = {
     "NAME": "a name",
     "NUMBER": "a number",
     "STRING": "a string",
+    "RAW_STRING": "a string",
     "COMP_OP": "a comparison",
     "ADD_OP": '"+" or "-"',
     "MUL_OP": '"*", "/" or "%"',
@@ -69,6 +70,11 @@ as ``a + b + c`` (it is read as ``(a + b) + c``)."""
 MAX_NUMBER_DIGITS = 4_300
 """The most digits of a whole-number literal (Python's own limit for converting text)."""
 PYTHON_KEYWORDS = frozenset(keyword.kwlist)
+DSL_KEYWORDS = frozenset(
+    "model program observe condition factor if else for in repeat return and or not true "
+    "false none try".split()
+)
+"""Words the grammar reads as keywords: a variable may not be named so."""
 
 
 @lru_cache(maxsize=1)
@@ -131,7 +137,7 @@ class ToAst(Transformer_NonRecursive):
         return ast.ProgramDef(meta.line, meta.column, str(name), tuple(params or ()), body)
 
     def params(self, items):
-        names = [str(t) for t in items]
+        names = [self._target(t) for t in items]
         for i, tok in enumerate(items):
             if names.index(names[i]) != i:
                 raise self.error(f"parameter {names[i]!r} is listed twice", tok.line, tok.column)
@@ -148,13 +154,24 @@ class ToAst(Transformer_NonRecursive):
         return tuple(items)
 
     # statements
+    def _target(self, tok: Token) -> str:
+        """A variable's name where it is set, refused when it is a keyword (it could never be
+        read: ``none`` in an expression is the value none)."""
+        if str(tok) in DSL_KEYWORDS:
+            raise self.error(
+                f"{str(tok)!r} is a keyword of the language, not a variable name; rename it",
+                tok.line,
+                tok.column,
+            )
+        return str(tok)
+
     @v_args(meta=True)
     def sample_stmt(self, meta, items):
-        return ast.Sample(meta.line, meta.column, str(items[0]), items[1])
+        return ast.Sample(meta.line, meta.column, self._target(items[0]), items[1])
 
     @v_args(meta=True)
     def assign_stmt(self, meta, items):
-        return ast.Assign(meta.line, meta.column, str(items[0]), items[1])
+        return ast.Assign(meta.line, meta.column, self._target(items[0]), items[1])
 
     @v_args(meta=True)
     def observe_stmt(self, meta, items):
@@ -177,7 +194,7 @@ class ToAst(Transformer_NonRecursive):
 
     @v_args(meta=True)
     def for_stmt(self, meta, items):
-        return ast.For(meta.line, meta.column, str(items[0]), items[1], items[2])
+        return ast.For(meta.line, meta.column, self._target(items[0]), items[1], items[2])
 
     @v_args(meta=True)
     def repeat_stmt(self, meta, items):
@@ -289,6 +306,12 @@ class ToAst(Transformer_NonRecursive):
     def string(self, items):
         tok = items[0]
         return ast.Str(tok.line, tok.column, self._template(tok))
+
+    def raw_string(self, items):
+        """A `backtick` string: its text as written, without escapes or placeholders (for
+        regular expressions and JSON); it may span lines."""
+        tok = items[0]
+        return ast.Str(tok.line, tok.column, (str(tok)[1:-1],))
 
     @v_args(meta=True)
     def true(self, meta, items):
@@ -503,7 +526,8 @@ def _syntax_error(err: UnexpectedInput, source: str, filename: str) -> DSLSyntax
     line, col = getattr(err, "line", 0) or 0, getattr(err, "column", 0) or 0
     if isinstance(err, UnexpectedCharacters):
         char = source[err.pos_in_stream] if err.pos_in_stream < len(source) else ""
-        hint = " (strings use double quotes)" if char == "'" else ""
+        hints = {"'": " (strings use double quotes)", "`": " (a `raw string` needs its closing `)"}
+        hint = hints.get(char, "")
         message = f"unexpected character {char!r}{hint}; expected {expected_text(err.allowed)}"
     elif isinstance(err, UnexpectedToken):
         tok = err.token
