@@ -244,42 +244,57 @@ def _run(args: argparse.Namespace) -> int:
 def _run_many(args: argparse.Namespace, program, inputs: list[dict], options: dict) -> int:
     """``run --inputs``: one line per input as each finishes (JSON with ``--json``); exit 1
     if any input failed."""
-    import json
-
     import lmcascade as lc
-    from lmcascade.trace import jsonable, safe_repr
 
     failed = 0
     runs = lc.infer_many(
         program, inputs, method=args.method, seed=args.seed, out=args.out, **options
     )
-    with runs:
-        for item, result in runs:
-            ok = isinstance(result, lc.Result)
-            failed += not ok
-            if args.json:
-                line = {"input": jsonable(item)}
-                if ok:
-                    line["result"] = {k: v for k, v in result.to_dict().items() if k != "traces"}
-                else:
-                    line["error"] = {"type": type(result).__name__, "message": str(result)}
-                print(json.dumps(line, allow_nan=False), flush=True)
-            elif ok:
-                dist = result.distribution()
-                top = next(iter(dist.items()), None)
-                best = f"{safe_repr(result.best(), 80)} (p={top[1]:.3f})" if top else "none"
-                print(
-                    f"{safe_repr(item, 120)}: best {best}, log evidence {result.log_evidence:.4g}",
-                    flush=True,
-                )
-            else:
-                print(f"{safe_repr(item, 120)}: error: {result}", flush=True)
+    try:
+        with runs:
+            failed = _print_each(args, runs)
+    except KeyboardInterrupt:
+        done = runs.stats["inputs_done"] + runs.stats["inputs_failed"]
+        kept = f"; their results are in {args.out}" if args.out else ""
+        print(f"lmcascade: interrupted after {done} inputs{kept}", file=sys.stderr)
+        return 130
     skipped = runs.stats["inputs_skipped"]
     if skipped:
         print(f"lmcascade: {skipped} inputs already in {args.out} were skipped", file=sys.stderr)
     if failed:
         print(f"lmcascade: {failed} of {len(inputs)} inputs failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _print_each(args: argparse.Namespace, runs) -> int:
+    """Prints each input's line as it finishes; returns how many failed."""
+    import json
+
+    import lmcascade as lc
+    from lmcascade.trace import jsonable, safe_repr
+
+    failed = 0
+    for item, result in runs:
+        ok = isinstance(result, lc.Result)
+        failed += not ok
+        if args.json:
+            line = {"input": jsonable(item)}
+            if ok:
+                line["result"] = {k: v for k, v in result.to_dict().items() if k != "traces"}
+            else:
+                line["error"] = {"type": type(result).__name__, "message": str(result)}
+            print(json.dumps(line, allow_nan=False), flush=True)
+        elif ok:
+            dist = result.distribution()
+            top = next(iter(dist.items()), None)
+            best = f"{safe_repr(result.best(), 80)} (p={top[1]:.3f})" if top else "none"
+            print(
+                f"{safe_repr(item, 120)}: best {best}, log evidence {result.log_evidence:.4g}",
+                flush=True,
+            )
+        else:
+            print(f"{safe_repr(item, 120)}: error: {result}", flush=True)
+    return failed
 
 
 def build_parser() -> argparse.ArgumentParser:
