@@ -21,6 +21,7 @@ try:
     from lmcascade import constraints, dsl, errors, models
     from lmcascade.distributions import LM
     from lmcascade.dsl.loader import load
+    from lmcascade.generation import Generation
     from lmcascade.graph import graph
     from lmcascade.inference import infer, methods
     from lmcascade.inference.many import infer_many
@@ -35,8 +36,10 @@ try:
         program,
         sample,
         scope,
+        score,
     )
     from lmcascade.result import Result
+    from lmcascade.toolcall import tool
     from lmcascade.trace import Site, Trace
 except KeyboardInterrupt:  # Ctrl-C while the command line is still loading: one line
     if _os.path.basename(_sys.argv[0]) == "lmcascade" or _sys.argv[0] == "-m":
@@ -49,6 +52,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LM",
     "BoundProgram",
+    "Generation",
     "Program",
     "Result",
     "Site",
@@ -70,4 +74,6 @@ __all__ = [
     "program",
     "sample",
     "scope",
+    "score",
+    "tool",
 ]

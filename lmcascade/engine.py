@@ -21,11 +21,15 @@ condition), plus the site in progress (its run's ``log p - log q`` so far and th
 twist), plus ``log_offset`` (SMC's reset after resampling).
 
 **Replay.**  Generators cannot be copied, so a cloned particle starts a fresh generator and
-*resumes*: its own recorded sites are sent back in order (tool calls are not re-run) until
-they are used up, then execution continues live.  A program that yields different sites on
+*resumes*: its own recorded sites are sent back in order (tool calls and scores are not
+re-run) until they are used up, then execution continues live.  A program that yields different sites on
 resume is not deterministic given its choices, and gets a :class:`ReplayDivergenceError`.
 Beyond its own sites, a particle may take values by name from another trace (``replay``),
 rescored under the program's distributions (:func:`lmcascade.policy.rescore`).
+
+**Failing tools.**  A tool call that raised (``site.error``) has weight zero and ends its
+particle on the spot — even in an engine made with ``stop_dead=False``, since the program
+cannot go on without the tool's value; ``stats["tool_errors"]`` counts them.
 
 >>> import lmcascade as lc
 >>> from lmcascade.models import ToyLM
@@ -60,6 +64,7 @@ from lmcascade.errors import (
     ReplayDivergenceError,
     TooManyTracesError,
 )
+from lmcascade.generation import Generation
 from lmcascade.lm.step import Observer, step_runs
 from lmcascade.lm.text_score import score_texts
 from lmcascade.memory import check_step_fits
@@ -67,7 +72,7 @@ from lmcascade.policy import Policy, rescore
 from lmcascade.program import EFFECT_TYPES, BoundProgram, Effect, send
 from lmcascade.requests import Pending
 from lmcascade.samplers import ANCESTRAL, TokenSampler
-from lmcascade.trace import Site, Trace
+from lmcascade.trace import VALUE_KINDS, Site, Trace
 
 __all__ = ["Engine", "Particle", "Pending", "Policy", "Schedule"]
 
@@ -197,7 +202,8 @@ class Engine:
 
     ``policy`` resolves new sites, ``sampler`` chooses tokens (ancestral by default);
     ``seed`` seeds the token draws (one ``torch.Generator`` per device); ``stop_dead`` ends a
-    particle as soon as its weight is zero; ``max_sites`` stops a runaway program;
+    particle as soon as its weight is zero (a failed tool call ends it either way: see
+    ``stats["tool_errors"]``); ``max_sites`` stops a runaway program;
     ``max_particles`` bounds the live population when sites branch (enumeration).  Functions
     appended to ``observers`` see each step's distributions (:class:`~lmcascade.lm.step.Rows`).
     """
@@ -221,7 +227,12 @@ class Engine:
         self.generators: dict[torch.device, torch.Generator] = {}
         self.observers: list[Observer] = []
         self._warned: set[int] = set()  # models already warned about memory
-        self.stats: dict[str, Any] = {"model_calls": 0, "tokens_generated": 0, "tokens_scored": 0}
+        self.stats: dict[str, Any] = {
+            "model_calls": 0,
+            "tokens_generated": 0,
+            "tokens_scored": 0,
+            "tool_errors": 0,
+        }
         watching = ENGINES.get()
         if watching is not None:  # lc.infer reports their progress if the run is interrupted
             watching.append(self)
@@ -336,6 +347,8 @@ class Engine:
                 name = self._name(p, eff.name)
                 if p._cursor < len(p.trace):
                     self._resume(p, eff, name)
+                    if p.done:
+                        return born
                     continue
                 p._current = (eff, name)
             eff, name = p._current
@@ -360,7 +373,7 @@ class Engine:
                     out = out[0]
             if isinstance(out, Site):
                 p._current = None
-                self.record(p, out)
+                self.record(p, out, eff)
                 if p.done:
                     return born
             else:
@@ -428,15 +441,16 @@ class Engine:
             )
         return eff
 
-    def record(self, p: Particle, site: Site) -> None:
-        """Appends a new site to ``p``'s trace and sends its value to the program next."""
+    def record(self, p: Particle, site: Site, eff: Effect | None = None) -> None:
+        """Appends a new site to ``p``'s trace and sends its value (as ``eff`` asks for it)
+        to the program next."""
         p.trace.add(site)
         p._cursor += 1
-        p._send = site.value if site.kind in ("sample", "call") else None
-        if self.stop_dead and p.trace.log_weight == -math.inf:
-            p.dead = True
-            p.trace.done = True
-            p.close()
+        p._send = sent_value(eff, site)
+        if site.error is not None:
+            self.stats["tool_errors"] = self.stats.get("tool_errors", 0) + 1
+        if site.error is not None or (self.stop_dead and p.trace.log_weight == -math.inf):
+            end_dead(p)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -457,6 +471,8 @@ class Engine:
         diverged = site.name != name or site.kind != eff.kind
         if not diverged and is_lm(site.dist) and is_lm(getattr(eff, "dist", None)):
             diverged = site.dist.prompt != eff.dist.prompt  # type: ignore[attr-defined]
+        elif not diverged and site.kind == "score":
+            diverged = site.dist.prompt != eff.prompt  # type: ignore[attr-defined]
         if diverged:
             raise ReplayDivergenceError(
                 f"program {p.program.name!r} diverged on replay at site #{p._cursor}: recorded "
@@ -466,4 +482,24 @@ class Engine:
                 "with lc.sample, not random/numpy)"
             )
         p._cursor += 1
-        p._send = site.value if site.kind in ("sample", "call") else None
+        p._send = sent_value(eff, site)
+        if site.error is not None:  # a prefix ending in a failed tool call: no value to send
+            end_dead(p)
+
+
+def sent_value(eff: Effect | None, site: Site) -> Any:
+    """What the program receives for ``site``: its value (sample, call and score sites), as a
+    :class:`~lmcascade.generation.Generation` for an LM site asked with ``details=True``;
+    None for the others."""
+    if site.kind not in VALUE_KINDS:
+        return None
+    if site.kind == "sample" and getattr(eff, "details", False):
+        return Generation.from_site(site)
+    return site.value
+
+
+def end_dead(p: Particle) -> None:
+    """Ends ``p`` with weight zero: its trace is done and its generator dropped."""
+    p.dead = True
+    p.trace.done = True
+    p.close()

@@ -28,13 +28,27 @@ from typing import Any
 
 from lmcascade.distributions import draw_value, is_lm, score
 from lmcascade.errors import SiteError, TokenizationError
-from lmcascade.program import Call, Condition, Effect, Factor, Observe
-from lmcascade.requests import Pending, generation, path_score, text_score
+from lmcascade.program import Call, Condition, Effect, Factor, Observe, Score
+from lmcascade.requests import Pending, continuation_score, generation, path_score, text_score
 from lmcascade.trace import Site, safe_repr
 
 ON_TOOL_ERROR: ContextVar[str] = ContextVar("lmcascade_on_tool_error", default="zero")
 """What a tool call that raises does: ``"zero"`` gives its trace weight zero (the run goes
-on), ``"raise"`` stops the run with the error.  ``lc.infer`` sets it from its option."""
+on), ``"raise"`` stops the run with the error.  ``lc.infer`` sets it from its option.
+
+>>> import lmcascade as lc
+>>> site = Policy().call(lc.call("n", int, "four"), "n")
+>>> site.log_prob, type(site.error).__name__
+(-inf, 'ValueError')
+>>> token = ON_TOOL_ERROR.set("raise")
+>>> Policy().call(lc.call("n", int, "four"), "n")
+Traceback (most recent call last):
+...
+ValueError: invalid literal for int() with base 10: 'four'
+>>> ON_TOOL_ERROR.reset(token)
+"""
+
+TOOL_ERROR_MODES = ("zero", "raise")
 
 
 class Policy:
@@ -57,6 +71,8 @@ class Policy:
             return Site(name, "condition", ok, 0.0 if ok else -math.inf)
         if isinstance(eff, Call):
             return self.call(eff, name)
+        if isinstance(eff, Score):
+            return self.score(eff, name)
         if isinstance(eff, Observe):
             return self.observe(eff, name)
         return self.sample(eff, name)
@@ -105,12 +121,28 @@ class Policy:
         return Site(name, "factor", lw, lw)
 
     def call(self, eff: Call, name: str) -> Site:
+        """Runs the tool.  One that raises (``Exception``; a ``TimeoutError`` from
+        :func:`lmcascade.toolcall.tool` included) gives a site of weight zero holding the
+        error — or, with :data:`ON_TOOL_ERROR` set to ``"raise"``, propagates with a note
+        naming the site."""
         try:
             result = eff.fn(*eff.args, **eff.kwargs)
         except Exception as err:
-            err.add_note(f"raised in lmcascade call site {name!r}")
-            raise
+            mode = ON_TOOL_ERROR.get()
+            if mode not in TOOL_ERROR_MODES:
+                raise SiteError(
+                    f"site {name!r}: on_tool_error must be one of {', '.join(TOOL_ERROR_MODES)}, "
+                    f"got {safe_repr(mode, 60)}"
+                ) from err
+            if mode == "raise":
+                err.add_note(f"raised in lmcascade call site {name!r}")
+                raise
+            return Site(name, "call", None, -math.inf, error=err.with_traceback(None))
         return Site(name, "call", result)
+
+    def score(self, eff: Score, name: str) -> Site | Pending:
+        """A continuation score: model work, batched with the other particles'."""
+        return continuation_score(name, eff.model, eff.prompt, eff.text)
 
 
 def rescore(eff: Effect, name: str, recorded: Site) -> Site | Pending | None:

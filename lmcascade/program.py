@@ -50,9 +50,11 @@ class Effect:
 
 @dataclass(frozen=True, slots=True)
 class Sample(Effect):
-    """A random choice ``x ~ dist``; the program receives the chosen value."""
+    """A random choice ``x ~ dist``; the program receives the chosen value (for an LM site
+    with ``details``, a :class:`~lmcascade.generation.Generation` describing it)."""
 
     dist: Any
+    details: bool = False
     kind = "sample"
 
 
@@ -89,6 +91,17 @@ class Call(Effect):
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     kind = "call"
+
+
+@dataclass(frozen=True, slots=True)
+class Score(Effect):
+    """The log-probability ``model`` gives ``text`` right after ``prompt``; the program
+    receives it as a float and the trace's weight is unchanged."""
+
+    model: Any
+    prompt: str
+    text: str
+    kind = "score"
 
 
 def _check_name(name: object) -> str:
@@ -168,19 +181,28 @@ def call(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Call:
     return Call(name, fn, tuple(args), dict(kwargs))
 
 
-def gen(name: str, model: Any, prompt: str, **params: Any) -> Sample:
+def gen(name: str, model: Any, prompt: str, *, details: bool = False, **params: Any) -> Sample:
     """``text = yield lc.gen(name, model, prompt, **params)``: sugar for
     ``lc.sample(name, lc.LM(model, prompt, **params))``.
+
+    With ``details=True`` the program receives a :class:`~lmcascade.generation.Generation`
+    instead of the text: the text with its tokens, their log-probabilities under the model,
+    their mean and how the generation ended (``str(out)`` is the text).  The site's value in
+    the trace stays the text.
 
     >>> import lmcascade as lc
     >>> from lmcascade.models import ToyLM
     >>> lm = ToyLM(["a", "<eos>"], lambda ctx: [0.0, 0.0])
     >>> lc.gen("answer", lm, "a", max_tokens=4).dist.max_tokens
     4
+    >>> lc.gen("answer", lm, "a", details=True).details
+    True
     """
     from lmcascade.distributions import LM
 
     name = _check_name(name)
+    if not isinstance(details, bool):
+        raise SiteError(f"site {name!r}: details must be True or False, got {details!r}")
     try:
         dist = LM(model, prompt, **params)
     except TypeError as err:
@@ -189,7 +211,37 @@ def gen(name: str, model: Any, prompt: str, **params: Any) -> Sample:
         ) from None
     except SiteError as err:
         raise SiteError(f"site {name!r}: {err}") from None
-    return Sample(name, dist)
+    return Sample(name, dist, details)
+
+
+def score(name: str, model: Any, prompt: str, text: str) -> Score:
+    """``lp = yield lc.score(name, model, prompt, text)``: the log-probability ``model``
+    assigns to ``text`` as the continuation of ``prompt`` — the sum of its tokens'
+    (``model.encode(text)``) log-probabilities under the model itself, with no end of text
+    after them.  It is a deterministic computation, recorded as a ``"score"`` site: the
+    trace's weight does not change (weigh with ``lc.factor`` if you want it to).  Particles
+    waiting on scores share one batched model pass.
+
+    >>> import lmcascade as lc
+    >>> from lmcascade.models import ToyLM
+    >>> lm = ToyLM(["a", "<eos>"], lambda ctx: [0.0, 0.0])
+    >>> lc.score("conf", lm, "a", "aa").kind
+    'score'
+    """
+    name = _check_name(name)
+    from lmcascade.models.base import LanguageModel
+
+    if not isinstance(model, LanguageModel):
+        raise SiteError(
+            f"site {name!r}: score needs a LanguageModel (ToyLM, TransformersLM...), got "
+            f"{type(model).__name__}"
+        )
+    for what, value in (("prompt", prompt), ("text", text)):
+        if not isinstance(value, str):
+            raise SiteError(
+                f"site {name!r}: score's {what} must be a string, got {type(value).__name__}"
+            )
+    return Score(name, model, prompt, text)
 
 
 class Program:
@@ -258,7 +310,7 @@ def program(fn: Callable[..., Generator]) -> Program:
     return Program(fn)
 
 
-EFFECT_TYPES = (Sample, Observe, Factor, Condition, Call)
+EFFECT_TYPES = (Sample, Observe, Factor, Condition, Call, Score)
 
 
 class _Scope(tuple):

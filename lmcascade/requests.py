@@ -24,10 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmcascade.errors import SiteError
 from lmcascade.lm.run import LMRun
 from lmcascade.lm.scoring import path_log_prob
 from lmcascade.lm.text_score import TextScore
-from lmcascade.trace import Site
+from lmcascade.trace import Site, safe_repr
 
 
 @dataclass
@@ -52,8 +53,8 @@ class Pending:
 
 def lm_site(name: str, dist: Any, run: LMRun) -> Site:
     """The site record of a finished LM generation: ``log_prob`` under the site's distribution,
-    proposal log-prob under what the tokens were drawn from (the constraint-masked one), and
-    both per token."""
+    proposal log-prob under what the tokens were drawn from (the constraint-masked one), both
+    per token, each token's log-prob under the model itself, and how the generation ended."""
     return Site(
         name,
         "sample",
@@ -64,7 +65,15 @@ def lm_site(name: str, dist: Any, run: LMRun) -> Site:
         dist,
         tuple(run.token_log_probs),
         tuple(run.token_log_qs),
+        tuple(run.token_model_log_probs),
+        finish_reason(run),
     )
+
+
+def finish_reason(run: LMRun) -> str | None:
+    """How a finished run ended: ``"eos"``, ``"stop"`` or ``"max_tokens"`` (None when its
+    path is impossible)."""
+    return run.end if run.end in ("eos", "stop", "max_tokens") else None
 
 
 def generation(name: str, dist: Any) -> Pending:
@@ -96,7 +105,49 @@ def path_score(name: str, dist: Any, value: str, token_ids, proposal_log_prob: f
 
     def finish(rs: list[LMRun]) -> Site:
         lp = path_log_prob(rs[0], value)
-        per_token = tuple(rs[0].token_log_probs) if lp > -math.inf else None
-        return Site(name, "sample", value, lp, proposal_log_prob, tuple(token_ids), dist, per_token)
+        if lp == -math.inf:
+            return Site(name, "sample", value, lp, proposal_log_prob, tuple(token_ids), dist)
+        return Site(
+            name,
+            "sample",
+            value,
+            lp,
+            proposal_log_prob,
+            tuple(token_ids),
+            dist,
+            tuple(rs[0].token_log_probs),
+            token_model_log_probs=tuple(rs[0].token_model_log_probs),
+            finish_reason=finish_reason(rs[0]),
+        )
+
+    return Pending([run], finish, {"site": name})
+
+
+def continuation_score(name: str, model: Any, prompt: str, text: str) -> Site | Pending:
+    """A score site: the log-probability ``model`` gives the tokens of ``text``
+    (``model.encode(text)``) right after ``prompt``, no end of text implied.  One forced run,
+    so all the particles waiting on scores share one teacher-forced pass per model.  The
+    site's value is the score; its ``log_prob`` is 0 (the trace's weight is unchanged)."""
+    from lmcascade.distributions import LM
+
+    ids = model.encode(text)  # a text the model cannot tokenise fails here, named by its site
+    if model.eos_id in ids:
+        raise SiteError(
+            f"the text to score {safe_repr(text, 80)} holds the model's end-of-text token; "
+            "a score covers text the model continues with, so leave that token out"
+        )
+    dist = LM(model, prompt, max_tokens=max(len(ids), 1))
+    if not ids:
+        return Site(name, "score", 0.0, 0.0, token_ids=(), dist=dist, token_log_probs=())
+    model.check_fits(len(dist.prompt_ids), len(ids))
+    run = LMRun(dist, forced=ids)
+
+    def finish(rs: list[LMRun]) -> Site:
+        per_token = tuple(rs[0].token_model_log_probs)
+        taken = len(per_token) == len(ids) and rs[0].log_prob > -math.inf
+        value = math.fsum(per_token) if taken else -math.inf
+        return Site(
+            name, "score", value, 0.0, token_ids=tuple(ids), dist=dist, token_log_probs=per_token
+        )
 
     return Pending([run], finish, {"site": name})

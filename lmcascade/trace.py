@@ -31,7 +31,13 @@ class Site:
     ``token_ids`` are an LM site's generated tokens (eos included when drawn), with each
     token's log-probability under the site's distribution (``token_log_probs``) and under the
     distribution it was drawn from (``token_proposal_log_probs``) — what a suffix move needs
-    to compute its reverse move.
+    to compute its reverse move.  ``token_model_log_probs`` are the same tokens'
+    log-probabilities under the model itself (before temperature, top-k, top-p, ``min_tokens``
+    and constraints): what a program asking for ``details=True`` reads as its confidence.
+    ``finish_reason`` says how an LM generation ended (``"eos"``, ``"stop"``,
+    ``"max_tokens"``).  ``error`` is the exception a tool call raised (or the
+    ``TimeoutError`` of one that took too long): such a call site has ``log_prob`` ``-inf``
+    and ends its trace.
     """
 
     name: str
@@ -43,6 +49,9 @@ class Site:
     dist: Any = None
     token_log_probs: tuple[float, ...] | None = None
     token_proposal_log_probs: tuple[float, ...] | None = None
+    token_model_log_probs: tuple[float, ...] | None = None
+    finish_reason: str | None = None
+    error: BaseException | None = None
 
     @property
     def log_weight(self) -> float:
@@ -67,17 +76,39 @@ class Site:
             out["token_ids"] = list(self.token_ids)
         if self.token_log_probs is not None:
             out["token_log_probs"] = [jsonable(x) for x in self.token_log_probs]
+        if self.token_model_log_probs is not None:
+            out["token_model_log_probs"] = [jsonable(x) for x in self.token_model_log_probs]
+        if self.finish_reason is not None:
+            out["finish_reason"] = self.finish_reason
         if self.dist is not None and hasattr(self.dist, "params"):
             out["dist"] = jsonable(self.dist.params())
+        if self.error is not None:
+            out["error"] = error_text(self.error)
         return out
+
+
+VALUE_KINDS = ("sample", "call", "score")
+"""The site kinds whose value is sent back to the program."""
+
+
+def error_text(err: BaseException) -> str:
+    """A one-line description of an exception: its type and message.
+
+    >>> error_text(ValueError("invalid literal for int() with base 10: ''"))
+    "ValueError: invalid literal for int() with base 10: ''"
+    """
+    message = safe_str(err)
+    name = type(err).__name__
+    return f"{name}: {message}" if message else name
 
 
 class Trace:
     """Ordered sites of one execution, with the running log-weight and the return value.
 
     ``log_weight`` sums each site's importance weight (``log p - log q`` at samples, the
-    log-prob of observes, factors and conditions); ``log_joint`` sums ``log p`` of every
-    site but tool calls — the program's joint density of the trace, which MCMC compares.
+    log-prob of observes, factors and conditions, ``-inf`` for a failed tool call);
+    ``log_joint`` sums ``log p`` of every site (tool calls and scores add 0, a failed call
+    ``-inf``) — the program's joint density of the trace, which MCMC compares.
     """
 
     __slots__ = ("sites", "_index", "log_weight", "log_joint", "value", "done")
@@ -100,7 +131,7 @@ class Trace:
                 'sub-program twice, give each call a scope: with lc.scope("first"): ...'
             )
         weight = self.log_weight + site.log_weight
-        joint = self.log_joint + (site.log_prob if site.kind != "call" else 0.0)
+        joint = self.log_joint + site.log_prob  # 0 at a call or score; -inf at a failed call
         if not (weight < math.inf and joint < math.inf):  # NaN or +inf
             raise SiteError(_non_finite(site, self.log_weight))
         self._index[site.name] = len(self.sites)
@@ -127,8 +158,9 @@ class Trace:
         return list(self._index)
 
     def values(self) -> dict[str, Any]:
-        """Site name -> value, for sample and call sites."""
-        return {s.name: s.value for s in self.sites if s.kind in ("sample", "call")}
+        """Site name -> value, for the sites whose value the program receives (sample, call,
+        score)."""
+        return {s.name: s.value for s in self.sites if s.kind in VALUE_KINDS}
 
     def copy(self) -> Trace:
         """A shallow copy: shares the immutable sites, holds no model state."""

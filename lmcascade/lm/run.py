@@ -59,7 +59,9 @@ class LMRun:
     under the distribution they were drawn from (the constraint-masked one), and ``twist`` is
     the site's potential at the current prefix: ``log_weight`` is the run's contribution to
     its particle's weight while it is in progress.  ``token_log_probs`` and
-    ``token_log_qs`` keep the same per token.
+    ``token_log_qs`` keep the same per token, and ``token_model_log_probs`` each token's
+    log-probability under the model itself (before any shaping or constraint; NaN where the
+    step that chose the token did not provide it).
     """
 
     __slots__ = (
@@ -70,6 +72,7 @@ class LMRun:
         "tokens",
         "token_log_probs",
         "token_log_qs",
+        "token_model_log_probs",
         "log_prob",
         "log_q",
         "twist",
@@ -92,6 +95,7 @@ class LMRun:
         self.tokens: list[int] = []
         self.token_log_probs: list[float] = []
         self.token_log_qs: list[float] = []
+        self.token_model_log_probs: list[float] = []
         self.log_prob = 0.0
         self.log_q = 0.0
         # A potential is a function of the prefix, or another LM whose prefix probability
@@ -152,18 +156,26 @@ class LMRun:
         twin.tokens = list(self.tokens)
         twin.token_log_probs = list(self.token_log_probs)
         twin.token_log_qs = list(self.token_log_qs)
+        twin.token_model_log_probs = list(self.token_model_log_probs)
         twin._detok = self._detok.copy()
         return twin
 
     # -- taking tokens ---------------------------------------------------------------------
 
-    def feed(self, token_id: int, log_prob: float, log_q: float | None = None) -> None:
+    def feed(
+        self,
+        token_id: int,
+        log_prob: float,
+        log_q: float | None = None,
+        model_log_prob: float = math.nan,
+    ) -> None:
         """Takes one token with its log-probability under the site's distribution (and under
-        the distribution it was drawn from, when that differs)."""
+        the distribution it was drawn from, when that differs; and under the raw model)."""
         log_q = log_prob if log_q is None else log_q
         self.tokens.append(token_id)
         self.token_log_probs.append(log_prob)
         self.token_log_qs.append(log_q)
+        self.token_model_log_probs.append(model_log_prob)
         self.log_prob += log_prob
         self.log_q += log_q
         if log_prob == -math.inf:
@@ -197,6 +209,7 @@ class LMRun:
         tokens: Sequence[int],
         log_probs: Sequence[float],
         log_qs: Sequence[float] | None = None,
+        model_log_probs: Sequence[float] | None = None,
     ) -> int:
         """Takes several tokens in order, stopping early if the generation ends; returns how
         many were taken."""
@@ -204,7 +217,12 @@ class LMRun:
         for i, tok in enumerate(tokens):
             if self.done:
                 break
-            self.feed(int(tok), log_probs[i], None if log_qs is None else log_qs[i])
+            self.feed(
+                int(tok),
+                log_probs[i],
+                None if log_qs is None else log_qs[i],
+                math.nan if model_log_probs is None else model_log_probs[i],
+            )
             taken += 1
         return taken
 
@@ -253,6 +271,7 @@ class LMRun:
         del self.tokens[mark.n :]
         del self.token_log_probs[mark.n :]
         del self.token_log_qs[mark.n :]
+        del self.token_model_log_probs[mark.n :]
         self.log_prob, self.log_q, self.twist = mark.log_prob, mark.log_q, mark.twist
         self.cstate = mark.cstate
         self._detok.restore(mark.detok)

@@ -65,15 +65,17 @@ def score_forced(runs: Sequence[LMRun], stats: dict | None = None) -> None:
         positions = [
             len(r.tokens) + j for r, p in zip(todo, paths, strict=True) for j in range(len(p))
         ]
-        proc = shape_rows(torch.cat(rows), dists, positions, model.eos_id)
-        tokens = torch.tensor([t for p in paths for t in p], device=proc.device)
-        chosen = proc.gather(1, tokens[:, None]).squeeze(1).to(torch.float64).cpu().tolist()
+        raw = torch.cat(rows)
+        proc = shape_rows(raw, dists, positions, model.eos_id)
+        tokens = torch.tensor([t for p in paths for t in p], device=proc.device)[:, None]
+        both = torch.stack([proc.gather(1, tokens), raw.gather(1, tokens).to(proc.dtype)])
+        chosen, model_lps = both.squeeze(-1).to(torch.float64).cpu().tolist()
         offset = 0
         for run, path in zip(todo, paths, strict=True):
             for j, tok in enumerate(path):
                 if run.done:
                     break
-                run.feed(tok, chosen[offset + j])
+                run.feed(tok, chosen[offset + j], None, model_lps[offset + j])
             offset += len(path)
             if not run.done:
                 run.fail()

@@ -1,11 +1,14 @@
 """One decoding step for any number of runs, in three phases with one model call per model.
 
 1. **distributions** — the shaped (eos masking, temperature, top-k, top-p), constraint-masked
-   next-token log-probabilities of every waiting run, on the model's device (:class:`Rows`);
+   next-token log-probabilities of every waiting run, on the model's device (:class:`Rows`),
+   with the model's own log-probabilities alongside;
 2. **choose** — a token sampler (:mod:`lmcascade.samplers`) decides what each run gets: one
    token (ancestral draw, greedy), several children (enumeration, beam), or a block;
 3. **feed** — potentials that need a model see the chosen tokens, then each run takes its
-   tokens; extra children continue on forks of the run's context.
+   tokens (each with its log-probability under the site's distribution, under what it was
+   drawn from, and under the raw model); extra children continue on forks of the run's
+   context.
 
 Forced runs (scoring a known token path) skip the phases: they are finished in one
 teacher-forced pass per model (:func:`lmcascade.lm.scoring.score_forced`).
@@ -22,6 +25,7 @@ True
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -61,8 +65,9 @@ def distributions(
     generators: dict[torch.device, torch.Generator],
     stats: dict | None,
     full_masks: bool = False,
-) -> list[Rows]:
-    """Phase 1: one batched model call per model for every run's next-token distribution."""
+) -> list[tuple[Rows, torch.Tensor]]:
+    """Phase 1: one batched model call per model for every run's next-token distribution;
+    each :class:`Rows` comes with the model's own log-probabilities of its runs (unshaped)."""
     out = []
     for group in by_model(runs):
         model = group[0].model
@@ -90,18 +95,30 @@ def distributions(
             gen.seed()
         mask = constraint_masks(group, p, full=full_masks)
         if mask is None:
-            out.append(Rows(group, p, p, None, gen, empty))
+            out.append((Rows(group, p, p, None, gen, empty), logprobs))
             continue
         masked = p.masked_fill(~mask, float("-inf"))
         blocked = torch.isneginf(masked).all(dim=-1)  # nothing allowed
         q = torch.where(blocked[:, None], p, torch.log_softmax(masked, dim=-1))
-        out.append(Rows(group, p, q, blocked, gen, empty))
+        out.append((Rows(group, p, q, blocked, gen, empty), logprobs))
     return out
 
 
-def feed(rows: Rows, chosen: Chosen, stats: dict | None) -> dict[LMRun, list[LMRun]]:
+def model_log_probs(raw: torch.Tensor, rows: Sequence[int], tokens: Sequence[int]) -> list[float]:
+    """``raw[rows[j], tokens[j]]`` for every ``j``, as Python floats (one transfer)."""
+    if not tokens:
+        return []
+    index = torch.tensor([list(rows), list(tokens)], dtype=torch.long, device=raw.device)
+    return raw[index[0], index[1]].to(torch.float64).cpu().tolist()
+
+
+def feed(
+    rows: Rows, chosen: Chosen, stats: dict | None, raw: torch.Tensor | None = None
+) -> dict[LMRun, list[LMRun]]:
     """Phase 3: each run takes its first choice; further choices continue on forks of the run
-    (returned as ``run -> [extra runs]``)."""
+    (returned as ``run -> [extra runs]``).  ``raw`` holds the model's own log-probabilities of
+    the rows: each choice's first token takes its value from there (later tokens of a block,
+    which this row does not score, get NaN)."""
     runs = rows.runs
     eos_id = runs[0].model.eos_id
     if isinstance(chosen, Draws):  # one token per run: the hot path
@@ -109,8 +126,15 @@ def feed(rows: Rows, chosen: Chosen, stats: dict | None) -> dict[LMRun, list[LMR
             twists = expert_increments(runs, [[t] for t in chosen.tokens], stats)
             for run, inc in zip(runs, twists, strict=True):
                 run.twist += inc[0]
-        for run, tok, lp, lq in zip(runs, chosen.tokens, chosen.log_ps, chosen.log_qs, strict=True):
-            run.feed(tok, lp, lq)
+        raws = (
+            [math.nan] * len(runs)
+            if raw is None
+            else model_log_probs(raw, range(len(runs)), chosen.tokens)
+        )
+        for run, tok, lp, lq, lm in zip(
+            runs, chosen.tokens, chosen.log_ps, chosen.log_qs, raws, strict=True
+        ):
+            run.feed(tok, lp, lq, lm)
         count(stats, len(runs), chosen.tokens.count(eos_id))
         return {}
     if any(r.expert is not None for r in runs):
@@ -121,6 +145,13 @@ def feed(rows: Rows, chosen: Chosen, stats: dict | None) -> dict[LMRun, list[LMR
         twists = expert_increments(runs, [[c.tokens[0] for c in cs] for cs in chosen], stats)
     else:
         twists = None
+    firsts = [(i, c.tokens[0]) for i, cs in enumerate(chosen) for c in cs if c.tokens]
+    found = (
+        model_log_probs(raw, [i for i, _ in firsts], [t for _, t in firsts])
+        if raw is not None
+        else [math.nan] * len(firsts)
+    )
+    first_raw = iter(found)
     branches: dict[LMRun, list[LMRun]] = {}
     generated = eos = 0
     for i, run in enumerate(runs):
@@ -132,7 +163,10 @@ def feed(rows: Rows, chosen: Chosen, stats: dict | None) -> dict[LMRun, list[LMR
         for j, (target, choice) in enumerate(zip([run, *extra], options, strict=True)):
             if twists is not None:
                 target.twist += twists[i][j]
-            target.feed_block(choice.tokens, choice.log_ps, choice.log_qs)
+            raws = (
+                [next(first_raw)] + [math.nan] * (len(choice.tokens) - 1) if choice.tokens else []
+            )
+            target.feed_block(choice.tokens, choice.log_ps, choice.log_qs, raws)
             generated += len(choice.tokens)
             eos += choice.tokens.count(eos_id)
         if extra:
@@ -170,10 +204,10 @@ def step_runs(
         score_forced(forced, stats)
     branches: dict[LMRun, list[LMRun]] = {}
     sampled = [r for r in live if r.forced is None]
-    for rows in distributions(sampled, generators, stats, sampler.full_masks):
+    for rows, raw in distributions(sampled, generators, stats, sampler.full_masks):
         for observe in observers:
             observe(rows)
-        branches.update(feed(rows, sampler.choose(rows), stats))
+        branches.update(feed(rows, sampler.choose(rows), stats, raw))
         for run in rows.empty:  # ended on the stand-in eos: the site has probability zero
             run.log_prob = float("-inf")
     return branches
