@@ -189,8 +189,6 @@ class ManyRun:
         save_traces: bool,
         options: dict,
     ) -> None:
-        from lmcascade.inference.base import methods
-
         if isinstance(program, BoundProgram):
             raise ProgramError(
                 f"infer_many takes the program itself, not a bound call: pass "
@@ -214,10 +212,6 @@ class ManyRun:
             isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63
         ):
             raise OptionError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}")
-        if isinstance(method, str) and "progress" in getattr(
-            methods().get(method.lower()), "options", {}
-        ):
-            options = {"progress": False, **options}  # one bar, for the inputs
         self.program, self.method, self.options = program, method, options
         self.concurrency, self.on_error, self.save_traces = concurrency, on_error, save_traces
         self.out = None if out is None else os.fspath(out)
@@ -361,7 +355,8 @@ class ManyRun:
     def _infer(self, bound: BoundProgram) -> Result:
         from lmcascade.inference.base import infer
 
-        return infer(bound, method=self.method, seed=self.seed, **self.options)
+        # one bar, over the inputs, instead of one per run
+        return infer(bound, method=self.method, seed=self.seed, progress=False, **self.options)
 
     def _write(self, item: Any, result: Result | None, error: BaseException | None = None) -> None:
         if self.out is None:
