@@ -437,7 +437,7 @@ class Engine:
             raise BadYieldError(
                 f"program {p.program.name!r} yielded {eff!r} ({type(eff).__name__}) {where}; "
                 f"yield effects such as lc.sample, lc.observe, lc.factor, lc.condition, "
-                f"lc.call or lc.gen.{hint}"
+                f"lc.call, lc.score or lc.gen.{hint}"
             )
         return eff
 

@@ -171,6 +171,11 @@ def condition(name: str, ok: Any) -> Condition:
 def call(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Call:
     """``y = yield lc.call(name, fn, *args)``: a recorded, replay-memoised tool call.
 
+    ``fn(*args, **kwargs)`` runs once per execution; a replayed execution gets the recorded
+    result.  A tool that raises (or, wrapped as ``lc.tool(fn, timeout=...)``, runs too long)
+    gives the site weight zero with the exception in ``site.error`` and ends the trace; the
+    run goes on (``lc.infer(..., on_tool_error="raise")`` stops it with the error instead).
+
     >>> import lmcascade as lc
     >>> lc.call("calc", eval, "1 + 1").fn is eval
     True
