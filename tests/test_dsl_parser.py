@@ -23,20 +23,28 @@ def test_every_construct_parses_to_its_node():
     thought = prog.body[0]
     assert (thought.line, thought.col) == (5, 3)
     assert thought.call.func == "lm"
-    prompt = thought.call.args[0]
+    chat = thought.call.args[0]
+    assert chat.func == "chat" and chat.args[0].name == "lm"
+    assert dict(chat.kwargs)["system"].parts == ("Think briefly.",)
+    prompt = chat.args[1]
     assert isinstance(prompt, ast.Str) and prompt.parts[0] == "Q: "
     assert isinstance(prompt.parts[1], ast.Var) and prompt.parts[1].name == "question"
     assert dict(thought.call.kwargs)["stop"].parts == ("\n",)
     assert dict(thought.call.kwargs)["max_tokens"].value == 32
+    assert dict(thought.call.kwargs)["constraint"].func == "forbid"
     ok = prog.body[2].value
     assert isinstance(ok, ast.BoolOp) and ok.op == "and"
+    tried = ok.values[0].left
+    assert isinstance(tried, ast.Try) and isinstance(tried.orelse, ast.NoneLit)
     assert isinstance(ok.values[1], ast.Not) and ok.values[1].value.op == "in"
     branch = prog.body[3]
     assert isinstance(branch.orelse[0], ast.If)  # else if
     assert isinstance(branch.orelse[0].orelse[0], ast.Assign)
     arith = branch.orelse[0].orelse[0].value
     assert arith.op == "%" and arith.left.op == "*" and isinstance(arith.left.left, ast.Neg)
-    assert isinstance(prog.body[5].body[0].value, ast.Index)
+    found = prog.body[5].body[0].value
+    assert found.func == "match" and found.args[0].parts == ("(\\d+)",)  # a raw string
+    assert isinstance(found.args[1], ast.Index)
     assert isinstance(prog.body[7].value, ast.ListExpr)
 
 
