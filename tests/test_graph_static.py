@@ -2,13 +2,14 @@
 sampled, and never stopped by a failing condition or a run that raises."""
 
 import math
+from dataclasses import dataclass
 
 import pytest
 from pyro.distributions import Bernoulli
 
 import lmcascade as lc
 from lmcascade.errors import OptionError, ProgramError
-from lmcascade.flowgraph.samples import sample_traces
+from lmcascade.flowgraph.samples import sample_runs
 from lmcascade.graph import to_dot, to_mermaid
 from lmcascade.models import ToyLM
 from programs import LM
@@ -62,8 +63,8 @@ def test_an_empty_output_still_flows_into_the_next_prompt():
         y = yield lc.gen("y", LM, f"q{x}:", max_tokens=2)
         return y
 
-    traces = sample_traces(silent_then_ask(), runs=8, max_tokens=16, seed=0)
-    assert all(t["x"].value == "" for t in traces)  # every sample is the empty text
+    runs = sample_runs(silent_then_ask(), runs=8, max_tokens=16, seed=0)
+    assert all(r.sent["x"] == "" for r in runs)  # every sample is the empty text
     g = lc.graph(silent_then_ask())
     assert g.edges["x", "y"] == {"kind": "data", "seen": "8/8", "via": ["dist.prompt"]}
 
@@ -75,7 +76,7 @@ def test_a_value_that_is_sometimes_empty_gets_its_edge_in_every_run():
         y = yield lc.gen("y", LM, "q" + x + ":", max_tokens=2)
         return x + "|" + y
 
-    values = [t["x"].value for t in sample_traces(maybe_empty(), 8, 16, 0)]
+    values = [r.sent["x"] for r in sample_runs(maybe_empty(), 8, 16, 0)]
     assert "" in values and any(values)
     g = lc.graph(maybe_empty())
     assert g.edges["x", "y"]["seen"] == "8/8"
@@ -214,8 +215,8 @@ def test_generations_are_cut_to_max_tokens():
     def long():
         return (yield lc.gen("x", LM, "q", max_tokens=200))
 
-    traces = sample_traces(long(), runs=4, max_tokens=2, seed=0)
-    assert all(len(t["x"].token_ids) <= 2 for t in traces)
+    runs = sample_runs(long(), runs=4, max_tokens=2, seed=0)
+    assert all(len(r.trace["x"].token_ids) <= 2 for r in runs)
     assert lc.graph(long(), max_tokens=None).nodes["x"]["seen"] == "8/8"
 
 
@@ -246,3 +247,23 @@ def test_dot_and_mermaid_of_a_python_graph():
     assert '"say \\"hi\\"" [label="say \\"hi\\" ~ hashed-toy", shape=ellipse];' in dot
     assert '"never" [label="condition never", shape=diamond];' in dot
     assert "flowchart TD" in to_mermaid(g)
+
+
+def test_a_field_of_a_structured_tool_result_flows_on():
+    @dataclass(frozen=True)
+    class Parsed:
+        answer: str
+        score: float
+
+    @lc.program
+    def structured():
+        x = yield lc.gen("x", LM, "q", max_tokens=2)
+        parsed = yield lc.call("parse", lambda t: Parsed(t.upper(), 0.5), x)
+        y = yield lc.gen("y", LM, "q" + parsed.answer.lower(), max_tokens=2)
+        yield lc.factor("score", parsed.score)
+        return y
+
+    g = lc.graph(structured())
+    assert g.edges["parse", "y"]["via"] == ["dist.prompt"]
+    assert g.edges["parse", "score"]["via"] == ["log_weight"]
+    assert ("x", "y") not in g.edges  # through the tool only

@@ -6,7 +6,7 @@ lost), and a short or empty text found "inside" a later prompt proves nothing.  
 asks the question a data edge answers — *would this input change if that value changed?* —
 and answers it by running the program again with that one value changed:
 
-1. ``runs`` forward samples (:func:`~lmcascade.flowgraph.samples.sample_traces`), which go
+1. ``runs`` forward samples (:func:`~lmcascade.flowgraph.samples.sample_runs`), which go
    past failed conditions and end quietly on errors, give the sites each run reaches and a
    realistic value for each;
 2. each run is re-executed from its recorded values (:func:`~lmcascade.flowgraph.replay.execute`,
@@ -58,11 +58,10 @@ from lmcascade.distributions import is_lm
 from lmcascade.errors import OptionError, ProgramError
 from lmcascade.flowgraph.fingerprint import fingerprint
 from lmcascade.flowgraph.replay import MISSING, NO_VALUE_KINDS, STOP, Execution, Step, execute
-from lmcascade.flowgraph.samples import Failed, Stopped, sample_traces
+from lmcascade.flowgraph.samples import Run, Stopped, sample_runs
 from lmcascade.flowgraph.variants import variants
 from lmcascade.flowgraph.watch import Watched
 from lmcascade.program import BoundProgram, Program
-from lmcascade.trace import Trace
 
 RUNS = 8
 """Sampled runs by default: enough for most branches, fast on a small model."""
@@ -81,11 +80,11 @@ def program_graph(
     """The graph of a bound Python program from ``runs`` sampled runs (seeded by ``seed``,
     each generation cut to ``max_tokens`` tokens; None keeps the program's own limits)."""
     _check(bound, runs, max_tokens, seed)
-    traces = sample_traces(bound, runs, max_tokens, seed)
-    flow = _Flow(bound, traces)
+    sampled = sample_runs(bound, runs, max_tokens, seed)
+    flow = _Flow(bound, sampled)
     with _quiet():
-        for index, trace in enumerate(traces):
-            flow.add(index, trace)
+        for index, run in enumerate(sampled):
+            flow.add(index, run)
     return flow.graph()
 
 
@@ -121,9 +120,9 @@ def _quiet() -> Iterator[None]:
 class _Flow:
     """What the runs found: nodes, their counts, edges with the runs that found them."""
 
-    def __init__(self, bound: BoundProgram, traces: list[Trace]) -> None:
+    def __init__(self, bound: BoundProgram, runs: list[Run]) -> None:
         self.bound = bound
-        self.n = len(traces)
+        self.n = len(runs)
         self.arguments = bound.program.signature.bind(*bound.args, **bound.kwargs)
         self.arguments.apply_defaults()
         self.nodes: dict[str, dict[str, Any]] = {}
@@ -134,7 +133,7 @@ class _Flow:
         self.returned = 0
         self.used = 0
         self.truncated = False
-        self.own = [_values(t) for t in traces]
+        self.own = [run.sent for run in runs]
         self.by_site: dict[str, list[Any]] = {}
         for values in self.own:
             for name, value in values.items():
@@ -143,7 +142,7 @@ class _Flow:
 
     # -- one run ------------------------------------------------------------------------------
 
-    def add(self, index: int, trace: Trace) -> None:
+    def add(self, index: int, run: Run) -> None:
         own = self.own[index]
 
         def lookup(name: str) -> Any:
@@ -161,7 +160,7 @@ class _Flow:
             if name in again.steps
         }
         stable_return = base.returned_fp == again.returned_fp
-        self._record(base, trace)
+        self._record(base, run)
         compared = self._compared(lookup)
 
         def compare(source: str, changed: Execution) -> None:
@@ -207,21 +206,21 @@ class _Flow:
         self.truncated = self.truncated or self.used > BUDGET
         return not self.truncated
 
-    def _record(self, base: Execution, trace: Trace) -> None:
+    def _record(self, base: Execution, run: Run) -> None:
         for name, step in base.steps.items():
             if name not in self.nodes:
                 self.nodes[name] = _attributes(step)
             self.seen[name] += 1
             if step.kind == "condition" and _truth(step.effect) is True:
                 self.held[name] += 1
-        stopped = trace.value if isinstance(trace.value, Stopped) else None
+        stopped = run.stopped
         if stopped is not None:
             self.failures[(stopped.message, stopped.site, stopped.at_site, _type(stopped))] += 1
         elif base.outcome == "returned":
             self.returned += 1
-        for site in trace:  # tool errors the engine recorded on a site and went on from
+        for site in run.trace:  # a tool's error recorded on its site (the engine ended the run)
             error = getattr(site, "error", None)
-            if error is not None and not isinstance(site.value, Failed):
+            if error is not None:
                 found = Stopped(
                     error if isinstance(error, BaseException) else Exception(error), site.name, True
                 )
@@ -305,18 +304,6 @@ class _Flow:
                     attrs["via"] = sorted(edge["via"])
                 g.add_edge(a, b, **attrs)
         return g
-
-
-def _values(trace: Trace) -> dict[str, Any]:
-    """The values a run's sites sent back to the program, by name (:data:`STOP` where
-    resolving the site raised)."""
-    out: dict[str, Any] = {}
-    for site in trace:
-        if isinstance(site.value, Failed):
-            out[site.name] = STOP
-        elif site.kind not in NO_VALUE_KINDS:
-            out[site.name] = site.value
-    return out
 
 
 def _replacing(lookup: Callable[[str], Any], name: str, value: Any) -> Callable[[str], Any]:

@@ -1,13 +1,13 @@
 """The sampled runs a program's graph starts from: forward samples that never stop early.
 
-:func:`sample_traces` runs ``runs`` forward samples on the batched engine, with three changes
+:func:`sample_runs` runs ``runs`` forward samples on the batched engine, with three changes
 that suit looking at a program rather than weighing its outputs:
 
 - a run goes on past a failed condition (the engine's ``stop_dead=False``), so every site of
   the program is reached even when a condition always fails;
 - a run that raises — in the program's own code, in a tool, or on a bad site — ends there
-  instead of ending every run: its trace keeps the sites before, and its value is a
-  :class:`Stopped` saying what was raised where;
+  instead of ending every run: its trace keeps the sites before, and a :class:`Stopped`
+  says what was raised where;
 - each generation stops after ``max_tokens`` tokens (the text's shape rarely matters to a
   graph), and observing a text under an LM is not scored (its weight is not used).
 
@@ -19,10 +19,10 @@ that suit looking at a program rather than weighing its outputs:
 ...     x = yield lc.gen("x", lm, "", max_tokens=50)
 ...     yield lc.condition("impossible", False)
 ...     return int(x)
->>> traces = sample_traces(never(), runs=2, max_tokens=3, seed=0)
->>> [t.names for t in traces], [len(t["x"].value) <= 3 for t in traces]
+>>> runs = sample_runs(never(), runs=2, max_tokens=3, seed=0)
+>>> [r.trace.names for r in runs], [len(r.sent["x"]) <= 3 for r in runs]
 ([['x', 'impossible'], ['x', 'impossible']], [True, True])
->>> traces[0].value
+>>> runs[0].stopped
 Stopped(ValueError: invalid literal for int() with base 10: ..., after 'impossible')
 """
 
@@ -31,13 +31,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lmcascade.distributions import is_lm
 from lmcascade.engine import Engine, Particle
-from lmcascade.flowgraph.replay import site_name
+from lmcascade.errors import BadYieldError, DuplicateSiteError
+from lmcascade.flowgraph.replay import STOP, site_name
 from lmcascade.policy import Policy
 from lmcascade.program import BoundProgram, Effect, Factor, Observe, Program, Sample
 from lmcascade.requests import Pending
@@ -54,8 +56,8 @@ class Failed:
 
 
 class Stopped:
-    """The return value of a run that did not return: ``error`` was raised ``after`` a site
-    (None: before the first) or ``at`` it (resolving that site raised)."""
+    """How a run that did not return ended: ``error`` was raised after ``site`` (None: before
+    the first site) or, with ``at_site``, at it (resolving that site raised)."""
 
     __slots__ = ("error", "site", "at_site")
 
@@ -98,51 +100,69 @@ def capped(eff: Effect, max_tokens: int | None) -> Effect:
     return eff
 
 
-def guarded(bound: BoundProgram, max_tokens: int | None) -> BoundProgram:
-    """``bound`` wrapped so that its runs end with a :class:`Stopped` value instead of raising,
-    with generations capped (:func:`capped`)."""
+@dataclass
+class Run:
+    """One sampled run: its trace, what the program received at each site (by name; the
+    program's own view, e.g. a ``Generation`` for ``details=True``), and how it stopped
+    (None: it returned, or the engine ended it on a failed tool call, recorded on the site)."""
 
-    def run():
+    trace: Trace = field(default_factory=Trace)
+    sent: dict[str, Any] = field(default_factory=dict)
+    stopped: Stopped | None = None
+
+
+def guarded(bound: BoundProgram, max_tokens: int | None, run: Run) -> BoundProgram:
+    """``bound`` wrapped so that a run notes in ``run`` what the program received and ends
+    with a :class:`Stopped` (in ``run.stopped``) instead of raising; generations are capped
+    (:func:`capped`).  A site where resolving raised is noted as :data:`STOP`."""
+
+    def stop(error: BaseException, site: str | None, at_site: bool = False) -> None:
+        run.stopped = Stopped(error, site, at_site)
+
+    def program():
         gen = iter(bound)
         counters: dict[str, int] = {}
-        names: set[str] = set()
         value: Any = None
         last: str | None = None
         while True:
             try:
                 eff = gen.send(value)
-            except StopIteration as stop:
-                return stop.value
+            except StopIteration as done:
+                return done.value
             except Exception as err:
-                return Stopped(err, last)
+                return stop(err, last)
             if not isinstance(eff, Effect):
                 gen.close()
                 hint = "; compose sub-programs with `yield from`" * isinstance(eff, BoundProgram)
-                return Stopped(
-                    TypeError(f"yielded {safe_repr(eff, 200)}, not an effect{hint}"), last
+                return stop(
+                    BadYieldError(f"yielded {safe_repr(eff, 200)}, not an effect{hint}"), last
                 )
             name = site_name(counters, eff.name)
-            if name in names:  # the engine would refuse it and end every run
+            if name in run.sent:  # the engine would refuse it and end every run
                 gen.close()
-                return Stopped(ValueError(f"site name {name!r} used twice in one run"), last)
-            names.add(name)
+                return stop(DuplicateSiteError(f"site {name!r} appears twice in one run"), last)
             value = yield capped(eff, max_tokens)
             if isinstance(value, Failed):
                 gen.close()
-                return Stopped(value.error, name, at_site=True)
+                run.sent[name] = STOP
+                return stop(value.error, name, at_site=True)
+            run.sent[name] = value
             last = name
 
-    run.__name__ = run.__qualname__ = bound.name
-    return Program(run)()
+    program.__name__ = program.__qualname__ = bound.name
+    return Program(program)()
 
 
-def sample_traces(bound: BoundProgram, runs: int, max_tokens: int | None, seed: int) -> list[Trace]:
+def sample_runs(bound: BoundProgram, runs: int, max_tokens: int | None, seed: int) -> list[Run]:
     """``runs`` forward samples of ``bound`` (seeded by ``seed``) that go past failed
     conditions and end, rather than raise, on errors (see the module's notes)."""
     from lmcascade.inference.base import seeded
 
     engine = Engine(_Lenient(), seed=seed, stop_dead=False)
-    program = guarded(bound, max_tokens)
+    found = [Run() for _ in range(runs)]
+    particles = [Particle(guarded(bound, max_tokens, run)) for run in found]
     with seeded(seed), torch.inference_mode():
-        particles = engine.run([Particle(program) for _ in range(runs)])
-    return [p.trace for p in particles]
+        engine.run(particles)
+    for run, particle in zip(found, particles, strict=True):
+        run.trace = particle.trace
+    return found

@@ -4,7 +4,7 @@ Realistic values come first (what other runs drew at the same site, the texts th
 compared the value with — see :mod:`~lmcascade.flowgraph.watch` — and the support of a finite
 distribution), then synthetic ones of the same type: for a text, the same shape with each
 letter and digit shifted, the empty text and a long text; for a number, ``x + 1``, ``0`` and
-``-10x - 1``; for containers, every item shifted.  Each candidate differs from the value.
+``-10x - 1``; for containers and dataclasses (a ``Generation``), every item or field shifted.  Each candidate differs from the value.
 
 >>> variants("42")
 ['53', '', '4242424242424242']
@@ -16,6 +16,7 @@ letter and digit shifted, the empty text and a long text; for a number, ``x + 1`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -94,6 +95,12 @@ def synthetic(value: Any) -> list[Any]:
         return [{k: _first(v) for k, v in value.items()} if value else {"?": Probe()}]
     if value is None:
         return ["1"]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        try:
+            fields = {f.name: _first(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return [dataclasses.replace(value, **fields)]
+        except Exception:  # fields it will not take back: a stand-in
+            return [Probe()]
     if isinstance(value, LanguageModel | Probe):
         return []
     return [Probe()]
