@@ -1,13 +1,16 @@
-"""Static checks of a parsed ``.lmc`` module, each failure a positioned ``DSLCheckError``.
+"""Static checks of a parsed ``.lmc`` module: every problem, each a positioned ``DSLCheckError``.
 
-Checked before anything runs: undefined variables (including ones set on only one branch of an
+Checked before anything runs, every problem of the file reported (not only the first): undefined variables (including ones set on only one branch of an
 ``if``), unknown models, distributions, tools and functions (with a suggestion), calls with the
 wrong number of arguments, a sample statement whose right side is not a model or distribution,
 the same site sampled twice where both can run in one execution (in straight-line code, in an
 ``if`` branch and again after it, in a loop and outside it; the two branches of one ``if`` may
 share a name), type errors visible in literals, and what the loader could not represent: a
 file without programs, a model declared twice, a program named like a Python special attribute
-(``__class__``), a tree nested deeper than :data:`~lmcascade.dsl.parser.MAX_DEPTH`.  The walk
+(``__class__``), a tree nested deeper than :data:`~lmcascade.dsl.parser.MAX_DEPTH`; misuse of
+``chat``, ``match`` and the constraint builders (patterns written in the source are compiled
+now); comparisons between values of known different kinds and ``+ - /`` between text and a
+number (:mod:`lmcascade.dsl.kinds`).  The walk
 costs time linear in the size of the program: branches and loop bodies add a layer of names
 over the enclosing ones instead of copying them.
 
@@ -166,7 +169,12 @@ def always_returns(body) -> bool:
 
 
 def assigned(body) -> set[str]:
-    """Every variable a block sets (through nested blocks)."""
+    """Every variable a block sets (through nested blocks).
+
+    >>> from lmcascade.dsl.parser import parse
+    >>> sorted(assigned(parse("program f() { x = 1 if x { y ~ bernoulli(0.5) } }").programs[0].body))
+    ['x', 'y']
+    """
     out: set[str] = set()
     stack = list(body)
     while stack:
@@ -564,7 +572,15 @@ MAX_REPORTED = 50
 class CheckFailed(DSLCheckError):
     """Every problem :func:`check` found: located as the first one, listing each (one
     ``file:line:col: message`` with its line and caret after another); ``errors`` holds them
-    as separate :class:`~lmcascade.errors.DSLCheckError` s."""
+    as separate :class:`~lmcascade.errors.DSLCheckError` s.
+
+    >>> from lmcascade.dsl.parser import parse
+    >>> try:
+    ...     check(parse("program f() { return [a, b] }", filename="f.lmc"), models=(), tools={})
+    ... except CheckFailed as err:
+    ...     print(str(err).splitlines()[-1], len(err.errors))
+    (2 problems in f.lmc) 2
+    """
 
     def __init__(self, errors: list[DSLCheckError], source: str | None = None) -> None:
         first = errors[0]

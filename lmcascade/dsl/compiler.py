@@ -17,9 +17,11 @@ sub-program can be called twice.
 Every run of a program (every trace) gets a fresh :class:`~lmcascade.dsl.limits.Budget` of
 steps, value sizes, digits, call depth and loop iterations; a called program shares its
 caller's.  Running over one, and every failure of an operation in the program (a type error,
-a bad index, a division by zero, a tool that raised, bad distribution parameters...), is a
+a bad index, a division by zero, bad distribution parameters...), is a
 :class:`~lmcascade.errors.DSLRuntimeError` with the file, line and column, never a Python
-traceback.
+traceback; ``try ... else ...`` catches all but a spent budget (a :class:`BudgetError`).  A
+tool that raises outside ``try`` is the core's to handle, as for a Python program: its trace
+gets weight zero (or, under ``on_tool_error="raise"``, the run stops with a located error).
 
 >>> import lmcascade as lc
 >>> from lmcascade.models import ToyLM
@@ -471,7 +473,11 @@ class _ToolFailed:
 
 
 class BudgetError(DSLRuntimeError):
-    """A run went over one of its budgets (or Python's stack): ``try`` does not catch it."""
+    """A run went over one of its budgets (or Python's stack): ``try`` does not catch it.
+
+    >>> issubclass(BudgetError, DSLRuntimeError)
+    True
+    """
 
 
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -111,7 +111,11 @@ def _class_end(pattern: str, start: int) -> int:
 
 def bounded_pattern(fn: str, pattern: Any) -> str:
     """``pattern`` if ``fn`` may compile it: text, not empty, within the length and
-    expansion limits; a :class:`Refusal` saying which otherwise."""
+    expansion limits; a :class:`Refusal` saying which otherwise.
+
+    >>> bounded_pattern("match", "[0-9]+")
+    '[0-9]+'
+    """
     _text(fn, "pattern", pattern)
     if not pattern:
         raise Refusal(f'{fn}\'s pattern is empty; give a regular expression, e.g. "[0-9]+"')
@@ -131,6 +135,12 @@ def bounded_pattern(fn: str, pattern: Any) -> str:
 
 @functools.lru_cache(maxsize=256)
 def compiled(pattern: str) -> Any:
+    """``pattern`` compiled by the ``regex`` module (cached); a :class:`Refusal` saying why
+    it is not a regular expression.
+
+    >>> compiled("a+").groups
+    0
+    """
     try:
         return regex.compile(pattern)
     except (regex.error, OverflowError, RecursionError) as err:
@@ -266,7 +276,11 @@ def _cached(name: str, key: tuple) -> constraints.Constraint:
 
 def constraint(budget: Budget, name: str, *args: Any) -> constraints.Constraint:
     """The constraint ``name(*args)``, one object per distinct call: every trace of a program
-    gets the same object, so a regex is compiled for a model once, not once per trace."""
+    gets the same object, so a regex is compiled for a model once, not once per trace.
+
+    >>> constraint(None, "regex", "[0-9]+") is constraint(None, "regex", "[0-9]+")
+    True
+    """
     key = tuple((type(a), _frozen(a)) for a in args)  # true and 1 are equal, not the same
     try:
         hash(key)

@@ -55,14 +55,22 @@ SAMPLE_KINDS: dict[str, Kinds] = {
 
 
 def join(a: Kinds, b: Kinds) -> Kinds:
-    """The kinds of a value that is one of two (unknown if either is)."""
+    """The kinds of a value that is one of two (unknown if either is).
+
+    >>> sorted(join(ONE[TEXT], ONE[NONE])), join(ONE[TEXT], None)
+    (['none', 'text'], None)
+    """
     return None if a is None or b is None else a | b
 
 
 def of_sample(call: ast.Call, models: set[str], items: list[Kinds]) -> Kinds:
     """The kinds a sample statement draws: text from a model, a number or true/false from a
     distribution, and from a categorical whose values are written out as a list, the kinds
-    of its ``items``."""
+    of its ``items``.
+
+    >>> of_sample(ast.Call(1, 1, "bernoulli"), set(), []) == ONE[BOOL]
+    True
+    """
     if call.func in models:
         return ONE[TEXT]
     if call.func == "categorical" and call.args and isinstance(call.args[0], ast.ListExpr):
@@ -74,7 +82,11 @@ def of_sample(call: ast.Call, models: set[str], items: list[Kinds]) -> Kinds:
 
 
 def of_literal(e: ast.Expr) -> Kinds:
-    """The kind of a literal, a list, a comparison or a negation (None for other nodes)."""
+    """The kind of a literal, a list, a comparison or a negation (None for other nodes).
+
+    >>> of_literal(ast.NoneLit(1, 1)) == ONE[NONE]
+    True
+    """
     simple = {
         ast.Num: NUMBER,
         ast.Str: TEXT,
@@ -89,14 +101,22 @@ def of_literal(e: ast.Expr) -> Kinds:
 
 
 def of_binop(op: str, left: Kinds, right: Kinds) -> Kinds:
-    """``left op right``: a number from numbers; text or a list from ``+`` of two of them."""
+    """``left op right``: a number from numbers; text or a list from ``+`` of two of them.
+
+    >>> of_binop("+", ONE[TEXT], ONE[TEXT]) == ONE[TEXT], of_binop("-", ONE[TEXT], ONE[TEXT])
+    (True, None)
+    """
     if left == right and left in (ONE[NUMBER], ONE[TEXT], ONE[LIST]):
         return left if op == "+" or left == ONE[NUMBER] else None
     return None
 
 
 def of_index(container: Kinds) -> Kinds:
-    """An item of a text is text; of anything else, unknown."""
+    """An item of a text is text; of anything else, unknown.
+
+    >>> of_index(ONE[TEXT]) == ONE[TEXT], of_index(ONE[LIST])
+    (True, None)
+    """
     return ONE[TEXT] if container == ONE[TEXT] else None
 
 
@@ -132,7 +152,11 @@ def comparison_problem(op: str, left: Kinds, right: Kinds) -> str | None:
 
 def arithmetic_problem(op: str, left: Kinds, right: Kinds) -> bool:
     """Whether ``left op right`` is text against a number under ``+ - /`` (``*`` repeats
-    text, and ``%`` on text has its own message when it runs)."""
+    text, and ``%`` on text has its own message when it runs).
+
+    >>> arithmetic_problem("+", ONE[TEXT], ONE[NUMBER]), arithmetic_problem("*", ONE[TEXT], ONE[NUMBER])
+    (True, False)
+    """
     if op not in "+-/" or left is None or right is None:
         return False
     number = frozenset({NUMBER, BOOL})
@@ -140,5 +164,9 @@ def arithmetic_problem(op: str, left: Kinds, right: Kinds) -> bool:
 
 
 def words(kinds: frozenset[str]) -> str:
-    """``kinds`` in the DSL's words: ``text``, ``text or none``."""
+    """``kinds`` in the DSL's words: ``text``, ``text or none``.
+
+    >>> words(frozenset({NONE, TEXT}))
+    'text or none'
+    """
     return " or ".join(WORDS[k] for k in sorted(kinds, key=list(WORDS).index))

@@ -84,7 +84,11 @@ class Refusal(ValueError):
 class OverLimit(Refusal):
     """A run went over one of its budgets (or an operation gave up, as ``match`` does on a
     pattern that backtracks without end).  ``try ... else ...`` does not catch it: the budget
-    is spent, and what follows could not run either."""
+    is spent, and what follows could not run either.
+
+    >>> isinstance(over("steps", "too many"), OverLimit)
+    True
+    """
 
 
 def how_to_raise(name: str) -> str:

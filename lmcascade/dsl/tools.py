@@ -4,7 +4,8 @@
 interpreter: whole numbers of at most ``Limits.digits`` digits (a product is refused before it
 is computed), an expression of at most ``MAX_CALC_CHARS`` characters, no powers, and a finite
 result.  Every failure is a ``ValueError`` whose message says what went wrong; in a ``.lmc``
-program it becomes a located ``DSLRuntimeError``.
+program it gives the trace weight zero like any failing tool (``try calc(x) else none``
+handles it; under ``on_tool_error="raise"`` it is a located ``DSLRuntimeError``).
 
 >>> calc("2 * (3 + 4)")
 14

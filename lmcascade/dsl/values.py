@@ -25,4 +25,8 @@ def kind_of(value: object) -> str:
 
 
 class Mismatch(TypeError):
-    """A value of the wrong kind for an operation; the message says which kinds it takes."""
+    """A value of the wrong kind for an operation; the message says which kinds it takes.
+
+    >>> str(Mismatch("split needs text to split, got a list"))
+    'split needs text to split, got a list'
+    """
