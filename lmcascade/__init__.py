@@ -38,7 +38,7 @@ try:
         scope,
         score,
     )
-    from lmcascade.result import Result
+    from lmcascade.result import REJECTED, Result
     from lmcascade.toolcall import tool
     from lmcascade.trace import Site, Trace
 except KeyboardInterrupt:  # Ctrl-C while the command line is still loading: one line
@@ -51,6 +51,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LM",
+    "REJECTED",
     "BoundProgram",
     "Generation",
     "Program",

@@ -114,3 +114,22 @@ def test_enumerating_a_full_vocabulary_fails_before_the_next_forward_pass():
     # run stops after three passes instead of computing a level it cannot keep
     assert len(calls) == 3
     assert len(lc.infer(long(3), method="enumerate", max_traces=1000)) > 0  # 8^3 fits
+
+
+def test_all_weights_zero_from_a_tool_says_so():
+    """When every trace died in a failing tool, the error says which tool and what it raised,
+    not that a condition was never satisfied."""
+    from pyro.distributions import Bernoulli
+
+    @lc.program
+    def parse():
+        x = yield lc.sample("x", Bernoulli(0.5))
+        n = yield lc.call("to_int", int, "" if x else "x")
+        return n
+
+    with pytest.raises(lc.errors.AllWeightsZeroError) as caught:
+        lc.infer(parse(), method="forward", num_samples=4, seed=0)
+    message = str(caught.value)
+    assert "tool call 'to_int' failed in 4 of them" in message
+    assert "ValueError: invalid literal for int()" in message
+    assert "condition is never satisfied" not in message

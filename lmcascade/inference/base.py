@@ -26,10 +26,10 @@ from lmcascade.engine import ENGINES, Particle, Schedule
 from lmcascade.errors import AllWeightsZeroError, Interrupted, OptionError, UnknownMethodError
 from lmcascade.inference.progress import Ticking, progress_bar
 from lmcascade.memory import available_memory, size
-from lmcascade.policy import ON_TOOL_ERROR
+from lmcascade.policy import ON_TOOL_ERROR, TOOL_ERROR_MODES
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result
-from lmcascade.trace import safe_repr
+from lmcascade.trace import error_text, safe_repr
 
 _REGISTRY: dict[str, type[InferenceMethod]] = {}
 
@@ -50,8 +50,6 @@ COMMON_OPTIONS: dict[str, Any] = {"progress": True, "on_tool_error": "zero"}
 terminal once a run has taken about two seconds) and ``on_tool_error`` (``"zero"``: a tool call
 that raises gives its trace weight zero and the run goes on; ``"raise"``: the error stops the
 run)."""
-
-TOOL_ERROR_MODES = ("zero", "raise")
 
 
 class InferenceMethod:
@@ -256,18 +254,30 @@ def progress(engines: list, seconds: float) -> dict:
 
 
 def zero_weight_error(particles: list[Particle], what: str) -> AllWeightsZeroError:
-    """An error naming the sites that set every weight to zero, most frequent first."""
+    """An error naming the sites that set every weight to zero, most frequent first; when a
+    tool call that failed is among them, what it raised."""
     killers: dict[str, int] = {}
+    failed: dict[str, BaseException] = {}
     for p in particles:
         for site in p.trace.sites:
             if site.log_weight == -math.inf:
                 killers[site.name] = killers.get(site.name, 0) + 1
+                if site.error is not None:
+                    failed.setdefault(site.name, site.error)
                 break
     named = ", ".join(f"{n!r} ({c}x)" for n, c in sorted(killers.items(), key=lambda kv: -kv[1]))
     shown = "; ".join(_what_it_held(p.trace) for p in particles[:3])
+    if failed:
+        name, err = next(iter(failed.items()))
+        why = (
+            f"tool call {name!r} failed in {killers[name]} of them, e.g. {error_text(err)}; make "
+            "the tool accept such input (or check it first with lc.condition), or pass "
+            "on_tool_error='raise' to see the traceback"
+        )
+    else:
+        why = "the condition is never satisfied — relax it, raise the budget, or check the program"
     return AllWeightsZeroError(
-        f"{what}: every trace has weight zero (zeroed at site {named or 'unknown'}); the "
-        "condition is never satisfied — relax it, raise the budget, or check the program. "
+        f"{what}: every trace has weight zero (zeroed at site {named or 'unknown'}); {why}. "
         f"The first traces held: {shown or 'nothing'} (all of them: err.traces)",
         tuple(p.trace for p in particles),
     )

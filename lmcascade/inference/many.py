@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lmcascade.errors import LMCascadeError, OptionError, ProgramError
+from lmcascade.inference.progress import progress_bar
 from lmcascade.models.base import BATCHER, block_counts
 from lmcascade.program import BoundProgram, Program
 from lmcascade.result import Result
@@ -231,14 +231,8 @@ class ManyRun:
         self.stats: dict[str, int] = dict.fromkeys(
             ("inputs_done", "inputs_failed", "inputs_skipped", "model_calls", "rows"), 0
         )
-        self._bar = tqdm(
-            total=self._total,
-            unit="input",
-            desc=f"infer_many {method}",
-            delay=2.0,
-            leave=False,
-            disable=None if progress else True,
-        )
+        self._bar = progress_bar(f"infer_many {method}", progress, unit="input")
+        self._bar.total = self._total
 
     # -- iteration -----------------------------------------------------------------------------
 
