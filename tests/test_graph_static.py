@@ -9,6 +9,7 @@ from pyro.distributions import Bernoulli
 
 import lmcascade as lc
 from lmcascade.errors import OptionError, ProgramError
+from lmcascade.flowgraph import build
 from lmcascade.flowgraph.samples import sample_runs
 from lmcascade.graph import to_dot, to_mermaid
 from lmcascade.models import ToyLM
@@ -267,3 +268,17 @@ def test_a_field_of_a_structured_tool_result_flows_on():
     assert g.edges["parse", "y"]["via"] == ["dist.prompt"]
     assert g.edges["parse", "score"]["via"] == ["log_weight"]
     assert ("x", "y") not in g.edges  # through the tool only
+
+
+def test_a_budget_cut_spreads_over_the_sites(monkeypatch):
+    @lc.program
+    def chain():
+        text = ""
+        for _ in range(6):
+            text = yield lc.gen("s[]", LM, "q" + text, max_tokens=1)
+        return text
+
+    monkeypatch.setattr(build, "BUDGET", 800)  # about two sites' worth per run
+    g = lc.graph(chain())
+    assert g.graph["truncated"]
+    assert {(f"s[{i}]", f"s[{i + 1}]") for i in range(5)} <= edges(g, "data")

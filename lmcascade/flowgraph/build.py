@@ -128,6 +128,7 @@ class _Flow:
         self.nodes: dict[str, dict[str, Any]] = {}
         self.seen: Counter[str] = Counter()
         self.held: Counter[str] = Counter()
+        self.analysed: Counter[str] = Counter()  # how many runs changed each site's value
         self.edges: dict[tuple[str, str], dict[str, Any]] = {}
         self.failures: Counter[tuple[str, str | None, bool, str]] = Counter()
         self.returned = 0
@@ -163,25 +164,38 @@ class _Flow:
         self._record(base, run)
         compared = self._compared(lookup)
 
-        def compare(source: str, changed: Execution) -> None:
-            self._compare(index, source, base, changed, unstable, stable_return)
-
-        for name, step in base.steps.items():
-            value = own.get(name, MISSING)
-            if step.kind in NO_VALUE_KINDS or value is MISSING or value is STOP:
-                continue
-            others = [v for v in self.by_site.get(name, ()) if v is not value]
-            for candidate in variants(value, others, _support(step), compared.get(name, ())):
-                if self._spend(base):
-                    compare(name, execute(start, _replacing(lookup, name, candidate)))
-        for param, value in self.arguments.arguments.items():
+        # (source, values to try, an execution with one of them); arguments first, then the
+        # sites that earlier runs looked at least, so a budget cut leaves no site unseen
+        jobs: list[tuple[str, list[Any], Callable[[Any], Execution]]] = []
+        arguments = self.arguments.arguments
+        for param, value in arguments.items():
             found = variants(value, compared=compared.get(f"input:{param}", ()))
             if not found:  # a model, say: passed on unchanged, so followed by identity
                 self._identity(index, f"input:{param}", base, fingerprint(value))
+
+            def with_argument(candidate: Any, param: str = param) -> Execution:
+                return execute(self._start({**arguments, param: candidate}), lookup)
+
+            jobs.append((f"input:{param}", found, with_argument))
+        sites = [
+            (name, step)
+            for name, step in base.steps.items()
+            if step.kind not in NO_VALUE_KINDS and _usable(own.get(name, MISSING))
+        ]
+        for name, step in sorted(sites, key=lambda item: self.analysed[item[0]]):
+            others = [v for v in self.by_site.get(name, ()) if v is not own[name]]
+            found = variants(own[name], others, _support(step), compared.get(name, ()))
+
+            def with_value(candidate: Any, name: str = name) -> Execution:
+                return execute(start, _replacing(lookup, name, candidate), name)
+
+            jobs.append((name, found, with_value))
+        for source, found, run_with in jobs:
+            if not self._spend(index, len(found) * (len(base.steps) + 1)):
+                break
+            self.analysed[source] += 1
             for candidate in found:
-                if self._spend(base):
-                    args = dict(self.arguments.arguments, **{param: candidate})
-                    compare(f"input:{param}", execute(self._start(args), lookup))
+                self._compare(index, source, base, run_with(candidate), unstable, stable_return)
 
     def _compared(self, lookup: Callable[[str], Any]) -> dict[str, list]:
         """The texts each site value and argument was compared with, by one execution that
@@ -201,10 +215,14 @@ class _Flow:
         fn = self.bound.program.fn
         return lambda: fn(*bound_args.args, **bound_args.kwargs)
 
-    def _spend(self, base: Execution) -> bool:
-        self.used += len(base.steps) + 1
-        self.truncated = self.truncated or self.used > BUDGET
-        return not self.truncated
+    def _spend(self, index: int, cost: int) -> bool:
+        """Whether run ``index`` may re-execute ``cost`` more effects: each run has its share
+        of :data:`BUDGET`, and what earlier runs left over."""
+        if self.used + cost > BUDGET * (index + 1) // self.n:
+            self.truncated = True
+            return False
+        self.used += cost
+        return True
 
     def _record(self, base: Execution, run: Run) -> None:
         for name, step in base.steps.items():
@@ -237,6 +255,8 @@ class _Flow:
     ) -> None:
         for name, step in changed.steps.items():
             before = base.steps.get(name)
+            if step.inputs is None:  # before the changed site: the same as in the base
+                continue
             if before is None:
                 self._edge(source, name, index, "control")
                 continue
@@ -359,3 +379,7 @@ def _attributes(step: Step) -> dict[str, Any]:
     if step.line is not None:
         attrs.update(line=step.line, file=step.file)
     return attrs
+
+
+def _usable(value: Any) -> bool:
+    return value is not MISSING and value is not STOP

@@ -46,12 +46,13 @@ _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclass
 class Step:
     """One effect as an execution reached it: its site name and kind, the effect itself, its
-    inputs' fingerprints, and where in the user's source it was yielded (when known)."""
+    inputs' fingerprints (None when not looked at), and where in the user's source it was
+    yielded (when known)."""
 
     name: str
     kind: str
     effect: Effect
-    inputs: dict[str, Any]
+    inputs: dict[str, Any] | None
     line: int | None = None
     file: str | None = None
 
@@ -91,11 +92,17 @@ def site_name(counters: dict[str, int], name: str) -> str:
 
 
 def execute(
-    start: Callable[[], Iterator], lookup: Callable[[str], Any], limit: int = 10_000
+    start: Callable[[], Iterator],
+    lookup: Callable[[str], Any],
+    after: str | None = None,
+    limit: int = 10_000,
 ) -> Execution:
     """Runs a fresh generator from ``start()``, answering each site with ``lookup(name)``
-    (:data:`MISSING` or :data:`STOP` end the execution there)."""
+    (:data:`MISSING` or :data:`STOP` end the execution there).  With ``after``, the steps up
+    to that site and the site itself are recorded without inputs or source lines (they are
+    known to be the same as before: only its value changes)."""
     run = Execution()
+    quiet = after is not None
     counters: dict[str, int] = {}
     scope: tuple[str, ...] = ()
     sent: Any = None
@@ -112,8 +119,11 @@ def execute(
                 run.error = None if isinstance(eff, Effect) else TypeError(f"yielded {eff!r}")
                 return run
             name = site_name(counters, eff.name)
-            line, file = _where(gen)
-            run.steps[name] = Step(name, eff.kind, eff, inputs(eff), line, file)
+            if quiet:
+                run.steps[name] = Step(name, eff.kind, eff, None)
+                quiet = name != after
+            else:
+                run.steps[name] = Step(name, eff.kind, eff, inputs(eff), *_where(gen))
             value = lookup(name)
             if value is STOP or (value is MISSING and eff.kind not in NO_VALUE_KINDS):
                 run.outcome = "failed" if value is STOP else "missing"
