@@ -282,3 +282,18 @@ def test_a_budget_cut_spreads_over_the_sites(monkeypatch):
     g = lc.graph(chain())
     assert g.graph["truncated"]
     assert {(f"s[{i}]", f"s[{i + 1}]") for i in range(5)} <= edges(g, "data")
+
+
+def test_comparisons_with_values_no_run_made_still_get_edges():
+    @lc.program
+    def thresholds():
+        x = yield lc.gen("x", LM, "q", max_tokens=3)
+        n = yield lc.call("count", len, x)
+        yield lc.condition("is_forty_two", n == 42)  # len(x) <= 3 in every run
+        yield lc.factor("long", 1.0 if n > 100 else 0.0)
+        yield lc.condition("is_yes", x.strip().lower() == "yes")  # the model cannot say it
+        return None
+
+    g = lc.graph(thresholds())
+    assert g.nodes["is_forty_two"]["held"] == "0/8" and g.nodes["is_yes"]["held"] == "0/8"
+    assert {("count", "is_forty_two"), ("count", "long"), ("x", "is_yes")} <= edges(g, "data")

@@ -60,7 +60,7 @@ from lmcascade.flowgraph.fingerprint import fingerprint
 from lmcascade.flowgraph.replay import MISSING, NO_VALUE_KINDS, STOP, Execution, Step, execute
 from lmcascade.flowgraph.samples import Run, Stopped, sample_runs
 from lmcascade.flowgraph.variants import variants
-from lmcascade.flowgraph.watch import Watched
+from lmcascade.flowgraph.watch import watch
 from lmcascade.program import BoundProgram, Program
 
 RUNS = 8
@@ -198,12 +198,12 @@ class _Flow:
                 self._compare(index, source, base, run_with(candidate), unstable, stable_return)
 
     def _compared(self, lookup: Callable[[str], Any]) -> dict[str, list]:
-        """The texts each site value and argument was compared with, by one execution that
-        hands the program :class:`~lmcascade.flowgraph.watch.Watched` texts."""
-        logs: dict[str, list[str]] = {}
+        """The texts and numbers each site value and argument was compared with, by one
+        execution that hands the program watched values (:mod:`~lmcascade.flowgraph.watch`)."""
+        logs: dict[str, list] = {}
 
         def watched(name: str, value: Any) -> Any:
-            return Watched(value, logs.setdefault(name, [])) if isinstance(value, str) else value
+            return watch(value, logs.setdefault(name, []))
 
         args = {p: watched(f"input:{p}", v) for p, v in self.arguments.arguments.items()}
         execute(self._start(args), lambda name: watched(name, lookup(name)))
