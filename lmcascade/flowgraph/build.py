@@ -144,6 +144,8 @@ class _Flow:
     # -- one run ------------------------------------------------------------------------------
 
     def add(self, index: int, run: Run) -> None:
+        """Executes run ``index`` again as recorded (twice: what differs between the two is
+        not compared), notes its nodes, then again with each value changed in turn."""
         own = self.own[index]
 
         def lookup(name: str) -> Any:
@@ -163,9 +165,25 @@ class _Flow:
         stable_return = base.returned_fp == again.returned_fp
         self._record(base, run)
         compared = self._compared(lookup)
+        for source, found, run_with in self._jobs(index, base, own, lookup, compared):
+            if not self._spend(index, len(found) * (len(base.steps) + 1)):
+                break
+            self.analysed[source] += 1
+            for candidate in found:
+                self._compare(index, source, base, run_with(candidate), unstable, stable_return)
 
-        # (source, values to try, an execution with one of them); arguments first, then the
-        # sites that earlier runs looked at least, so a budget cut leaves no site unseen
+    def _jobs(
+        self,
+        index: int,
+        base: Execution,
+        own: dict[str, Any],
+        lookup: Callable[[str], Any],
+        compared: dict[str, list],
+    ) -> list[tuple[str, list[Any], Callable[[Any], Execution]]]:
+        """What to change in run ``index``: (source, values to try, an execution with one of
+        them) — the arguments first, then the sites that earlier runs looked at least, so a
+        budget cut leaves no site unseen."""
+        start = self._start(self.arguments.arguments)
         jobs: list[tuple[str, list[Any], Callable[[Any], Execution]]] = []
         arguments = self.arguments.arguments
         for param, value in arguments.items():
@@ -190,12 +208,7 @@ class _Flow:
                 return execute(start, _replacing(lookup, name, candidate), name)
 
             jobs.append((name, found, with_value))
-        for source, found, run_with in jobs:
-            if not self._spend(index, len(found) * (len(base.steps) + 1)):
-                break
-            self.analysed[source] += 1
-            for candidate in found:
-                self._compare(index, source, base, run_with(candidate), unstable, stable_return)
+        return jobs
 
     def _compared(self, lookup: Callable[[str], Any]) -> dict[str, list]:
         """The texts and numbers each site value and argument was compared with, by one
