@@ -329,23 +329,27 @@ class Checker:
 
     def loop(self, s: ast.For | ast.Repeat, defined: Names, sampled: Sampled) -> None:
         """A ``for`` or ``repeat``: names the body sets may hold, in the body and after the
-        loop, a value from any iteration (their kinds are unknown inside)."""
+        loop, a value from any iteration (their kinds are unknown inside).  A ``for`` loop's
+        own variable holds an item at the top of each iteration (text when it runs over
+        text) and, after the loop, the last item or what the body set it to — or, when the
+        loop ran no iteration, its value from before."""
+        layer = defined.child()
+        changed = sorted(n for n in assigned(s.body) if n in defined)
+        for name in changed:
+            layer.define(name, None)
         if isinstance(s, ast.For):
             over = self.expr(s.iterable, defined)
             if isinstance(s.iterable, ast.Num | ast.Bool):
                 self.report(s.iterable, "for needs a list or a string to loop over")
-            layer = defined.child()
             layer.define(s.var, over if over == kinds.ONE[kinds.TEXT] else None)
+            if s.var in defined and s.var not in changed:
+                changed.append(s.var)
         else:
             self.expr(s.count, defined)
             if isinstance(s.count, ast.Str | ast.ListExpr | ast.Bool) or (
                 isinstance(s.count, ast.Num) and (s.count.value < 0 or s.count.value % 1)
             ):
                 self.report(s.count, "repeat needs a whole number of times")
-            layer = defined.child()
-        changed = sorted(n for n in assigned(s.body) if n in defined)
-        for name in changed:
-            layer.define(name, None)
         self.block(s.body, layer, True, sampled)
         for name in changed:
             defined.define(name, kinds.join(defined.kind(name), layer.kind(name)))
