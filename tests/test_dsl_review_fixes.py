@@ -5,10 +5,14 @@ literals checked before the run, a misplaced ``try``, unclear model-option error
 
 from __future__ import annotations
 
+import math
+import time
+
 import pytest
 
 import lmcascade as lc
-from lmcascade.errors import DSLCheckError
+from lmcascade.dsl.limits import Limits
+from lmcascade.errors import DSLCheckError, DSLRuntimeError, OptionError
 from lmcascade.models import ToyLM
 
 TOY = ToyLM(["1", "2", "a", " ", "<eos>"], lambda ctx: [0.0, 0.0, 0.0, -0.5, -1.0])
@@ -43,3 +47,30 @@ def test_a_for_variable_after_its_loop_holds_its_last_item(body, value):
 def test_a_for_variable_over_text_is_still_text_inside_its_loop():
     with pytest.raises(DSLCheckError, match=r"`==` compares c \(text\) with a number"):
         load('program f() { c = 1 for c in "ab" { if c == 1 { } } return c }')
+
+
+# --- 2. the time match may take in one run ----------------------------------------------------
+
+SLOW_LOOP = "program f(t, n) { c = 0 repeat n { m = try match(`(x+x+)+y`, t) else none c = c + 1 } return c }"
+
+
+def test_the_match_searches_of_one_run_share_a_time_budget():
+    program = load(SLOW_LOOP, limits=Limits(match_seconds=0.3))
+    start = time.perf_counter()
+    with pytest.raises(DSLRuntimeError, match=r"took 0\.3 s in all") as info:
+        forward(program.f("x" * 5000, 20))  # each search alone would take its full second
+    assert time.perf_counter() - start < 3
+    assert (info.value.line, info.value.col) == (1, 44)  # the match, inside try
+    assert "Limits(match_seconds=...)" in str(info.value)
+    assert Limits().match_seconds == 5
+
+
+def test_fast_searches_stay_within_the_match_budget():
+    program = load(SLOW_LOOP, limits=Limits(match_seconds=0.5))
+    assert forward(program.f("xy", 1000)).values == [1000]
+
+
+@pytest.mark.parametrize("seconds", [0, -1, math.inf, math.nan, True, "5"])
+def test_a_bad_match_budget_is_refused(seconds):
+    with pytest.raises(OptionError, match="match_seconds"):
+        Limits(match_seconds=seconds)

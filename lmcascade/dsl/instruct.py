@@ -11,7 +11,9 @@ expand it past :data:`MAX_EXPANSION` items (``(a{1000}){1000}`` would take the r
 expression compiler seconds, and a token automaton far longer); a JSON schema has at most
 :data:`MAX_SCHEMA_CHARS` characters and nests at most :data:`MAX_SCHEMA_DEPTH` levels.
 ``match`` runs on the ``regex`` module with a timeout of :data:`MATCH_TIMEOUT_S` seconds, so
-a pattern that backtracks without end (``(x+x+)+y``) stops instead of hanging.
+a pattern that backtracks without end (``(x+x+)+y``) stops instead of hanging; all the
+searches of one run share ``Limits.match_seconds`` (5 s), so a loop cannot repeat a slow one
+for minutes.
 
 >>> from lmcascade.dsl.limits import Budget, Limits
 >>> budget = Budget(Limits())
@@ -28,13 +30,14 @@ from __future__ import annotations
 import functools
 import json
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
 import regex
 
 from lmcascade import constraints
-from lmcascade.dsl.limits import Budget, OverLimit, Refusal
+from lmcascade.dsl.limits import Budget, OverLimit, Refusal, over
 from lmcascade.dsl.values import Mismatch, kind_of
 from lmcascade.trace import safe_repr
 
@@ -152,20 +155,40 @@ def compiled(pattern: str) -> Any:
 def match(budget: Budget, pattern: Any, text: Any) -> str | None:
     """The first match of ``pattern`` in ``text``: its first group when the pattern has
     groups (none if that group took no part), else the whole match; none when nothing
-    matches.  Gives up (an :class:`OverLimit`) after :data:`MATCH_TIMEOUT_S` seconds."""
+    matches.  Gives up (an :class:`OverLimit`) after :data:`MATCH_TIMEOUT_S` seconds, or
+    sooner when the run's searches together reach ``budget.limits.match_seconds``."""
     pattern_re = compiled(bounded_pattern("match", pattern))
     _text("match", "text to search", text)
+    allowed = budget.limits.match_seconds
+    timeout = min(MATCH_TIMEOUT_S, allowed - budget.match_seconds)
+    if timeout <= 0:
+        raise _spent(allowed)
+    start = time.perf_counter()
     try:
-        found = pattern_re.search(text, timeout=MATCH_TIMEOUT_S)
+        found = pattern_re.search(text, timeout=timeout)
     except TimeoutError:
+        if timeout < MATCH_TIMEOUT_S:
+            raise _spent(allowed) from None
         raise OverLimit(
             f"match gave up after {MATCH_TIMEOUT_S:g} s on a text of {len(text):,} characters: "
             f"the pattern {safe_repr(pattern, 60)} backtracks too much (nested repetition such "
             "as (a+)+ does); write a simpler pattern"
         ) from None
+    finally:
+        budget.match_seconds += time.perf_counter() - start
     if found is None:
         return None
     return found.group(1) if pattern_re.groups else found.group(0)
+
+
+def _spent(allowed: float) -> OverLimit:
+    """The refusal for a run whose ``match`` searches took ``allowed`` seconds in all."""
+    return over(
+        "match_seconds",
+        f"the match searches of this run took {allowed:g} s in all (the limit of one run); "
+        "a pattern that backtracks much (nested repetition such as (a+)+) is searched again "
+        "and again",
+    )
 
 
 def apply_chat(model: Any, user: Any, system: Any = None) -> str:

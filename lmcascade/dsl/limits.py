@@ -29,6 +29,7 @@ end; raise the limit with lc.load(..., limits=Limits(steps=...)) or `lmcascade r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lmcascade.errors import OptionError
@@ -57,7 +58,10 @@ class Limits:
     placeholder one); ``size`` bounds every string and list
     the program builds (see the module's text for how sizes are counted); ``digits`` bounds
     whole numbers (``calc`` included); ``depth`` bounds nested calls of programs;
-    ``iterations`` bounds each ``repeat`` and ``for`` loop.
+    ``iterations`` bounds each ``repeat`` and ``for`` loop; ``match_seconds`` bounds the
+    time all the ``match`` searches of one run may take together (each one also gives up
+    after :data:`~lmcascade.dsl.instruct.MATCH_TIMEOUT_S`), so a loop cannot add slow
+    searches up to minutes.
     """
 
     steps: int = 1_000_000
@@ -65,6 +69,7 @@ class Limits:
     digits: int = 1_000
     depth: int = 100
     iterations: int = 1_000
+    match_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "size", "digits", "depth", "iterations"):
@@ -74,6 +79,15 @@ class Limits:
                 raise OptionError(
                     f"Limits.{name}{option} must be a whole number >= 1, got {value!r}"
                 )
+        seconds = self.match_seconds
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 0 < seconds < math.inf
+        ):
+            raise OptionError(
+                f"Limits.match_seconds must be a finite number of seconds > 0, got {seconds!r}"
+            )
 
 
 class Refusal(ValueError):
@@ -157,16 +171,18 @@ def _measure(value: object, cap: int) -> tuple[int, int]:
 
 
 class Budget:
-    """What one trace has used of its :class:`Limits`: steps so far and the current depth of
-    program calls.  Every check raises a :class:`Refusal`, which the interpreter turns into a
+    """What one trace has used of its :class:`Limits`: steps so far, the current depth of
+    program calls and the seconds ``match`` has searched.  Every check raises a
+    :class:`Refusal`, which the interpreter turns into a
     :class:`~lmcascade.errors.DSLRuntimeError` at the node that ran over."""
 
-    __slots__ = ("limits", "steps", "depth", "int_bound", "max_bits")
+    __slots__ = ("limits", "steps", "depth", "int_bound", "max_bits", "match_seconds")
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.steps = 0
         self.depth = 0
+        self.match_seconds = 0.0
         self.int_bound = 10**limits.digits  # whole numbers lie strictly between -this and this
         self.max_bits = self.int_bound.bit_length()
 
