@@ -222,13 +222,21 @@ _COMPILING: dict[tuple, tuple[threading.Thread, dict]] = {}
 _COMPILING_LOCK = threading.Lock()
 
 
+COMPILE_TIMEOUT_S = 300.0
+"""How long a constraint may take to compile (seconds) before it is refused with a
+:class:`~lmcascade.errors.SiteError`; ``None`` waits for ever.  Some short regexes make an
+automaton that grows exponentially (``[a-z]*a[a-z]{20}``: about an hour on a real
+vocabulary); large JSON schemas can legitimately take minutes."""
+
+
 def compile_index(index_type: Any, pattern: str, vocabulary: Any, model: Any) -> Any:
     """``index_type(pattern, vocabulary)``, built in a worker thread so that Ctrl-C still
     interrupts the wait (outlines-core releases the GIL; a large JSON schema can take
     minutes), saying on stderr that it is compiling when that takes more than two seconds.
     A compilation cannot be cancelled half-way: after Ctrl-C it finishes in the background,
     and asking again for the same pattern and model waits for that one instead of starting
-    a second."""
+    a second.  Waiting longer than :data:`COMPILE_TIMEOUT_S` is a :class:`SiteError` (the
+    compilation goes on in the background, as after Ctrl-C)."""
     key = (id(index_type), pattern, id(model))
     model_name = getattr(model, "name", model)
     with _COMPILING_LOCK:
@@ -250,6 +258,14 @@ def compile_index(index_type: Any, pattern: str, vocabulary: Any, model: Any) ->
     said = False
     while worker.is_alive():
         worker.join(0.1)
+        waited = time.monotonic() - start
+        if COMPILE_TIMEOUT_S is not None and waited > COMPILE_TIMEOUT_S and worker.is_alive():
+            raise SiteError(
+                f"compiling the constraint {pattern[:200]!r} for model {model_name!r} took more "
+                f"than {COMPILE_TIMEOUT_S:g} s; its automaton is too large (a repetition such as "
+                "`.*a.{20}` grows exponentially): simplify it, or raise "
+                "lmcascade.constraints.COMPILE_TIMEOUT_S"
+            )
         if not said and worker.is_alive() and time.monotonic() - start > 2.0:
             print(
                 f"lmcascade: compiling a constraint for model {model_name!r} "
@@ -268,6 +284,24 @@ def compile_index(index_type: Any, pattern: str, vocabulary: Any, model: Any) ->
 SENTINEL = "\ue000"  # appended to regexes that match the empty string (see Regex)
 
 
+def _unanchored(pattern: str) -> str:
+    """``pattern`` without a leading ``^`` or a trailing (unescaped) ``$``: a regex constraint
+    always matches the whole text, and the automaton compiler refuses anchors.
+
+    >>> _unanchored("^[0-9]+$"), _unanchored(r"cost \\$")
+    ('[0-9]+', 'cost \\\\$')
+    """
+    if pattern.startswith("^"):
+        pattern = pattern[1:]
+    if pattern.endswith("$"):
+        escapes = len(pattern) - 1 - len(pattern[:-1].rstrip("\\"))
+        if escapes % 2 == 0:
+            pattern = pattern[:-1]
+    if not pattern:
+        raise SiteError("regex needs a pattern besides its anchors ^ and $")
+    return pattern
+
+
 class Regex(Constraint):
     """The text must fully match a regular expression, enforced token by token.
 
@@ -283,7 +317,7 @@ class Regex(Constraint):
         super().__init__()
         if not isinstance(pattern, str) or not pattern:
             raise SiteError(f"regex needs a non-empty pattern string, got {pattern!r}")
-        self.pattern = pattern
+        self.pattern = _unanchored(pattern)
 
     def _index(self, model) -> tuple[Any, int | None]:
         cache = self.cache(model)
@@ -309,12 +343,18 @@ class Regex(Constraint):
                 sentinel = len(pieces)
                 table = {b: ids for b, ids in table.items() if b"\xee" not in b}
                 table[mark] = [sentinel]
-                index = compile_index(
-                    Index,
-                    f"(?:{self.pattern}){SENTINEL}",
-                    Vocabulary(model.eos_id, table),
-                    model.name,
-                )
+                try:
+                    index = compile_index(
+                        Index,
+                        f"(?:{self.pattern}){SENTINEL}",
+                        Vocabulary(model.eos_id, table),
+                        model,
+                    )
+                except ValueError as again:
+                    raise SiteError(
+                        f"regex {self.pattern!r} cannot be compiled for model {model.name!r}: "
+                        f"{again}"
+                    ) from None
             cache["index"] = (index, sentinel)
         return cache["index"]
 
@@ -363,6 +403,8 @@ def regex(pattern: str) -> Regex:
 def json_schema(schema: Any, *, whitespace: str = "") -> Regex:
     """The generated text must be JSON valid under ``schema`` (a dict or a JSON string);
     ``whitespace`` is the regex allowed between tokens of the JSON ("" for compact JSON).
+    Keywords the compiler cannot enforce (:data:`UNENFORCED_KEYWORDS`: ``minimum``,
+    ``maximum``, ``multipleOf``, ``uniqueItems``...) are refused rather than ignored.
 
     >>> json_schema({"type": "integer"})
     regex('(-)?(0|[1-9][0-9]*)')
@@ -373,6 +415,7 @@ def json_schema(schema: Any, *, whitespace: str = "") -> Regex:
 
     try:
         text = schema if isinstance(schema, str) else json.dumps(schema)
+        _refuse_unenforced(json.loads(text))
         pattern = build_regex_from_schema(text, whitespace_pattern=whitespace)
     except (ValueError, TypeError, RecursionError) as err:
         raise SiteError(f"cannot turn this JSON schema into a constraint: {err}") from None
@@ -383,6 +426,61 @@ def json_schema(schema: Any, *, whitespace: str = "") -> Regex:
     if admits_empty:  # no JSON text is empty: the schema admits no value (e.g. an empty enum)
         raise SiteError(f"the JSON schema {text[:200]!r} admits no value; nothing can match it")
     return Regex(pattern)
+
+
+UNENFORCED_KEYWORDS = frozenset(
+    {
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "uniqueItems",
+        "contains",
+        "minContains",
+        "maxContains",
+        "if",
+        "then",
+        "else",
+        "dependentRequired",
+        "dependentSchemas",
+        "dependencies",
+        "propertyNames",
+        "unevaluatedItems",
+        "unevaluatedProperties",
+    }
+)
+"""JSON-schema keywords the automaton compiler (outlines-core) does not enforce: a schema
+using one is refused, since text generated under it could break the schema."""
+
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_DATA_KEYWORDS = ("enum", "const", "default", "examples", "description", "title")
+
+
+def _refuse_unenforced(schema: Any, where: str = "") -> None:
+    """Raises a :class:`SiteError` naming the first keyword of :data:`UNENFORCED_KEYWORDS`
+    in ``schema`` (a parsed JSON schema), with its path."""
+    stack = [(schema, where)]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, list):
+            stack.extend((v, f"{path}/{i}") for i, v in enumerate(node))
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            here = f"{path}/{key}"
+            if key in UNENFORCED_KEYWORDS:
+                raise SiteError(
+                    f"JSON schema keyword {key!r} (at {here}) is not enforced by the constraint "
+                    "compiler, so generated JSON could break it; remove it and check the value "
+                    "after generation (lc.condition), or express it with enum, pattern, "
+                    "minLength/maxLength or minItems/maxItems"
+                )
+            if key in _SCHEMA_MAPS and isinstance(value, dict):
+                stack.extend((v, f"{here}/{k}") for k, v in value.items())
+            elif key not in _DATA_KEYWORDS:
+                stack.append((value, here))
 
 
 def forbid(*substrings: str) -> Forbid:

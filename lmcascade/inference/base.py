@@ -258,10 +258,12 @@ def zero_weight_error(particles: list[Particle], what: str) -> AllWeightsZeroErr
     tool call that failed is among them, what it raised."""
     killers: dict[str, int] = {}
     failed: dict[str, BaseException] = {}
+    kinds: dict[str, Any] = {}
     for p in particles:
         for site in p.trace.sites:
             if site.log_weight == -math.inf:
                 killers[site.name] = killers.get(site.name, 0) + 1
+                kinds.setdefault(site.name, site)
                 if site.error is not None:
                     failed.setdefault(site.name, site.error)
                 break
@@ -275,12 +277,30 @@ def zero_weight_error(particles: list[Particle], what: str) -> AllWeightsZeroErr
             "on_tool_error='raise' to see the traceback"
         )
     else:
-        why = "the condition is never satisfied — relax it, raise the budget, or check the program"
+        top = max(killers, key=killers.__getitem__) if killers else None
+        why = _why_zero(kinds[top]) if top else "check the program"
     return AllWeightsZeroError(
         f"{what}: every trace has weight zero (zeroed at site {named or 'unknown'}); {why}. "
         f"The first traces held: {shown or 'nothing'} (all of them: err.traces)",
         tuple(p.trace for p in particles),
     )
+
+
+def _why_zero(site: Any) -> str:
+    """What a site that gave weight zero most often means, and what to do about it."""
+    dist = getattr(site, "dist", None)
+    if site.kind == "sample" and getattr(dist, "constraint", None) is not None:
+        return (
+            f"its constraint {dist.constraint!r} could not be met (within max_tokens="
+            f"{dist.max_tokens}, or at all by this model) — loosen it or raise max_tokens"
+        )
+    if site.kind == "sample" and getattr(dist, "is_lm", False):
+        return "the model could not generate a text it allows (min_tokens, stop, max_tokens?)"
+    if site.kind == "observe":
+        return "the observed value has probability zero under its distribution"
+    if site.kind == "factor":
+        return "a factor gave -inf (weight zero) every time"
+    return "the condition is never satisfied — relax it, raise the budget, or check the program"
 
 
 def _what_it_held(trace: Any) -> str:
