@@ -379,7 +379,8 @@ def test_potentials_a_tool_and_a_model():
     }
     """
     trace = lc.infer(load(source).f(), method="forward", num_samples=1, seed=0).traces[0]
-    assert trace["x"].dist.potential is twist
+    assert trace["x"].dist.potential.__wrapped__ is twist  # located if it fails
+    assert "potential='twist'" in repr(trace["x"].dist)
     assert trace["y"].dist.potential.is_lm and trace["y"].dist.potential.prompt == "1+"
 
     @lc.program

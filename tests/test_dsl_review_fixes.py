@@ -74,3 +74,29 @@ def test_fast_searches_stay_within_the_match_budget():
 def test_a_bad_match_budget_is_refused(seconds):
     with pytest.raises(OptionError, match="match_seconds"):
         Limits(match_seconds=seconds)
+
+
+# --- 3. a potential= tool that fails ------------------------------------------------------------
+
+POTENTIAL = 'program f() {\n  x ~ lm("1", max_tokens=2, potential=bad)\n  return x\n}'
+
+
+@pytest.mark.parametrize(
+    ("tool", "fragment"),
+    [
+        (lambda text: 1 / 0, "potential tool 'bad' failed on the text '': division by zero"),
+        (lambda text: 1 / 0 if "2" in text else 0.0, "failed on the text '2'"),
+        (lambda text: math.nan, "potential tool 'bad' returned nan for the text ''"),
+        (lambda text: "high", "returned 'high'"),
+    ],
+)
+@pytest.mark.parametrize("method", ["enumerate", "smc"])
+def test_a_failing_potential_is_a_located_error_naming_the_tool(tool, fragment, method):
+    program = load(POTENTIAL, tools={"bad": tool})
+    options = {"particles": 4, "seed": 0} if method == "smc" else {}
+    with pytest.raises(DSLRuntimeError) as info:
+        lc.infer(program.f(), method=method, **options)
+    err = info.value
+    assert (err.line, err.col) == (2, 39), str(err)
+    assert fragment in str(err) and str(err).startswith("<string>:2:39: "), str(err)
+    assert "potential=bad" in str(err)  # the line, with a caret under the tool's name

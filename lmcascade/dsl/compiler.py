@@ -34,6 +34,7 @@ gets weight zero (or, under ``on_tool_error="raise"``, the run stops with a loca
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Generator
@@ -514,6 +515,7 @@ class Interpreter:
         self.definitions = {p.name: p for p in module.programs}
         self.programs: dict[str, Program] = {}
         self.names = site_names(module)
+        self.potentials: dict[int, Callable[[str], float]] = {}  # potential= tools, by node
         self.peak_steps = 0  # the most steps any run has taken so far (for tests and tuning)
 
     def fail(self, node: ast.Node, message: str, *, fatal: bool = False) -> DSLRuntimeError:
@@ -691,10 +693,42 @@ class Interpreter:
         """A model's ``potential=``: a tool named bare (a function of the partial text), a
         model call (that LM steers, as a product of experts), or any other value."""
         if isinstance(e, ast.Var) and e.name not in f.env and e.name in self.tools:
-            return self.tools[e.name]
+            if id(e) not in self.potentials:  # one function per site: every trace shares it
+                self.potentials[id(e)] = self.located_potential(e)
+            return self.potentials[id(e)]
         if isinstance(e, ast.Call) and e.func in self.models:
             return (yield from self.distribution(e, f)).dist
         return (yield from self.expr(e, f))
+
+    def located_potential(self, name: ast.Var) -> Callable[[str], float]:
+        """The tool ``name`` as a potential whose failures point at ``potential=name``: one
+        that raises, or returns anything but a finite number, is a DSLRuntimeError naming
+        the tool, with the line and column (the potential runs while the model generates,
+        outside the program's statements)."""
+        fn = self.tools[name.name]
+
+        def potential(text: str) -> float:
+            shown = safe_repr(text, 60)
+            try:
+                raw = fn(text)
+            except Exception as err:  # noqa: BLE001 - reported, located
+                message = f"potential tool {name.name!r} failed on the text {shown}: {explain(err)}"
+                if not isinstance(err, ValueError | LMCascadeError):
+                    message += f" ({type(err).__name__})"
+                raise _keeps_place(self.fail(name, message), self.module.source) from err
+            value = float(raw) if _is_number(raw) else math.nan
+            if not math.isfinite(value):
+                message = (
+                    f"potential tool {name.name!r} returned {_short(raw)} for the text {shown}; "
+                    "a log-potential must be a finite number (to forbid a text, use a "
+                    "constraint, or a condition or factor after the site)"
+                )
+                raise _keeps_place(self.fail(name, message), self.module.source)
+            return value
+
+        functools.update_wrapper(potential, fn)  # __wrapped__ is the tool itself
+        potential.__name__ = potential.__qualname__ = name.name
+        return potential
 
     def distribution(self, call: ast.Call, f: Frame) -> Effects:
         """The evaluated right side of ``~``: a model or a named distribution."""
@@ -905,6 +939,37 @@ def _log_weight(weight: Any) -> float:
             f"factor's log-weight is {value}; it must be a finite number, or -inf for weight zero"
         )
     return value
+
+
+def _keeps_place(err: DSLRuntimeError, source: str | None) -> DSLRuntimeError:
+    """``err``, made to keep its file, line and column when the engine puts the site's name in
+    front of its message: the engine builds a new error of the same type from the message
+    alone (as for any error raised while it resolves a site, where a potential runs), and
+    this one's type then reads its place back.
+
+    >>> err = _keeps_place(DSLRuntimeError("bad", line=2, col=5), "a\\nbb = 1")
+    >>> again = type(err)("site 'x': " + str(err))
+    >>> (again.line, again.col, again.reason, isinstance(again, DSLRuntimeError))
+    (2, 5, "site 'x': bad", True)
+    >>> str(again).splitlines()[0]
+    "<string>:2:5: site 'x': bad"
+    """
+    reason = err.reason
+    place = {"filename": err.filename, "line": err.line, "col": err.col, "source": source}
+
+    class Located(DSLRuntimeError):
+        text = ""  # how the error reads, once made
+
+        def __init__(self, message: str, **where: Any) -> None:
+            if not where and Located.text and message.endswith(Located.text):
+                message, where = message[: -len(Located.text)] + reason, place
+            super().__init__(message, **where)
+
+    Located.__name__ = Located.__qualname__ = DSLRuntimeError.__name__
+    Located.__module__ = DSLRuntimeError.__module__
+    made = Located(reason, **place)
+    Located.text = str(made)
+    return made
 
 
 def _with_limits(fn: Callable[..., Any], limits: Limits) -> Callable[..., Any]:
