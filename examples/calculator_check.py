@@ -18,9 +18,11 @@ answers, given that they are right". Each method is a different way to reach it:
 ``log evidence`` is each method's estimate of the same number, log P(the model is right); the
 three agree (up to Monte Carlo error), which is how you know they run the same program.
 
-Measured (``.venv/bin/python examples/calculator_check.py SEED``), seed 0: forward passed
-0.25 of its draws (log evidence -1.39, 156 tokens), rejection 1.00 (-1.18, 734 tokens), smc
-1.00 (-1.42, 165 tokens).
+Measured (``.venv/bin/python examples/calculator_check.py SEED``, seeds 0, 1, 2): forward
+passed 0.25, 0.19 and 0.47 of its draws; rejection and smc passed 1.00 in every run, so
+inference won in 3 of 3 seeds. Log evidence: forward -1.39, -1.67, -0.76; rejection -1.18,
+-1.58, -1.08; smc -1.42, -1.68, -0.79. Tokens generated: forward 153-158, rejection 476-984,
+smc 159-168.
 
 Run: ``.venv/bin/python examples/calculator_check.py`` (under a minute of CPU time).
 """
