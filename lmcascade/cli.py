@@ -161,7 +161,7 @@ def _read_inputs(path: str) -> list[dict]:
     for number, raw in enumerate(data.split(b"\n"), 1):
         what = f"--inputs {path}, line {number},"
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM is fine
         except UnicodeDecodeError:
             raise LMCascadeError(f"{what} is not UTF-8 text") from None
         if not line.strip():

@@ -248,3 +248,118 @@ def test_killed_part_way_then_resumed(tmp_path):
         alone = lc.infer(two_sites(line["input"]), method="forward", seed=4, num_samples=6)
         assert line["result"]["distribution"] == alone.to_dict()["distribution"]
     assert os.path.getsize(out) > 0
+
+
+# -- found in review ---------------------------------------------------------------------------
+
+
+@lc.program
+def echo(q):
+    x = yield lc.sample("x", Bernoulli(0.5))
+    return [type(q).__name__, int(x)]
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [(("x",), ["x"]), (float("nan"), "nan"), (10**5000, 10**5000 + 1), (1, 1.0), (True, 1)],
+    ids=["tuple-list", "nan-text", "huge-ints", "int-float", "bool-int"],
+)
+def test_resume_never_takes_one_input_for_another(tmp_path, first, second):
+    out = tmp_path / "r.jsonl"
+    list(lc.infer_many(echo, [first], method="enumerate", out=out))
+    again = lc.infer_many(echo, [second], method="enumerate", out=out)
+    assert len(list(again)) == 1 and again.stats["inputs_skipped"] == 0
+    third = lc.infer_many(echo, [first], method="enumerate", out=out)
+    assert list(third) == [] and third.stats["inputs_skipped"] == 1
+
+
+def test_inputs_it_cannot_name_always_run(tmp_path):
+    out = tmp_path / "r.jsonl"
+    thing = object()
+    list(lc.infer_many(echo, [thing], method="enumerate", out=out))
+    assert len(list(lc.infer_many(echo, [thing], method="enumerate", out=out))) == 1
+
+
+def test_after_close_nothing_runs_or_is_written(tmp_path):
+    out = tmp_path / "r.jsonl"
+    run = lc.infer_many(two_sites, QUESTIONS, method="forward", seed=0, out=out, concurrency=2)
+    next(run)
+    run.close()
+    assert list(run) == [] and len(out.read_text().splitlines()) == 1
+
+
+def test_closing_early_joins_threads_and_keeps_the_random_state():
+    import gc
+    import random
+    import threading
+
+    before = threading.active_count()
+    run = lc.infer_many(two_sites, QUESTIONS, method="smc", seed=0, particles=4)
+    next(run)
+    state = random.getstate(), torch.get_rng_state()
+    run.close()
+    assert random.getstate() == state[0] and torch.equal(torch.get_rng_state(), state[1])
+    assert threading.active_count() == before
+    for _ in lc.infer_many(two_sites, QUESTIONS, method="forward", seed=0, num_samples=2):
+        break  # the iterator is dropped: collecting it cancels and joins its runs
+    gc.collect()
+    assert threading.active_count() == before
+
+
+def test_settings_are_checked_once_and_normalised(tmp_path):
+    with pytest.raises(lc.errors.UnknownMethodError, match="did you mean 'smc'"):
+        lc.infer_many(two_sites, QUESTIONS, method="smcc")
+    with pytest.raises(OptionError, match="num_sample"):
+        lc.infer_many(two_sites, QUESTIONS, method="forward", num_sample=3)
+    with pytest.raises(OptionError, match="progress must be True or False"):
+        lc.infer_many(two_sites, QUESTIONS, progress="yes")
+    with pytest.raises(OptionError, match="cannot write"):
+        lc.infer_many(two_sites, QUESTIONS, out=tmp_path / "no" / "such" / "dir.jsonl")
+    out = tmp_path / "r.jsonl"
+    list(lc.infer_many(two_sites, QUESTIONS[:2], method="smc", seed=0, out=out, particles=4))
+    same = lc.infer_many(
+        two_sites, QUESTIONS[:2], method="SMC", seed=0, out=out, num_samples=4, ess_threshold=0.5
+    )
+    assert list(same) == [] and same.stats["inputs_skipped"] == 2
+
+
+def test_a_whole_last_line_without_its_newline_is_kept(tmp_path):
+    out = tmp_path / "r.jsonl"
+    list(lc.infer_many(fragile, [1, 2], method="enumerate", out=out))
+    out.write_text(out.read_text().rstrip("\n"))
+    rest = lc.infer_many(fragile, [1, 2], method="enumerate", out=out)
+    assert list(rest) == [] and rest.stats["inputs_skipped"] == 2
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_ctrl_c_inside_a_run_stops_infer_many():
+    def tool(q):
+        if q == "b":
+            raise KeyboardInterrupt
+        return q
+
+    @lc.program
+    def prog(q):
+        t = yield lc.gen("t", LM, q, max_tokens=1)
+        return (yield lc.call("tool", tool, q)) + t
+
+    with pytest.raises(KeyboardInterrupt):
+        list(lc.infer_many(prog, ["a", "b", "ab"], method="forward", seed=0, num_samples=2))
+
+
+def test_a_timed_tool_that_calls_a_model_does_not_hang():
+    """A tool with a timeout runs on its own thread, which inherits the run's context: its
+    model calls go straight to the model instead of parking the run twice."""
+
+    @lc.tool(timeout=5.0)
+    def judge(text):
+        return float(LM.next_logprobs([LM.open(LM.encode("a" + text))])[0, 0])
+
+    @lc.program
+    def prog(q):
+        t = yield lc.gen("t", LM, q, max_tokens=2)
+        return t, (yield lc.call("s", judge, q + t))
+
+    got = dict(lc.infer_many(prog, ["a", "b", "ab"], method="forward", seed=0, num_samples=2))
+    for q, result in got.items():
+        assert result.values == lc.infer(prog(q), method="forward", seed=0, num_samples=2).values

@@ -181,6 +181,26 @@ def seeded(seed: int) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+def method_class(method: Any) -> type[InferenceMethod]:
+    """The registered method named ``method`` (any case), or an :class:`UnknownMethodError`
+    with a did-you-mean.
+
+    >>> method_class("SMC").name
+    'smc'
+    """
+    if isinstance(method, str) and method not in _REGISTRY and method.lower() in _REGISTRY:
+        method = method.lower()  # "SMC", "Forward"
+    cls = _REGISTRY.get(method) if isinstance(method, str) else None
+    if cls is None:
+        close = difflib.get_close_matches(str(method).lower(), list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownMethodError(
+            f"unknown inference method {safe_repr(method, 100)}{hint}; available: "
+            f"{', '.join(sorted(_REGISTRY))}"
+        )
+    return cls
+
+
 def infer(
     bound: BoundProgram, method: str = "forward", seed: int | None = None, **options: Any
 ) -> Result:
@@ -210,16 +230,8 @@ def infer(
             else ""
         )
         raise ProgramError(f"infer needs a bound program, got {type(bound).__name__}.{hint}")
-    if isinstance(method, str) and method not in _REGISTRY and method.lower() in _REGISTRY:
-        method = method.lower()  # "SMC", "Forward"
-    cls = _REGISTRY.get(method) if isinstance(method, str) else None
-    if cls is None:
-        close = difflib.get_close_matches(str(method).lower(), list(_REGISTRY), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UnknownMethodError(
-            f"unknown inference method {safe_repr(method, 100)}{hint}; available: "
-            f"{', '.join(sorted(_REGISTRY))}"
-        )
+    cls = method_class(method)
+    method = cls.name
     instance = cls(**options)
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1)[0])

@@ -33,6 +33,7 @@ True
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -58,12 +59,25 @@ class _Cancelled(BaseException):
     """Raised inside a parked run when the whole ``infer_many`` is closed or interrupted."""
 
 
+STOPS = (KeyboardInterrupt, SystemExit)
+"""Raised inside a run, these stop ``infer_many`` itself, as they stop ``lc.infer``."""
+
+
+class _Turns:
+    """What the runs share with the coordinator (not the coordinator itself, so that an
+    unfinished ``ManyRun`` can be collected, and cancel its runs, once nothing holds it)."""
+
+    def __init__(self) -> None:
+        self.parked = threading.Semaphore(0)
+        self.closed = False
+
+
 class _Run(threading.Thread):
     """One input's ``lc.infer`` on its own thread, parking at every model call."""
 
-    def __init__(self, many: ManyRun, index: int, item: Any, bound: BoundProgram) -> None:
+    def __init__(self, turns: _Turns, index: int, item: Any, work: Any) -> None:
         super().__init__(name=f"lmcascade-input-{index}", daemon=True)
-        self.many, self.index, self.item, self.bound = many, index, item, bound
+        self.turns, self.index, self.item, self.work = turns, index, item, work
         self.go = threading.Semaphore(0)
         self.request: tuple | None = None  # (model, name, fn, args, kwargs) while parked
         self.reply: tuple[bool, Any] | None = None  # (ok, value or exception)
@@ -76,23 +90,28 @@ class _Run(threading.Thread):
         self.go.acquire()
         BATCHER.set(self)
         try:
-            self.result = self.many._infer(self.bound)
+            if not self.turns.closed:
+                self.result = self.work()
         except _Cancelled:
             pass
         except BaseException as err:  # noqa: BLE001 - recorded for this input; the rest go on
             self.error = err
         self.finished = True
-        self.many._parked.release()
+        self.turns.parked.release()
 
     def submit(self, model: Any, name: str, fn: Any, args: tuple, kwargs: dict) -> Any:
-        """Parks this run with a model call; returns the call's rows once the batch ran."""
-        if self.many._closed:
+        """Parks this run with a model call; returns the call's rows once the batch ran.
+        A call from another thread that inherited the run's context (a tool with a timeout
+        runs on its own thread) goes straight to the model."""
+        if threading.current_thread() is not self:
+            return fn(model, *args, **kwargs)
+        if self.turns.closed:
             raise _Cancelled
         self._rng = _rng_state()
         self.request, self.reply = (model, name, fn, args, kwargs), None
-        self.many._parked.release()
+        self.turns.parked.release()
         self.go.acquire()
-        if self.many._closed:
+        if self.turns.closed:
             raise _Cancelled
         _set_rng_state(self._rng)
         ok, value = self.reply  # type: ignore[misc]
@@ -208,14 +227,24 @@ class ManyRun:
             raise OptionError(f"concurrency must be a positive integer, got {concurrency!r}")
         if on_error not in ("record", "raise"):
             raise OptionError(f"on_error must be 'record' or 'raise', got {on_error!r}")
+        for name, flag in (("progress", progress), ("save_traces", save_traces)):
+            if not isinstance(flag, bool):
+                raise OptionError(f"{name} must be True or False, got {safe_repr(flag, 100)}")
         if seed is not None and (
             isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63
         ):
             raise OptionError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}")
-        self.program, self.method, self.options = program, method, options
+        from lmcascade.inference.base import method_class
+
+        cls = method_class(method)  # a typo fails here, once, not on every input
+        config = cls(**options).config
+        self.program, self.method, self.options = program, cls.name, options
+        # what out= files record and compare: the method's whole configuration, normalised
+        # (case, synonyms, defaults named or not), without the bar
+        self.config = {k: v for k, v in config.items() if k != "progress"}
         self.concurrency, self.on_error, self.save_traces = concurrency, on_error, save_traces
         self.out = None if out is None else os.fspath(out)
-        done = _read_done(self.out, method, seed, options) if self.out else None
+        done = _read_done(self.out, self.method, seed, self.config) if self.out else None
         if seed is None:
             seed = done.seed if done and done.seed is not None else _fresh_seed()
         self.seed = seed
@@ -224,14 +253,13 @@ class ManyRun:
         self._total = len(inputs) if hasattr(inputs, "__len__") else None  # type: ignore[arg-type]
         self._runs: list[_Run] = []
         self._ready: list[_Run] = []  # finished, not yet handed out
-        self._parked = threading.Semaphore(0)
-        self._closed = False
+        self._turns = _Turns()
         self._exhausted = False
         self._index = 0
         self.stats: dict[str, int] = dict.fromkeys(
             ("inputs_done", "inputs_failed", "inputs_skipped", "model_calls", "rows"), 0
         )
-        self._bar = progress_bar(f"infer_many {method}", progress, unit="input")
+        self._bar = progress_bar(f"infer_many {self.method}", progress, unit="input")
         self._bar.total = self._total
 
     # -- iteration -----------------------------------------------------------------------------
@@ -240,6 +268,8 @@ class ManyRun:
         return self
 
     def __next__(self) -> tuple[Any, Any]:
+        if self._turns.closed:
+            raise StopIteration
         mine = _rng_state()  # the caller's random state, untouched by the runs
         try:
             while not self._ready:
@@ -250,13 +280,13 @@ class ManyRun:
                     self.close()
                     raise StopIteration
                 self._round()
-        except KeyboardInterrupt:
+            run = self._ready.pop(0)
+            return run.item, self._finish(run)
+        except BaseException:
             self.close()
             raise
         finally:
             _set_rng_state(mine)
-        run = self._ready.pop(0)
-        return run.item, self._finish(run)
 
     def __enter__(self) -> ManyRun:
         return self
@@ -265,15 +295,20 @@ class ManyRun:
         self.close()
 
     def close(self) -> None:
-        """Cancels the runs in flight (their inputs are not written) and closes the bar."""
-        if self._closed:
+        """Cancels the runs in flight (their inputs are not written), waits for their
+        threads to end, and closes the bar.  Iterating afterwards yields nothing."""
+        if self._turns.closed:
             return
-        self._closed = True
+        mine = _rng_state()
+        self._turns.closed = True
         for run in self._runs:
             if not run.finished:
                 run.go.release()
+        for run in self._runs:
+            run.join(timeout=10.0)
         self._runs.clear()
         self._bar.close()
+        _set_rng_state(mine)  # the cancelled runs unwound their own seeding
 
     def __del__(self) -> None:
         if hasattr(self, "_bar"):
@@ -290,8 +325,8 @@ class ManyRun:
                 self._exhausted = True
                 break
             index, self._index = self._index, self._index + 1
-            key = _input_key(item)
-            if self._skip[key] > 0:
+            key = input_key(item)
+            if key is not None and self._skip[key] > 0:
                 self._skip[key] -= 1
                 self.stats["inputs_skipped"] += 1
                 self._bar.update(1)
@@ -299,11 +334,11 @@ class ManyRun:
             try:
                 bound = _bind(self.program, item)
             except LMCascadeError as err:
-                run = _Run(self, index, item, None)  # type: ignore[arg-type]
+                run = _Run(self._turns, index, item, None)
                 run.error, run.finished = err, True
                 self._ready.append(run)
                 continue
-            run = _Run(self, index, item, bound)
+            run = _Run(self._turns, index, item, self._work(bound))
             run.start()
             self._resume(run)
             self._runs.append(run)
@@ -311,7 +346,7 @@ class ManyRun:
     def _resume(self, run: _Run) -> None:
         """Lets ``run`` go until it parks on a model call or finishes."""
         run.go.release()
-        self._parked.acquire()
+        self._turns.parked.acquire()
 
     def _round(self) -> None:
         """One batched call per (model, method) for every parked run; finished runs leave."""
@@ -340,26 +375,32 @@ class ManyRun:
             self._write(run.item, run.result)
             return run.result
         self.stats["inputs_failed"] += 1
-        if self.on_error == "raise":
-            self.close()
+        if self.on_error == "raise" or isinstance(run.error, STOPS):
             raise run.error
         self._write(run.item, None, run.error)
         return run.error
 
-    def _infer(self, bound: BoundProgram) -> Result:
+    def _work(self, bound: BoundProgram) -> Any:
+        """What a run does: ``lc.infer`` of its input (one bar, over the inputs, instead of
+        one per run)."""
         from lmcascade.inference.base import infer
 
-        # one bar, over the inputs, instead of one per run
-        return infer(bound, method=self.method, seed=self.seed, progress=False, **self.options)
+        method, seed, options = self.method, self.seed, self.options
+
+        def work() -> Result:
+            return infer(bound, method=method, seed=seed, progress=False, **options)
+
+        return work
 
     def _write(self, item: Any, result: Result | None, error: BaseException | None = None) -> None:
         if self.out is None:
             return
         line: dict[str, Any] = {
             "input": jsonable(item),
+            "key": input_key(item),
             "method": self.method,
             "seed": self.seed,
-            "options": jsonable(self.options),
+            "options": jsonable(self.config),
         }
         if result is not None:
             data = result.to_dict()
@@ -369,10 +410,13 @@ class ManyRun:
         else:
             line["error"] = {"type": type(error).__name__, "message": safe_repr(str(error), 2000)}
         text = json.dumps(line, allow_nan=False) + "\n"
-        with open(self.out, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.out, "a", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise OptionError(f"out={self.out!r}: cannot write: {err.strerror or err}") from None
 
 
 def infer_many(
@@ -447,9 +491,48 @@ def _bind(program: Program, item: Any) -> BoundProgram:
     return program(item)
 
 
-def _input_key(item: Any) -> str:
-    """The canonical text of an input, by which ``out`` files are matched on a rerun."""
-    return json.dumps(jsonable(item), sort_keys=True, allow_nan=False)
+def input_key(item: Any) -> str | None:
+    """A text naming an input exactly, by which ``out`` files are matched on a rerun: types
+    are kept (a tuple is not a list, ``nan`` is not ``"nan"``), huge numbers and texts are
+    digested; None for an input holding objects it cannot name faithfully (such inputs
+    always run).
+
+    >>> input_key(("x",)) != input_key(["x"]), input_key(float("nan")) != input_key("nan")
+    (True, True)
+    >>> input_key(object()) is None
+    True
+    """
+    try:
+        tagged = _tagged(item, 0)
+    except _Unnamed:
+        return None
+    text = json.dumps(tagged, sort_keys=True, separators=(",", ":"))
+    if len(text) > 512:
+        return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return text
+
+
+class _Unnamed(Exception):
+    pass
+
+
+def _tagged(value: Any, depth: int) -> Any:
+    if depth > 100:
+        raise _Unnamed
+    if value is None or type(value) is bool or type(value) is str:
+        return value
+    if type(value) is int:
+        if abs(value) < 10**4000:
+            return ["int", str(value)]
+        raw = value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True)
+        return ["int", hashlib.sha256(raw).hexdigest()]
+    if type(value) is float:
+        return ["float", repr(value)]
+    if type(value) in (list, tuple):
+        return [type(value).__name__, [_tagged(v, depth + 1) for v in value]]
+    if type(value) is dict and all(type(k) is str for k in value):
+        return ["dict", {k: _tagged(v, depth + 1) for k, v in value.items()}]
+    raise _Unnamed
 
 
 class _Done:
@@ -457,33 +540,46 @@ class _Done:
         self.seed, self.keys = seed, keys
 
 
-def _read_done(path: str, method: str, seed: int | None, options: dict) -> _Done | None:
+def _read_done(path: str, method: str, seed: int | None, config: dict) -> _Done | None:
     """The inputs ``path`` already holds results for, after checking they were made the same
-    way.  A last line cut short (the run was killed while writing it) is removed."""
-    if not os.path.exists(path):
-        return None
+    way (lines that record only an error are not checked: those inputs run again).  A last
+    line cut short (the run was killed while writing it) is removed; a whole last line that
+    only lacks its newline gets one."""
     if os.path.isdir(path):
         raise OptionError(f"out={path!r} is a folder; give a file name such as results.jsonl")
-    with open(path, "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n"):  # a line cut short: drop it, rewrite the file
-        data = data[: data.rfind(b"\n") + 1]
+    try:
+        with open(path, "ab") as f:  # can we write it?  (creates it when missing)
+            pass
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise OptionError(f"out={path!r}: cannot write: {err.strerror or err}") from None
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:].decode("utf-8"))
+            data += b"\n"  # a whole line, saved without its newline
+        except ValueError:
+            data = data[:cut]  # a line cut short: drop it
         with open(path, "wb") as f:
             f.write(data)
     keys: Counter = Counter()
     found_seed = None
-    want = jsonable(options)
+    want = jsonable(config)
     for number, raw in enumerate(data.splitlines(), 1):
         if not raw.strip():
             continue
         try:
             line = json.loads(raw.decode("utf-8"))
-            item, made = line["input"], (line["method"], line["seed"], line.get("options"))
+            made = (line["method"], line["seed"], line.get("options"))
+            key = line["key"]
         except (ValueError, KeyError, TypeError):
             raise OptionError(
                 f"{path}, line {number}: not a result line written by infer_many; give a new "
                 "out file or remove that line"
             ) from None
+        if "result" not in line:
+            continue
         if made[0] != method or (seed is not None and made[1] != seed) or made[2] != want:
             raise OptionError(
                 f"{path}, line {number} holds a result of method {made[0]!r}, seed {made[1]}, "
@@ -491,6 +587,6 @@ def _read_done(path: str, method: str, seed: int | None, options: dict) -> _Done
                 f"{want}. Use another out file, or the same settings to resume"
             )
         found_seed = made[1]
-        if "result" in line:
-            keys[json.dumps(item, sort_keys=True)] += 1
+        if key is not None:
+            keys[key] += 1
     return _Done(found_seed, keys)
