@@ -6,11 +6,13 @@ literals checked before the run, a misplaced ``try``, unclear model-option error
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import pytest
 
 import lmcascade as lc
+from lmcascade.dsl.instruct import unanchored
 from lmcascade.dsl.limits import Limits
 from lmcascade.errors import DSLCheckError, DSLRuntimeError, OptionError
 from lmcascade.models import ToyLM
@@ -100,3 +102,50 @@ def test_a_failing_potential_is_a_located_error_naming_the_tool(tool, fragment, 
     assert (err.line, err.col) == (2, 39), str(err)
     assert fragment in str(err) and str(err).startswith("<string>:2:39: "), str(err)
     assert "potential=bad" in str(err)  # the line, with a caret under the tool's name
+
+
+# --- 4. regex(...) patterns: checked before the run, anchors dropped ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "fragment"),
+    [
+        ("`(`", "regex's pattern '(' is not a valid regular expression: missing )"),
+        ("`[1-`", "regex's pattern '[1-' is not a valid regular expression"),
+        ("`^$`", "allows only the empty text"),
+    ],
+)
+def test_a_bad_regex_literal_is_refused_before_the_run(pattern, fragment):
+    source = f'program f() {{\n  x ~ lm("1", constraint=regex({pattern}))\n  return x\n}}'
+    with pytest.raises(DSLCheckError, match=re.escape(fragment)) as info:
+        load(source)
+    assert (info.value.line, info.value.col) == (2, 32)
+
+
+def test_a_bad_regex_given_at_run_time_is_a_located_error():
+    program = load(
+        'program f(p) {\n  x ~ lm("1", max_tokens=2, constraint=regex(p))\n  return x\n}'
+    )
+    with pytest.raises(
+        DSLRuntimeError, match=re.escape("regex's pattern '(' is not a valid")
+    ) as info:
+        lc.infer(program.f("("), method="enumerate")
+    assert info.value.line == 2
+
+
+@pytest.mark.parametrize("param", [False, True])
+def test_a_regex_constraint_may_be_written_with_anchors(param):
+    pattern = "^[12]+$"
+    literal = "p" if param else f"`{pattern}`"
+    source = f'program f(p) {{ x ~ lm("1", max_tokens=2, constraint=regex({literal})) return x }}'
+    program = load(source)
+    plain = load('program f(p) { x ~ lm("1", max_tokens=2, constraint=regex(`[12]+`)) return x }')
+    got = lc.infer(program.f(pattern), method="enumerate").distribution()
+    assert got == pytest.approx(lc.infer(plain.f(""), method="enumerate").distribution())
+    assert set(got) == {"1", "2", "11", "12", "21", "22"}
+
+
+def test_an_escaped_dollar_is_not_an_anchor():
+    assert unanchored(r"cost \$") == r"cost \$"
+    assert unanchored(r"a\\$") == "a\\\\"
+    assert unanchored("^a|b$") == "a|b"

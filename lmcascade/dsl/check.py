@@ -565,7 +565,7 @@ class Checker:
 
 PATTERN_CHECKS = {
     "match": lambda text: instruct.compiled(instruct.bounded_pattern("match", text)),
-    "regex": lambda text: instruct.bounded_pattern("regex", text),
+    "regex": instruct.regex_pattern,
     "json_schema": lambda text: instruct.CONSTRAINTS["json_schema"](text),
 }
 

@@ -137,9 +137,9 @@ def bounded_pattern(fn: str, pattern: Any) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def compiled(pattern: str) -> Any:
+def compiled(pattern: str, fn: str = "match") -> Any:
     """``pattern`` compiled by the ``regex`` module (cached); a :class:`Refusal` saying why
-    it is not a regular expression.
+    it is not a regular expression (``fn``'s pattern).
 
     >>> compiled("a+").groups
     0
@@ -148,8 +148,38 @@ def compiled(pattern: str) -> Any:
         return regex.compile(pattern)
     except (regex.error, OverflowError, RecursionError) as err:
         raise Refusal(
-            f"match's pattern {safe_repr(pattern, 60)} is not a valid regular expression: {err}"
+            f"{fn}'s pattern {safe_repr(pattern, 60)} is not a valid regular expression: {err}"
         ) from None
+
+
+def unanchored(pattern: str) -> str:
+    """A ``regex(...)`` constraint's pattern without a leading ``^`` or a trailing ``$``: the
+    generated text must match all of the pattern anyway, so they change nothing, and the
+    token automaton refuses them (an escaped ``\\$`` stays).
+
+    >>> unanchored("^[0-9]+$"), unanchored(r"cost \\$"), unanchored(r"a\\\\$")
+    ('[0-9]+', 'cost \\\\$', 'a\\\\\\\\')
+    """
+    if pattern.startswith("^"):
+        pattern = pattern[1:]
+    if pattern.endswith("$"):
+        body = pattern[:-1]
+        if (len(body) - len(body.rstrip("\\"))) % 2 == 0:  # the $ itself is not escaped
+            pattern = body
+    return pattern
+
+
+def regex_pattern(pattern: Any) -> str:
+    """The pattern a ``regex(...)`` constraint compiles: bounded (:func:`bounded_pattern`),
+    without the anchors :func:`unanchored` drops, and a valid regular expression."""
+    text = unanchored(bounded_pattern("regex", pattern))
+    if not text:
+        raise Refusal(
+            f"regex's pattern {safe_repr(pattern, 20)} allows only the empty text; give a "
+            'pattern the answer must match, e.g. "[0-9]+"'
+        )
+    compiled(text, "regex")
+    return text
 
 
 def match(budget: Budget, pattern: Any, text: Any) -> str | None:
@@ -216,7 +246,7 @@ def apply_chat(model: Any, user: Any, system: Any = None) -> str:
 
 
 def _regex(pattern: Any) -> constraints.Constraint:
-    return constraints.regex(bounded_pattern("regex", pattern))
+    return constraints.regex(regex_pattern(pattern))
 
 
 def _json_schema(schema: Any) -> constraints.Constraint:
