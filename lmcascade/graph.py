@@ -77,7 +77,7 @@ def from_program(program: ast.ProgramDef, models: set[str] | None = None) -> nx.
         g.add_node(node, line=s.line, col=s.col, **attrs)
         if parent:
             g.add_edge(parent, node, kind="contains")
-        for name in reads:
+        for name in sorted(reads):  # sorted: a set's order varies with the hash seed
             if name in defined:
                 g.add_edge(defined[name], node, kind="data")
         for c in calls:
@@ -86,7 +86,7 @@ def from_program(program: ast.ProgramDef, models: set[str] | None = None) -> nx.
             cnode = f"{c.func}@{c.line}:{c.col}"
             g.add_node(cnode, kind="call", label=f"{c.func}(...)", line=c.line, col=c.col)
             g.add_edge(cnode, node, kind="data")
-            for name in _reads(c)[0]:
+            for name in sorted(_reads(c)[0]):
                 if name in defined:
                     g.add_edge(defined[name], cnode, kind="data")
 

@@ -2,7 +2,11 @@
 sampled, and never stopped by a failing condition or a run that raises."""
 
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from pyro.distributions import Bernoulli
@@ -297,3 +301,44 @@ def test_comparisons_with_values_no_run_made_still_get_edges():
     g = lc.graph(thresholds())
     assert g.nodes["is_forty_two"]["held"] == "0/8" and g.nodes["is_yes"]["held"] == "0/8"
     assert {("count", "is_forty_two"), ("count", "long"), ("x", "is_yes")} <= edges(g, "data")
+
+
+HASH_SEED_SCRIPT = """
+import lmcascade as lc
+from pyro.distributions import Bernoulli
+from lmcascade.graph import from_program, to_dot, to_mermaid
+from lmcascade.models import ToyLM
+
+lm = ToyLM(["a", "b", "<eos>"], lambda ctx: [0.0, 0.0, 0.0])
+
+@lc.program
+def branchy(q):
+    flip = yield lc.sample("flip", Bernoulli(0.5))
+    if flip:
+        for name in "abcd":
+            yield lc.gen(name, lm, q, max_tokens=1)
+    e = yield lc.gen("e", lm, q, max_tokens=1)
+    return e
+
+g = lc.graph(branchy("a"), runs=4)
+module = lc.dsl.parse('program f(q, r, s, t) { a ~ lm("{q}{r}{s}{t}") b = g(a, q, r, s) return b }')
+print(to_dot(g) + to_mermaid(g) + to_dot(from_program(module.programs[0], {"lm"})))
+"""
+
+
+def test_dot_and_mermaid_text_do_not_depend_on_the_hash_seed():
+    # a set's order changes with PYTHONHASHSEED: the text must not (diffs, golden files)
+    texts = []
+    for seed in ("1", "2"):
+        done = subprocess.run(
+            [sys.executable, "-c", HASH_SEED_SCRIPT],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        assert done.returncode == 0, done.stderr
+        texts.append(done.stdout)
+    assert texts[0] == texts[1]
+    assert texts[0].index('"flip" -> "a"') < texts[0].index('"flip" -> "d"')

@@ -283,8 +283,9 @@ class _Flow:
                 self._edge(source, name, index, "data", paths)
         if changed.outcome != "returned":
             return
-        for name in base.steps.keys() - changed.steps.keys():
-            self._edge(source, name, index, "control")
+        for name in base.steps:  # in program order, not a set's (which varies by hash seed)
+            if name not in changed.steps:
+                self._edge(source, name, index, "control")
         if base.outcome == "returned" and stable_return and base.returned_fp != changed.returned_fp:
             self._edge(source, "return", index, "data")
 
@@ -329,13 +330,15 @@ class _Flow:
         if self.returned:
             label = "return" + ("" if self.returned == self.n else f" ({self.returned}/{self.n})")
             g.add_node("return", kind="return", label=label, seen=f"{self.returned}/{self.n}")
-        for (a, b), edge in self.edges.items():
-            if a in g and b in g and a != b:
-                kind = "data" if "data" in edge["kinds"] else "control"
-                attrs = {"kind": kind, "seen": f"{len(edge['runs'])}/{self.n}"}
-                if kind == "data" and edge["via"]:
-                    attrs["via"] = sorted(edge["via"])
-                g.add_edge(a, b, **attrs)
+        order = {node: i for i, node in enumerate(g)}
+        found = [(a, b) for a, b in self.edges if a in g and b in g and a != b]
+        for a, b in sorted(found, key=lambda ab: (order[ab[0]], order[ab[1]])):
+            edge = self.edges[a, b]
+            kind = "data" if "data" in edge["kinds"] else "control"
+            attrs = {"kind": kind, "seen": f"{len(edge['runs'])}/{self.n}"}
+            if kind == "data" and edge["via"]:
+                attrs["via"] = sorted(edge["via"])
+            g.add_edge(a, b, **attrs)
         return g
 
 
