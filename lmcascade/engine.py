@@ -62,6 +62,7 @@ from lmcascade.errors import (
     LMCascadeError,
     ProgramError,
     ReplayDivergenceError,
+    SiteError,
     TooManyTracesError,
 )
 from lmcascade.generation import Generation
@@ -494,7 +495,14 @@ def sent_value(eff: Effect | None, site: Site) -> Any:
     if site.kind not in VALUE_KINDS:
         return None
     if site.kind == "sample" and getattr(eff, "details", False):
-        return Generation.from_site(site)
+        out = Generation.from_site(site)
+        if not out.token_ids and site.log_prob > -math.inf:
+            raise SiteError(
+                f"site {site.name!r} asks for details=True, but its value was scored as a text "
+                "(it came from a model with another vocabulary), so it has no token "
+                "log-probabilities; propose from a model that shares this one's vocabulary"
+            )
+        return out
     return site.value
 
 

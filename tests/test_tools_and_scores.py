@@ -430,11 +430,12 @@ def test_details_of_a_rescored_proposal_value():
         assert out.token_log_probs == pytest.approx(
             path_log_probs(ab_scores, (0,), out.token_ids), abs=1e-6
         )
-    # a proposal model with another vocabulary: the value is scored as a text, no tokens
+    # a proposal model with another vocabulary: the value is scored as a text, with no token
+    # path, so details cannot be given: an error, never made-up numbers (a program reading
+    # them would branch wrongly and silently)
     other = ToyLM(["a", "b", "ab", "<eos>"], lambda ctx: [0.0, 0.0, 0.0, 0.0], name="other")
-    r = lc.infer(ab_target(), method="importance", proposal=ab_guide(other), num_samples=10, seed=0)
-    out = r.traces[0].value
-    assert out.token_ids == () and math.isnan(out.mean_log_prob) and out.finish_reason is None
+    with pytest.raises(SiteError, match="'x' asks for details=True, but its value was scored"):
+        lc.infer(ab_target(), method="importance", proposal=ab_guide(other), num_samples=10, seed=0)
 
 
 def test_details_must_be_a_bool():
