@@ -342,3 +342,20 @@ def test_dot_and_mermaid_text_do_not_depend_on_the_hash_seed():
         texts.append(done.stdout)
     assert texts[0] == texts[1]
     assert texts[0].index('"flip" -> "a"') < texts[0].index('"flip" -> "d"')
+
+
+def test_a_run_that_does_not_end_is_capped_and_noted():
+    @lc.program
+    def sometimes():
+        flip = yield lc.sample("flip", Bernoulli(0.5))
+        while flip:
+            yield lc.sample("x[]", Bernoulli(0.5))
+        return 1
+
+    g = lc.graph(sometimes(), runs=4, seed=1)  # two runs loop, two return
+    (failure,) = g.graph["failures"]
+    assert failure["error"].startswith("ProgramError: reached 1000 sites")
+    assert failure["runs"] == 2 and failure["site"] == "x[998]"
+    assert g.nodes["return"]["seen"] == "2/4" and g.nodes["x[998]"]["seen"] == "2/4"
+    assert ("x[998]", "raise:ProgramError@x[998]") in edges(g, "raises")
+    assert ("flip", "x[0]") in edges(g, "control")

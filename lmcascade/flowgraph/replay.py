@@ -5,7 +5,7 @@ lookup (a recorded trace, with one value changed, say), so no model runs and no 
 called.  Each effect is recorded as a :class:`Step` with its inputs' fingerprints
 (:func:`~lmcascade.flowgraph.fingerprint.inputs`) and the source line that yielded it.  The
 execution ends when the program returns or raises, when a site needs a value the lookup does
-not have, or at ``limit`` effects.
+not have, or at ``limit`` effects (:data:`MAX_SITES`).
 
 >>> import lmcascade as lc
 >>> from lmcascade.models import ToyLM
@@ -39,6 +39,11 @@ MISSING = object()
 
 STOP = object()
 """What a lookup returns for a site where the recorded run failed: the execution stops there."""
+
+MAX_SITES = 1_000
+"""The most sites one sampled run or replay reaches (the engine allows 10,000): a run that
+gets there ends with an error, noted on the graph, and the graph is drawn from its prefix and
+the other runs."""
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +100,7 @@ def execute(
     start: Callable[[], Iterator],
     lookup: Callable[[str], Any],
     after: str | None = None,
-    limit: int = 10_000,
+    limit: int = MAX_SITES,
 ) -> Execution:
     """Runs a fresh generator from ``start()``, answering each site with ``lookup(name)``
     (:data:`MISSING` or :data:`STOP` end the execution there).  With ``after``, the steps up

@@ -8,6 +8,9 @@ that suit looking at a program rather than weighing its outputs:
 - a run that raises — in the program's own code, in a tool, or on a bad site — ends there
   instead of ending every run: its trace keeps the sites before, and a :class:`Stopped`
   says what was raised where;
+- a run ends, with a :class:`~lmcascade.errors.ProgramError`, when it reaches
+  :data:`~lmcascade.flowgraph.replay.MAX_SITES` sites (a loop that rarely ends ends it
+  there, not every run);
 - each generation stops after ``max_tokens`` tokens (the text's shape rarely matters to a
   graph), and observing a text under an LM is not scored (its weight is not used).
 
@@ -38,8 +41,8 @@ import torch
 
 from lmcascade.distributions import is_lm
 from lmcascade.engine import Engine, Particle
-from lmcascade.errors import BadYieldError, DuplicateSiteError
-from lmcascade.flowgraph.replay import STOP, site_name
+from lmcascade.errors import BadYieldError, DuplicateSiteError, ProgramError
+from lmcascade.flowgraph.replay import MAX_SITES, STOP, site_name
 from lmcascade.policy import Policy
 from lmcascade.program import BoundProgram, Effect, Factor, Observe, Program, Sample
 from lmcascade.requests import Pending
@@ -138,6 +141,15 @@ def guarded(bound: BoundProgram, max_tokens: int | None, run: Run) -> BoundProgr
                     BadYieldError(f"yielded {safe_repr(eff, 200)}, not an effect{hint}"), last
                 )
             name = site_name(counters, eff.name)
+            if len(run.sent) >= MAX_SITES:  # the engine's own cap would end every run
+                gen.close()
+                return stop(
+                    ProgramError(
+                        f"reached {MAX_SITES} sites at {name!r} (lc.graph's limit for one run); "
+                        "is a loop unbounded?"
+                    ),
+                    last,
+                )
             if name in run.sent:  # the engine would refuse it and end every run
                 gen.close()
                 return stop(DuplicateSiteError(f"site {name!r} appears twice in one run"), last)
