@@ -14,7 +14,7 @@ import pytest
 import lmcascade as lc
 from lmcascade.dsl.instruct import unanchored
 from lmcascade.dsl.limits import Limits
-from lmcascade.errors import DSLCheckError, DSLRuntimeError, OptionError
+from lmcascade.errors import DSLCheckError, DSLRuntimeError, DSLSyntaxError, OptionError
 from lmcascade.models import ToyLM
 
 TOY = ToyLM(["1", "2", "a", " ", "<eos>"], lambda ctx: [0.0, 0.0, 0.0, -0.5, -1.0])
@@ -149,3 +149,39 @@ def test_an_escaped_dollar_is_not_an_anchor():
     assert unanchored(r"cost \$") == r"cost \$"
     assert unanchored(r"a\\$") == "a\\\\"
     assert unanchored("^a|b$") == "a|b"
+
+
+# --- 5. try where an expression goes on ---------------------------------------------------------
+
+TRY_INSIDE = [
+    'x = 1 + try calc("1") else 0',
+    "x = 1 + try",
+    'return not try calc("1") else 0',
+    'x = [1, 2 * try calc("1") else 0]',
+    'x = 1 + try(calc("1"))',
+    'x = 1 + try (calc("1")) else 0',
+]
+
+
+@pytest.mark.parametrize("body", TRY_INSIDE)
+def test_try_inside_an_expression_says_to_use_parentheses(body):
+    source = f"program f() {{\n  {body}\n  return 1\n}}"
+    with pytest.raises(DSLSyntaxError, match="put it in parentheses") as info:
+        load(source)
+    assert (info.value.line, info.value.col) == (2, 3 + body.index("try"))
+    assert "undefined variable" not in str(info.value)
+
+
+@pytest.mark.parametrize("body", ['try x ~ lm("1") else none', 'try calc("1") else 0'])
+def test_try_as_a_statement_says_it_is_an_expression(body):
+    with pytest.raises(DSLSyntaxError, match="is an expression, not a statement") as info:
+        load(f"program f() {{ {body} return 1 }}")
+    assert info.value.col == 15
+
+
+def test_try_in_parentheses_is_part_of_an_expression():
+    program = load(
+        'program f() { x = 1 + (try calc("1") else 0) return not (try calc("a") else 0) }'
+    )
+    assert forward(program.f()).values == [True]
+    assert forward(load('program f() { return 1 + (try calc("2") else 0) }').f()).values == [3]

@@ -208,6 +208,7 @@ class ToAst(Transformer_NonRecursive):
     @v_args(meta=True)
     def call(self, meta, items):
         name, args = items
+        self._not_try(name)
         positional, keywords, seen = [], [], set()
         for arg in args or ():
             if isinstance(arg, _Kwarg):
@@ -331,7 +332,13 @@ class ToAst(Transformer_NonRecursive):
 
     def var(self, items):
         tok = items[0]
+        self._not_try(tok)
         return ast.Var(tok.line, tok.column, str(tok))
+
+    def _not_try(self, tok: Token) -> None:
+        """Refuses ``try`` read as a name (where lark did not expect the keyword)."""
+        if str(tok) == "try":
+            raise self.error(TRY_INSIDE, tok.line, tok.column)
 
     @v_args(meta=True)
     def list(self, meta, items):
@@ -457,12 +464,27 @@ def _clean(source: str, filename: str) -> str:
     return source
 
 
+TRY_INSIDE = (
+    "`try ... else ...` must be a whole expression (after `=`, `return`, `if`, as an argument "
+    "or a list item), not part of one: put it in parentheses, e.g. `1 + (try calc(t) else 0)`"
+)
+TRY_STATEMENT = (
+    "`try ... else ...` is an expression, not a statement: write `x = try calc(t) else 0`; "
+    "a sample (`x ~ lm(...)`) cannot be tried"
+)
+
+
 def _lark_parse(source: str, filename: str):
-    """lark's parse tree, feeding at most :data:`MAX_TOKENS` tokens to the LALR parser."""
+    """lark's parse tree, feeding at most :data:`MAX_TOKENS` tokens to the LALR parser.
+
+    Where lark does not expect the keyword ``try`` (inside an expression, at the start of a
+    statement) it reads it as a name; a parse that then fails is reported at that ``try``."""
     parser = grammar().parse_interactive(source)
-    last = None
+    last = before = stray_try = None
     try:
         for count, last in enumerate(parser.iter_parse(), 1):
+            if stray_try is None and last.type == "NAME" and last == "try":
+                stray_try = last
             if count > MAX_TOKENS:
                 raise DSLSyntaxError(
                     f"the source has more than {MAX_TOKENS:,} tokens (names, numbers, strings, "
@@ -472,8 +494,18 @@ def _lark_parse(source: str, filename: str):
                     col=last.column or 0,
                     source=source,
                 )
+            before = last
         return parser.feed_eof(last)
     except UnexpectedInput as err:
+        if stray_try is not None:
+            starts = before is stray_try and "TILDE" in getattr(err, "expected", ())
+            raise DSLSyntaxError(
+                TRY_STATEMENT if starts else TRY_INSIDE,
+                filename=filename,
+                line=stray_try.line,
+                col=stray_try.column,
+                source=source,
+            ) from None
         raise _syntax_error(err, source, filename) from None
     except LarkError as err:  # pragma: no cover - any other lark failure is still ours to report
         raise DSLSyntaxError(f"cannot parse: {err}", filename=filename) from None
