@@ -185,3 +185,40 @@ def test_try_in_parentheses_is_part_of_an_expression():
     )
     assert forward(program.f()).values == [True]
     assert forward(load('program f() { return 1 + (try calc("2") else 0) }').f()).values == [3]
+
+
+# --- 6. a model's options, in the DSL's words ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "fragment"),
+    [
+        ("stop", 3, "lm's stop= must be a text or a list of texts"),
+        ("stop", [1], "lm's stop= must be a text or a list of texts"),
+        ("constraint", "[0-9]", "lm's constraint= must be a constraint: regex(...), json_schema"),
+        ("max_tokens", "2", "lm's max_tokens= must be a whole number >= 1"),
+        ("top_p", 2, "lm's top_p= must be a number in (0, 1]"),
+        ("potential", "x", "lm's potential= must be a tool named bare"),
+    ],
+)
+def test_a_bad_model_option_is_a_located_error_in_the_dsls_words(option, value, fragment):
+    extra = "" if option == "max_tokens" else "max_tokens=2, "
+    program = load(f'program f(q) {{\n  x ~ lm("1", {extra}{option}=q)\n  return x\n}}')
+    with pytest.raises(DSLRuntimeError, match=re.escape(fragment)) as info:
+        lc.infer(program.f(value), method="enumerate")
+    err = info.value
+    assert (err.line, err.col) == (2, 15 + len(extra) + len(option) + 1), str(err)
+    assert "lc.constraints" not in str(err) and "not iterable" not in str(err)
+
+
+def test_a_literal_option_of_the_wrong_kind_is_located_at_its_value():
+    program = load('program f() { x ~ lm("1", max_tokens=2, stop=3) return x }')
+    with pytest.raises(DSLRuntimeError, match="lm's stop= must be") as info:
+        lc.infer(program.f(), method="enumerate")
+    assert info.value.col == 46
+
+
+def test_good_options_given_at_run_time_still_work():
+    program = load('program f(s, c) { x ~ lm("1", max_tokens=2, stop=s, constraint=c) return x }')
+    result = lc.infer(program.f(["2", "a"], None), method="enumerate").distribution()
+    assert result and all("2" not in t[:-1] for t in result)

@@ -56,7 +56,7 @@ from lmcascade.distributions import (
     Uniform,
 )
 from lmcascade.dsl import ast
-from lmcascade.dsl.instruct import CONSTRAINTS, apply_chat, constraint, match
+from lmcascade.dsl.instruct import CONSTRAINTS, apply_chat, constraint, lm_option, match
 from lmcascade.dsl.limits import SIZE_PER_STEP, Budget, Limits, OverLimit, Refusal, over
 from lmcascade.dsl.tools import calc
 from lmcascade.dsl.values import Mismatch, kind_of
@@ -736,6 +736,8 @@ class Interpreter:
         args, kwargs = yield from self.arguments(call, f)
         if call.func in self.models:
             model = self.models[call.func]
+            for key, node in call.kwargs:  # the checker allows only the model's options
+                self.guard(node, lm_option, call.func, key, kwargs[key])
             dist = self.guard(call, lambda: LM(model, *args, **kwargs))
             if dist.constraint is not None:  # a bad pattern fails here, located
                 self.guard(call, dist.constraint.start, model)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -316,6 +317,68 @@ CONSTRAINTS: dict[str, Callable[..., constraints.Constraint]] = {
     "max_word_length": _max_word_length,
 }
 """The constraint builders a ``.lmc`` program may call, by name."""
+
+
+# --- a model's options --------------------------------------------------------------------------
+
+CONSTRAINT_BUILDERS = (
+    "regex(...), json_schema(...), forbid(...), allow([...]) or max_word_length(n)"
+)
+
+
+def _whole(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _number(value: Any, test: Callable[[float], bool]) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and test(value)
+    )
+
+
+def _stop(value: Any) -> bool:
+    texts = value if isinstance(value, list | tuple) else [value]
+    return bool(texts) and all(isinstance(t, str) and t for t in texts)
+
+
+LM_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_tokens": (lambda v: _whole(v, 1), "a whole number >= 1, e.g. max_tokens=32"),
+    "min_tokens": (lambda v: _whole(v, 0), "a whole number >= 0 (at most max_tokens)"),
+    "stop": (_stop, 'a text or a list of texts, none of them empty, e.g. stop="\\n"'),
+    "temperature": (lambda v: _number(v, lambda x: x >= 0), "a number >= 0 (0 is greedy)"),
+    "top_k": (lambda v: _whole(v, 1), "a whole number >= 1"),
+    "top_p": (lambda v: _number(v, lambda x: 0 < x <= 1), "a number in (0, 1]"),
+    "constraint": (
+        lambda v: isinstance(v, constraints.Constraint),
+        f"a constraint: {CONSTRAINT_BUILDERS}",
+    ),
+    "potential": (
+        lambda v: callable(v) or getattr(v, "is_lm", False),
+        "a tool named bare (a function of the partial text) or a model call, "
+        'e.g. potential=lm2("...")',
+    ),
+}
+"""Each option of a model's site: what its value must pass, and what it must be (in words)."""
+
+
+def lm_option(model: str, key: str, value: Any) -> None:
+    """Refuses ``value`` for option ``key`` of a site of ``model`` unless it is one the model
+    takes (none leaves an option unset), saying in the DSL's words what it must be.
+
+    >>> lm_option("lm", "stop", 3)
+    Traceback (most recent call last):
+    ...
+    lmcascade.dsl.values.Mismatch: lm's stop= must be a text or a list of texts, none of them \
+empty, e.g. stop="\\n"; got a whole number 3
+    """
+    test, wanted = LM_OPTIONS[key]
+    if value is None or test(value):
+        return
+    got = "a constraint" if isinstance(value, constraints.Constraint) else kind_of(value)
+    raise Mismatch(f"{model}'s {key}= must be {wanted}; got {got} {safe_repr(value, 40)}")
 
 
 def _frozen(value: Any) -> Any:
