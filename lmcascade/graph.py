@@ -151,11 +151,19 @@ def from_program(program: ast.ProgramDef, models: set[str] | None = None) -> nx.
     return g
 
 
-def graph(bound: Any, *, runs: int = 8, max_tokens: int | None = 16, seed: int = 0) -> nx.DiGraph:
+def graph(
+    bound: Any,
+    *,
+    runs: int = 8,
+    max_tokens: int | None = 16,
+    seed: int = 0,
+    budget_s: float = 60.0,
+) -> nx.DiGraph:
     """The graph of a bound Python program: its sites, and the data flow between them found
     by changing one value at a time over ``runs`` sampled runs (seeded by ``seed``, each
     generation cut to ``max_tokens`` tokens; None keeps each site's own limit).  Conditions
-    that fail and runs that raise do not stop it; see :mod:`lmcascade.flowgraph.build`.
+    that fail and runs that raise do not stop it, and after about ``budget_s`` seconds it
+    stops looking (``g.graph["truncated"]``); see :mod:`lmcascade.flowgraph.build`.
 
     >>> import lmcascade as lc
     >>> from lmcascade.models import ToyLM
@@ -171,7 +179,7 @@ def graph(bound: Any, *, runs: int = 8, max_tokens: int | None = 16, seed: int =
     """
     from lmcascade.flowgraph.build import program_graph
 
-    return program_graph(bound, runs=runs, max_tokens=max_tokens, seed=seed)
+    return program_graph(bound, runs=runs, max_tokens=max_tokens, seed=seed, budget_s=budget_s)
 
 
 def _quoted(text: Any) -> str:

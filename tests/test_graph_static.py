@@ -1,10 +1,12 @@
 """lc.graph for Python programs: data flow found by intervention, independent of the values
 sampled, and never stopped by a failing condition or a run that raises."""
 
+import json
 import math
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -359,3 +361,99 @@ def test_a_run_that_does_not_end_is_capped_and_noted():
     assert g.nodes["return"]["seen"] == "2/4" and g.nodes["x[998]"]["seen"] == "2/4"
     assert ("x[998]", "raise:ProgramError@x[998]") in edges(g, "raises")
     assert ("flip", "x[0]") in edges(g, "control")
+
+
+LOOPING_SCRIPT = """
+import json
+import lmcascade as lc
+
+toy = lc.models.ToyLM(["1", "2", "<eos>"], lambda ctx: [0.0, 0.0, -1.0])
+
+@lc.program
+def pad(q):
+    x = yield lc.gen("x", toy, q, min_tokens=1, max_tokens=2)  # never ''
+    s = ""
+    while len(s) < 10:  # never ends with x == ''
+        s += x
+    y = yield lc.gen("y", toy, s[:3], max_tokens=1)
+    return y
+
+@lc.program
+def parity(n):
+    while n != 0:  # never ends for an odd n
+        n -= 2
+    x = yield lc.gen("x", toy, "1", max_tokens=2)
+    k = yield lc.call("double", lambda t: 2 * len(t), x)  # always even
+    while k != 0:
+        k -= 2
+    y = yield lc.gen("y", toy, "1" + x, max_tokens=1)
+    return y
+
+out = {}
+for bound in (pad("1"), parity(4)):
+    g = lc.graph(bound, runs=3)
+    out[bound.name] = [sorted(map(list, g.edges)), g.graph["timed_out"], g.graph["truncated"]]
+print(json.dumps(out))
+"""
+
+
+def test_values_that_send_the_program_into_an_endless_loop_are_given_up():
+    # lc.infer runs these programs fine; the graph tries values no run receives ('' for a
+    # site with min_tokens=1, an odd number for a loop that counts down by 2)
+    done = subprocess.run(
+        [sys.executable, "-c", LOOPING_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=240,  # hung for ever before
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    pad_edges, _, pad_truncated = found["pad"]
+    assert pad_edges == [["input:q", "x"], ["x", "y"], ["y", "return"]] and not pad_truncated
+    parity_edges, timed_out, parity_truncated = found["parity"]
+    assert [["x", "double"], ["x", "y"], ["y", "return"]] == parity_edges
+    given_up = {(t["site"], t["value"]) for t in timed_out}
+    assert {("input:n", "5"), ("input:n", "-41")} <= given_up and not parity_truncated
+    assert all(t["runs"] <= 3 for t in timed_out)
+
+
+def test_the_time_budget_stops_the_analysis_and_says_so():
+    @lc.program
+    def slow():
+        xs = []
+        for _ in range(4):
+            time.sleep(0.05)  # work between sites, repeated by every replay
+            xs.append((yield lc.gen("x[]", LM, "q" + "".join(xs), max_tokens=1)))
+        return xs
+
+    began = time.monotonic()
+    g = lc.graph(slow(), runs=4, budget_s=1.5)
+    assert time.monotonic() - began < 10
+    assert g.graph["truncated"] and g.graph["timed_out"] == []
+    assert [n for n in g if n.startswith("x[")] == ["x[0]", "x[1]", "x[2]", "x[3]"]
+    assert g.nodes["x[3]"]["seen"] == "4/4"  # every run's sites are still recorded
+    assert lc.graph(slow(), runs=1, budget_s=math.inf).graph["truncated"] is False
+    for bad in (0, -1.0, True, "5", math.nan):
+        with pytest.raises(OptionError, match="budget_s"):
+            lc.graph(slow(), budget_s=bad)
+
+
+def test_values_a_site_can_never_return_are_not_tried():
+    received = []
+
+    @lc.program
+    def coin():
+        flip = yield lc.sample("flip", Bernoulli(0.5))
+        x = yield lc.gen("x", LM, "q", min_tokens=1, max_tokens=2)
+        received.append((flip, x))
+        y = yield lc.gen("y", LM, "q" if flip else "q" + x, max_tokens=1)
+        return y
+
+    g = lc.graph(coin(), runs=4)
+    assert {("flip", "y"), ("x", "y"), ("y", "return")} <= edges(g, "data")
+    # a whole finite support is all a replay tries (as the type real runs get), and an LM
+    # site of at least one token is never given ''
+    assert {float(flip) for flip, _ in received} == {0.0, 1.0}
+    assert all(isinstance(flip, float) for flip, _ in received)
+    assert "" not in {x for _, x in received}

@@ -14,8 +14,12 @@ and answers it by running the program again with that one value changed:
    differ between identical executions (objects made afresh each time) are left out;
 3. for each site value, and each program argument, the run is re-executed with that value
    replaced by a few others (:func:`~lmcascade.flowgraph.variants.variants`: other runs'
-   values, the support of a finite distribution, shifted / empty / long texts, other
-   numbers).  A later effect whose inputs change gets a ``data`` edge from it (its ``via``
+   values, the support of a finite distribution — only it, when it is listed whole —,
+   shifted / empty / long texts, other numbers).  Each such replay runs with a time limit
+   (:mod:`~lmcascade.flowgraph.deadline`): a made-up value may send the program into a loop
+   no real run enters, and a replay that does not end is given up, is not evidence, and is
+   listed in ``g.graph["timed_out"]``.  A later effect whose inputs change gets a ``data``
+   edge from it (its ``via``
    names the inputs: ``dist.prompt``, ``args[0]``, ``ok``...); one that appears or disappears
    while the changed run still returns gets a ``control`` edge (the value picks a branch);
    a changed return value gives an edge into ``return``.
@@ -24,7 +28,9 @@ The graph is the union over the runs.  Every node carries ``seen`` (``"3/8"``: i
 runs it was reached) and edges carry in how many runs they were found; a condition carries
 ``held`` (how often it was true when reached).  A run that raised adds an ``error`` node
 (``raises`` edge from the site it raised after or at), and ``g.graph["failures"]`` lists each
-error with its count.  With a fixed ``seed`` the graph is deterministic.
+error with its count.  The whole analysis stops after ``budget_s`` seconds, or
+:data:`BUDGET` re-executed effects (``g.graph["truncated"]``).  With a fixed ``seed`` the
+graph is deterministic, unless a replay is given up on time.
 
 >>> import lmcascade as lc
 >>> from lmcascade.models import ToyLM
@@ -45,7 +51,9 @@ error with its count.  With a fixed ``seed`` the graph is deterministic.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -56,12 +64,14 @@ import torch
 
 from lmcascade.distributions import is_lm
 from lmcascade.errors import OptionError, ProgramError
+from lmcascade.flowgraph.deadline import TIMED_OUT, Limiter
 from lmcascade.flowgraph.fingerprint import fingerprint
 from lmcascade.flowgraph.replay import MISSING, NO_VALUE_KINDS, STOP, Execution, Step, execute
 from lmcascade.flowgraph.samples import Run, Stopped, sample_runs
-from lmcascade.flowgraph.variants import variants
+from lmcascade.flowgraph.variants import value_key, variants
 from lmcascade.flowgraph.watch import watch
 from lmcascade.program import BoundProgram, Program
+from lmcascade.trace import safe_repr
 
 RUNS = 8
 """Sampled runs by default: enough for most branches, fast on a small model."""
@@ -73,22 +83,38 @@ BUDGET = 200_000
 """Effects re-executed in all by the interventions; past it the graph stops looking for more
 edges (``g.graph["truncated"]`` is true)."""
 
+BUDGET_S = 60.0
+"""Seconds the whole analysis may take by default (``budget_s``), sampling included; past it
+the graph stops looking for more edges (``g.graph["truncated"]`` is true)."""
+
+REPLAY_S = 0.5
+"""Seconds one replay with a changed value may take at least: its limit is this or 20 times
+the run's own replay, whichever is more.  A replay that takes longer is given up (the value
+may send the program into a loop no real run enters) and noted in ``g.graph["timed_out"]``."""
+
 
 def program_graph(
-    bound: BoundProgram, *, runs: int = RUNS, max_tokens: int | None = MAX_TOKENS, seed: int = 0
+    bound: BoundProgram,
+    *,
+    runs: int = RUNS,
+    max_tokens: int | None = MAX_TOKENS,
+    seed: int = 0,
+    budget_s: float = BUDGET_S,
 ) -> nx.DiGraph:
     """The graph of a bound Python program from ``runs`` sampled runs (seeded by ``seed``,
-    each generation cut to ``max_tokens`` tokens; None keeps the program's own limits)."""
-    _check(bound, runs, max_tokens, seed)
+    each generation cut to ``max_tokens`` tokens; None keeps the program's own limits),
+    looked at for about ``budget_s`` seconds at most."""
+    _check(bound, runs, max_tokens, seed, budget_s)
+    deadline = time.monotonic() + budget_s
     sampled = sample_runs(bound, runs, max_tokens, seed)
-    flow = _Flow(bound, sampled)
+    flow = _Flow(bound, sampled, deadline)
     with _quiet():
         for index, run in enumerate(sampled):
             flow.add(index, run)
     return flow.graph()
 
 
-def _check(bound: Any, runs: Any, max_tokens: Any, seed: Any) -> None:
+def _check(bound: Any, runs: Any, max_tokens: Any, seed: Any, budget_s: Any) -> None:
     if isinstance(bound, Program):
         raise ProgramError(
             f"lc.graph needs a bound program: call {bound.name!r} with its arguments first, "
@@ -107,6 +133,11 @@ def _check(bound: Any, runs: Any, max_tokens: Any, seed: Any) -> None:
                 f"lc.graph option {option} must be an integer >= {low}, got {value!r}"
                 + ("; None keeps each site's own max_tokens" if option == "max_tokens" else "")
             )
+    if not isinstance(budget_s, int | float) or isinstance(budget_s, bool) or not budget_s > 0:
+        raise OptionError(
+            f"lc.graph option budget_s must be a number of seconds > 0 (math.inf: no limit), "
+            f"got {budget_s!r}"
+        )
 
 
 @contextlib.contextmanager
@@ -120,8 +151,12 @@ def _quiet() -> Iterator[None]:
 class _Flow:
     """What the runs found: nodes, their counts, edges with the runs that found them."""
 
-    def __init__(self, bound: BoundProgram, runs: list[Run]) -> None:
+    def __init__(self, bound: BoundProgram, runs: list[Run], deadline: float) -> None:
         self.bound = bound
+        self.deadline = deadline
+        self.limiter = Limiter()
+        self.hung: set[tuple[str, str]] = set()  # (source, value) given up on in some run
+        self.timed_out: Counter[tuple[str | None, str]] = Counter()
         self.n = len(runs)
         self.arguments = bound.program.signature.bind(*bound.args, **bound.kwargs)
         self.arguments.apply_defaults()
@@ -155,22 +190,56 @@ class _Flow:
             return others[0] if others else MISSING
 
         start = self._start(self.arguments.arguments)
-        base = execute(start, lookup)
-        again = execute(start, lookup)
+        began = time.monotonic()
+        base = self._bounded(lambda: execute(start, lookup), max(REPLAY_S, self._left()))
+        if base is None:  # the recorded values themselves: the program is not deterministic
+            self.timed_out[(None, "the recorded values")] += 1
+            return
+        self._record(base, run)
+        limit = max(REPLAY_S, 20 * (time.monotonic() - began))
+        again = self._bounded(lambda: execute(start, lookup), limit)
+        if again is None or self._left() <= 0:
+            if self._left() <= 0:
+                self.truncated = True
+            else:
+                self.timed_out[(None, "the recorded values")] += 1
+            return
         unstable = {
             name: {p for p in step.inputs if step.inputs[p] != again.steps[name].inputs.get(p)}
             for name, step in base.steps.items()
             if name in again.steps
         }
         stable_return = base.returned_fp == again.returned_fp
-        self._record(base, run)
-        compared = self._compared(lookup)
+        compared = self._compared(lookup, min(limit, self._left()))
         for source, found, run_with in self._jobs(index, base, own, lookup, compared):
             if not self._spend(index, len(found) * (len(base.steps) + 1)):
                 break
             self.analysed[source] += 1
             for candidate in found:
-                self._compare(index, source, base, run_with(candidate), unstable, stable_return)
+                key = (source, value_key(candidate))
+                if key in self.hung:  # it never ended in an earlier run: not tried again
+                    self.timed_out[(source, safe_repr(candidate, 60))] += 1
+                    continue
+                left = self._left()
+                changed = self._bounded(functools.partial(run_with, candidate), min(limit, left))
+                if changed is None and left < limit:  # the analysis is out of time
+                    self.truncated = True
+                    return
+                if changed is None:  # not evidence; the value may loop where no run does
+                    self.hung.add(key)
+                    self.timed_out[(source, safe_repr(candidate, 60))] += 1
+                    continue
+                self._compare(index, source, base, changed, unstable, stable_return)
+
+    def _left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def _bounded(self, fn: Callable[[], Execution], seconds: float) -> Execution | None:
+        """``fn()``, or None when it has not returned within ``seconds``."""
+        if seconds <= 0:
+            return None
+        found = self.limiter(fn, seconds)
+        return None if found is TIMED_OUT else found
 
     def _jobs(
         self,
@@ -202,7 +271,10 @@ class _Flow:
         ]
         for name, step in sorted(sites, key=lambda item: self.analysed[item[0]]):
             others = [v for v in self.by_site.get(name, ()) if v is not own[name]]
-            found = variants(own[name], others, _support(step), compared.get(name, ()))
+            support, complete = _support(step)
+            found = variants(own[name], others, support, compared.get(name, ()), complete)
+            if _never_empty(step):  # '' is a value this site cannot return
+                found = [v for v in found if not (isinstance(v, str) and v == "")]
 
             def with_value(candidate: Any, name: str = name) -> Execution:
                 return execute(start, _replacing(lookup, name, candidate), name)
@@ -210,7 +282,7 @@ class _Flow:
             jobs.append((name, found, with_value))
         return jobs
 
-    def _compared(self, lookup: Callable[[str], Any]) -> dict[str, list]:
+    def _compared(self, lookup: Callable[[str], Any], limit: float) -> dict[str, list]:
         """The texts and numbers each site value and argument was compared with, by one
         execution that hands the program watched values (:mod:`~lmcascade.flowgraph.watch`)."""
         logs: dict[str, list] = {}
@@ -219,7 +291,11 @@ class _Flow:
             return watch(value, logs.setdefault(name, []))
 
         args = {p: watched(f"input:{p}", v) for p, v in self.arguments.arguments.items()}
-        execute(self._start(args), lambda name: watched(name, lookup(name)))
+        done = self._bounded(
+            lambda: execute(self._start(args), lambda name: watched(name, lookup(name))), limit
+        )
+        if done is None:  # the logs may still change: none are used
+            return {}
         return {name: list(dict.fromkeys(log)) for name, log in logs.items()}
 
     def _start(self, arguments: dict[str, Any]) -> Callable[[], Iterator]:
@@ -327,6 +403,10 @@ class _Flow:
             if site is not None and site in g:
                 g.add_edge(site, node, kind="raises")
         g.graph["failures"] = failures
+        g.graph["timed_out"] = [
+            {"site": source, "value": value, "runs": k}
+            for (source, value), k in self.timed_out.items()
+        ]
         if self.returned:
             label = "return" + ("" if self.returned == self.n else f" ({self.returned}/{self.n})")
             g.add_node("return", kind="return", label=label, seen=f"{self.returned}/{self.n}")
@@ -346,8 +426,9 @@ def _replacing(lookup: Callable[[str], Any], name: str, value: Any) -> Callable[
     return lambda site: value if site == name else lookup(site)
 
 
-def _support(step: Step) -> list[Any]:
-    """A few values of a scalar finite distribution's support (none for other sites)."""
+def _support(step: Step) -> tuple[list[Any], bool]:
+    """Up to 8 values of a scalar finite distribution's support (none for other sites), and
+    whether they are the whole support."""
     dist = getattr(step.effect, "dist", None)
     if (
         step.kind != "sample"
@@ -356,11 +437,18 @@ def _support(step: Step) -> list[Any]:
         or dist.batch_shape != ()
         or dist.event_shape != ()
     ):
-        return []
+        return [], False
     try:
-        return dist.enumerate_support(expand=False).reshape(-1)[:8].tolist()
+        values = dist.enumerate_support(expand=False).reshape(-1)
+        return values[:8].tolist(), len(values) <= 8
     except Exception:  # a support that cannot be listed: synthetic variants only
-        return []
+        return [], False
+
+
+def _never_empty(step: Step) -> bool:
+    """Whether the site is an LM generation of at least one token (it never returns '')."""
+    dist = getattr(step.effect, "dist", None)
+    return step.kind == "sample" and is_lm(dist) and getattr(dist, "min_tokens", 0) >= 1
 
 
 def _truth(eff: Any) -> bool | None:

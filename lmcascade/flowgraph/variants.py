@@ -28,6 +28,7 @@ from lmcascade.models.base import LanguageModel
 
 REALISTIC = 2  # values taken from other runs, and from a distribution's support
 COMPARED = 4  # texts the value was compared with
+COMPLETE = 4  # values of a finite support, when it is the whole support
 
 
 class Probe:
@@ -40,33 +41,60 @@ class Probe:
 
 
 def variants(
-    value: Any, seen: Iterable[Any] = (), support: Iterable[Any] = (), compared: Iterable[Any] = ()
+    value: Any,
+    seen: Iterable[Any] = (),
+    support: Iterable[Any] = (),
+    compared: Iterable[Any] = (),
+    complete: bool = False,
 ) -> list[Any]:
     """Values different from ``value`` to try in its place: up to two of ``seen`` (other runs'
     values), up to four of ``compared`` (texts it was compared with), up to two of
-    ``support``, then synthetic ones of the same type."""
+    ``support`` (as the same type as ``value``: a tensor stays a tensor), then synthetic ones
+    of the same type.  With ``complete`` (``support`` is the whole support), only values of
+    the support are tried, up to four of them: the program can receive no other.
+
+    >>> import torch
+    >>> variants(torch.tensor(1.0), support=[0.0, 1.0], complete=True)
+    [tensor(0.)]
+    """
     out: list[Any] = []
-    keys = {_key(value)}
+    keys = {value_key(value)}
+    support = [_like(value, v) for v in support]
+    allowed = {value_key(v) for v in support} if complete else None
 
     def add(candidates: Iterable[Any], most: int | None = None) -> None:
         added = 0
         for v in candidates:
             if most is not None and added == most:
                 return
-            k = _key(v)
-            if k not in keys:
+            k = value_key(v)
+            if k not in keys and (allowed is None or k in allowed):
                 keys.add(k)
                 out.append(v)
                 added += 1
 
     add(seen, REALISTIC)
     add(compared, COMPARED)
-    add(support, REALISTIC)
-    add(synthetic(value))
+    add(support, COMPLETE if complete else REALISTIC)
+    if not complete:
+        add(synthetic(value))
     return out
 
 
-def _key(v: Any) -> str:
+def _like(value: Any, v: Any) -> Any:
+    """``v`` (a number from a distribution's support) as the type of ``value``."""
+    try:
+        if isinstance(value, torch.Tensor):
+            return torch.tensor(v, dtype=value.dtype, device=value.device)
+        if isinstance(value, bool | int | float) and isinstance(v, bool | int | float):
+            return type(value)(v)
+    except Exception:  # not convertible: as it is
+        pass
+    return v
+
+
+def value_key(v: Any) -> str:
+    """A value's identity as a candidate: two values with the same key are tried once."""
     return repr(fingerprint(v))  # repr: fingerprints may hold unhashable parts
 
 
