@@ -12,6 +12,7 @@ import time
 import pytest
 
 import lmcascade as lc
+from lmcascade.dsl.compiler import BudgetError
 from lmcascade.dsl.instruct import unanchored
 from lmcascade.dsl.limits import Limits
 from lmcascade.errors import DSLCheckError, DSLRuntimeError, DSLSyntaxError, OptionError
@@ -222,3 +223,30 @@ def test_good_options_given_at_run_time_still_work():
     program = load('program f(s, c) { x ~ lm("1", max_tokens=2, stop=s, constraint=c) return x }')
     result = lc.infer(program.f(["2", "a"], None), method="enumerate").distribution()
     assert result and all("2" not in t[:-1] for t in result)
+
+
+# --- 7. calc past the digit limit is a budget, not a tool failure -------------------------------
+
+HUGE = "9" * 600 + "*" + "9" * 600
+
+
+@pytest.mark.parametrize(
+    "body",
+    [f'return try calc("{HUGE}") else "caught"', f'return calc("{HUGE}")', "return calc(q)"],
+)
+def test_calc_past_the_digit_limit_stops_the_run_even_in_try(body):
+    program = lc.load(source=f"program f(q) {{ {body} }}")
+    with pytest.raises(
+        BudgetError, match=r"tool 'calc' failed: the product .*Limits\(digits="
+    ) as info:
+        forward(program.f(HUGE))
+    assert info.value.line == 1
+
+
+def test_calcs_other_failures_are_still_caught_by_try():
+    program = lc.load(source='program f(q) { return try calc(q) else "caught" }')
+    for text in ["1/0", "x", "1" * 10_001]:  # the character limit is calc's own, not a budget
+        assert forward(program.f(text)).values == ["caught"]
+    assert forward(
+        lc.load(source=f'program f() {{ return calc("{HUGE}") }}', limits=Limits(digits=2000)).f()
+    ).values == [int("9" * 600) ** 2]

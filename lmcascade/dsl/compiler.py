@@ -481,11 +481,14 @@ class BudgetError(DSLRuntimeError):
     """
 
 
-def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _guarded(fn: Callable[..., Any], caught: type[Exception] = Exception) -> Callable[..., Any]:
+    """``fn`` returning what it raised of ``caught`` as a :class:`_ToolFailed` (any other
+    exception propagates, and the core gives the trace weight zero)."""
+
     def tool(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - reported, located, by the interpreter
+        except caught as err:
             return _ToolFailed(err)
 
     return tool
@@ -512,6 +515,7 @@ class Interpreter:
         self.limits = limits if limits is not None else Limits()
         self.tools = {name: _with_limits(fn, self.limits) for name, fn in tools.items()}
         self.guarded = {name: _guarded(fn) for name, fn in self.tools.items()}
+        self.budgeted = {name: _guarded(fn, OverLimit) for name, fn in self.tools.items()}
         self.definitions = {p.name: p for p in module.programs}
         self.programs: dict[str, Program] = {}
         self.names = site_names(module)
@@ -868,13 +872,17 @@ class Interpreter:
         """A tool call, a site of its own.  Outside ``try`` a tool that raises is the core's
         to handle: its trace gets weight zero and the run goes on (under
         ``on_tool_error="raise"``, a located error here instead); inside ``try`` the failure
-        is recorded as the site's value and the else branch runs."""
+        is recorded as the site's value and the else branch runs.  A tool that runs over a
+        budget of the run (``calc`` past the digit limit: an :class:`OverLimit`) stops the
+        run wherever it is, as the interpreter's own budgets do."""
         site = f"{call.func}@{call.line}:{call.col}[]"
         catching = f.catching or ON_TOOL_ERROR.get() == "raise"
-        fn = (self.guarded if catching else self.tools)[call.func]
+        fn = (self.guarded if catching else self.budgeted)[call.func]
         result = yield effects.call(site, fn, *args, **kwargs)
         if isinstance(result, _ToolFailed):
             err = result.error
+            if isinstance(err, OverLimit):  # calc past the digit limit: a budget, not caught
+                raise self.fail(call, f"tool {call.func!r} failed: {err}", fatal=True) from None
             message = f"tool {call.func!r} failed: {explain(err)}"
             if not isinstance(err, ValueError | LMCascadeError):
                 message += f" ({type(err).__name__})"

@@ -5,7 +5,10 @@ interpreter: whole numbers of at most ``Limits.digits`` digits (a product is ref
 is computed), an expression of at most ``MAX_CALC_CHARS`` characters, no powers, and a finite
 result.  Every failure is a ``ValueError`` whose message says what went wrong; in a ``.lmc``
 program it gives the trace weight zero like any failing tool (``try calc(x) else none``
-handles it; under ``on_tool_error="raise"`` it is a located ``DSLRuntimeError``).
+handles it; under ``on_tool_error="raise"`` it is a located ``DSLRuntimeError``) — except a
+whole number past the digit limit (an :class:`~lmcascade.dsl.limits.OverLimit`): that is the
+run's digit budget, which stops the run and which ``try`` does not catch, as when the program
+itself builds such a number.
 
 >>> calc("2 * (3 + 4)")
 14
