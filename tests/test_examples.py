@@ -101,3 +101,9 @@ def test_the_table_reader_rejects_a_missing_column():
         table("method      pass  log evidence  tokens\nforward 0.5 -1.0 10\n")
     rows = table("method pass log evidence tokens wall time answers\nsmc 1.00 -1.20 165 1.0s 13\n")
     assert rows == {"smc": {"pass": 1.0, "log_evidence": -1.2, "tokens": 165.0, "wall": 1.0}}
+
+
+def test_extra_examples_are_not_run_here():
+    extra = sorted((ROOT / "examples" / "extra").glob("*.py"))
+    assert extra, "examples/extra/ holds the examples that need a model CI does not fetch"
+    assert not set(extra) & set(EXAMPLES)
