@@ -319,6 +319,24 @@ class Regex(Constraint):
             raise SiteError(f"regex needs a non-empty pattern string, got {pattern!r}")
         self.pattern = _unanchored(pattern)
 
+    _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> pattern -> cache
+    SHARED_PATTERNS = 32  # compiled patterns kept per model, most recent first
+
+    def cache(self, model) -> dict:
+        """The cache of this pattern for ``model``, shared by every ``regex`` object with the
+        same pattern: compiling an automaton for a real vocabulary takes seconds, so a
+        program that builds ``regex(p)`` afresh per input compiles it once."""
+        per = Regex._SHARED.get(model)
+        if per is None:
+            per = Regex._SHARED[model] = {}
+        found = per.pop(self.pattern, None)
+        if found is None:
+            found = {"masks": {}}
+        per[self.pattern] = found  # most recent last
+        while len(per) > self.SHARED_PATTERNS:
+            del per[next(iter(per))]
+        return found
+
     def _index(self, model) -> tuple[Any, int | None]:
         cache = self.cache(model)
         if "index" not in cache:

@@ -106,3 +106,22 @@ def test_an_impossible_constraint_is_named_not_called_a_condition():
     message = str(caught.value)
     assert "its constraint regex('ab+') could not be met (within max_tokens=1" in message
     assert "condition" not in message
+
+
+def test_regex_objects_with_one_pattern_share_their_automaton(monkeypatch):
+    """A program that builds regex(p) afresh for every input compiles p once per model."""
+    compiled = []
+    real = constraints.compile_index
+
+    def counting(*args):
+        compiled.append(args[1])
+        return real(*args)
+
+    monkeypatch.setattr(constraints, "compile_index", counting)
+    model = ToyLM(["1", "2", "<eos>"], lambda ctx: [0.0, 0.0, 0.0])
+    first, second = constraints.regex("[12]+2"), constraints.regex("[12]+2")
+    first.start(model)
+    second.start(model)
+    assert len(compiled) == 1 and first.cache(model) is second.cache(model)
+    constraints.regex("[12]+1").start(model)
+    assert len(compiled) == 2
