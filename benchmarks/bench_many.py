@@ -84,7 +84,9 @@ def main() -> None:
     many = {item["question"]: result for item, result in runs}
     many_s = time.perf_counter() - start
 
-    same = all(many[item["question"]].values == r.values for item, r in zip(inputs, loop))
+    same = all(
+        many[item["question"]].values == r.values for item, r in zip(inputs, loop, strict=True)
+    )
     tokens = sum(r.stats.get("tokens_generated", 0) for r in loop)
     report = {
         "benchmark": "bench_many",
