@@ -439,8 +439,8 @@ def infer_many(
     value for a one-parameter program.  ``method``, ``seed`` and ``options`` are those of
     :func:`lc.infer <lmcascade.inference.base.infer>`, and every input's result is exactly
     what ``lc.infer(program(**input), method=method, seed=seed, **options)`` returns (the
-    same seed for every input; on GPU models the batched floating-point sums may differ in
-    the last bits).  Up to ``concurrency`` inputs run at once.  An input whose run raises
+    same seed for every input; a transformer's logits depend on the batch size in the last
+    bits, so there a draw near a tie can differ from a separate run's).  Up to ``concurrency`` inputs run at once.  An input whose run raises
     yields ``(input, exception)`` and the others go on (``on_error="raise"`` stops instead).
     ``out`` names a JSON-lines file: each finished input is appended (its input, method,
     seed, options and result without traces unless ``save_traces``; or its error), and a
