@@ -293,17 +293,27 @@ def test_closing_early_joins_threads_and_keeps_the_random_state():
     import random
     import threading
 
-    before = threading.active_count()
-    run = lc.infer_many(two_sites, QUESTIONS, method="smc", seed=0, particles=4)
-    next(run)
+    def runs_alive() -> int:
+        return sum(t.name.startswith("lmcascade-input-") for t in threading.enumerate())
+
+    @lc.program
+    def steps(n):
+        for i in range(n):
+            yield lc.gen(f"t{i}", LM, "a", max_tokens=1)
+        return n
+
+    run = lc.infer_many(steps, [1, 6, 6, 6], method="smc", seed=0, particles=4)
+    assert next(run)[0] == 1
+    assert runs_alive() == 3  # the others are parked mid-run
     state = random.getstate(), torch.get_rng_state()
     run.close()
     assert random.getstate() == state[0] and torch.equal(torch.get_rng_state(), state[1])
-    assert threading.active_count() == before
-    for _ in lc.infer_many(two_sites, QUESTIONS, method="forward", seed=0, num_samples=2):
+    assert runs_alive() == 0
+    for _ in lc.infer_many(steps, [1, 6, 6], method="forward", seed=0, num_samples=2):
+        assert runs_alive() == 2
         break  # the iterator is dropped: collecting it cancels and joins its runs
     gc.collect()
-    assert threading.active_count() == before
+    assert runs_alive() == 0
 
 
 def test_settings_are_checked_once_and_normalised(tmp_path):
