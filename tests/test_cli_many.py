@@ -1,13 +1,9 @@
 """`lmcascade run FILE.lmc --inputs data.jsonl --out results.jsonl` on the default model."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_cli_and_graph import cli  # the real entry point, in a subprocess
 
 PROGRAM = """\
 model lm = "smollm2-135m"
@@ -18,16 +14,6 @@ program add(a, b) {
   return strip(answer)
 }
 """
-
-
-def cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "lmcascade.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
 
 
 @pytest.fixture
