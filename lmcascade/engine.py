@@ -69,7 +69,7 @@ from lmcascade.generation import Generation
 from lmcascade.lm.step import Observer, step_runs
 from lmcascade.lm.text_score import score_texts
 from lmcascade.memory import check_step_fits
-from lmcascade.policy import Policy, rescore
+from lmcascade.policy import Policy
 from lmcascade.program import EFFECT_TYPES, BoundProgram, Effect, send
 from lmcascade.requests import Pending
 from lmcascade.samplers import ANCESTRAL, TokenSampler
@@ -85,6 +85,9 @@ class Particle:
     ``resolved`` a finished site not yet handed to the program; ``log_offset`` is added to the
     weight (SMC resets weights after resampling through it); ``replay`` is a trace whose
     values the particle takes by site name, rescored (importance proposals, MCMC moves).
+    ``tag`` is what an inference method keeps per particle (an arithmetic code, a beam's
+    perturbed score): every LM run the particle starts gets it as ``run.tag``, so the token
+    sampler can read it; a clone shares it (a method that needs its own copy replaces it).
     """
 
     __slots__ = (
@@ -95,6 +98,7 @@ class Particle:
         "resolved",
         "dead",
         "log_offset",
+        "tag",
         "_gen",
         "_cursor",
         "_counters",
@@ -113,6 +117,7 @@ class Particle:
         self.resolved: Site | None = None
         self.dead = False
         self.log_offset = 0.0
+        self.tag: Any = None
         self._gen: Any = None
         self._cursor = 0
         self._counters: dict[str, int] = {}
@@ -139,6 +144,7 @@ class Particle:
         twin = Particle(self.program, self.trace.copy(), self.replay)
         twin.dead = self.dead
         twin.log_offset = self.log_offset
+        twin.tag = self.tag
         twin.resolved = self.resolved
         if waiting is not None:
             twin.waiting = waiting
@@ -378,6 +384,9 @@ class Engine:
                 if p.done:
                     return born
             else:
+                if p.tag is not None:
+                    for run in out.runs:
+                        run.tag = p.tag
                 p.waiting = out
                 return born
 
@@ -389,7 +398,7 @@ class Engine:
             )
         try:
             if p.replay is not None and name in p.replay:
-                found = rescore(eff, name, p.replay[name])
+                found = self.policy.replay(eff, name, p.replay[name])
                 if found is not None:
                     return found
             return self.policy.resolve(eff, name)

@@ -77,6 +77,11 @@ class Policy:
             return self.observe(eff, name)
         return self.sample(eff, name)
 
+    def replay(self, eff: Effect, name: str, recorded: Site) -> Site | Pending | None:
+        """The site ``eff`` gets from the replayed trace's site of the same name
+        (:func:`rescore` here); None resolves it anew (:meth:`resolve`)."""
+        return rescore(eff, name, recorded)
+
     def sample(self, eff: Any, name: str) -> Site | Pending | list[Site]:
         dist = eff.dist
         if is_lm(dist):

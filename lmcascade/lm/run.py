@@ -61,7 +61,8 @@ class LMRun:
     its particle's weight while it is in progress.  ``token_log_probs`` and
     ``token_log_qs`` keep the same per token, and ``token_model_log_probs`` each token's
     log-probability under the model itself (before any shaping or constraint; NaN where the
-    step that chose the token did not provide it).
+    step that chose the token did not provide it).  ``tag`` is what the inference method
+    keeps for the run's particle (see ``Particle.tag``): a token sampler reads it.
     """
 
     __slots__ = (
@@ -81,6 +82,7 @@ class LMRun:
         "end",
         "value",
         "expert",
+        "tag",
         "_detok",
         "_stop_scan",
     )
@@ -108,6 +110,7 @@ class LMRun:
         elif dist.potential is not None:
             self.twist = self._potential("")
         self.cstate = dist.constraint.start(self.model) if dist.constraint is not None else None
+        self.tag: Any = None
         self.done = False
         self.end: str | None = None
         self.value: str | None = None
