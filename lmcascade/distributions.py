@@ -56,6 +56,14 @@ class LM:
     sharing the tokenizer, whose probability of the prefix is the twist (product of experts,
     steered token by token).
 
+    ``alpha`` makes the site a *power target*: its density is ``p(tokens) ** alpha`` (``p``
+    after temperature, top-k and top-p; unnormalised — the program's evidence includes the
+    normaliser), which sharpens the distribution over whole texts (``alpha > 1``), unlike a
+    per-token temperature.  Every method targets it: tokens are proposed from
+    ``p ** (1 / proposal_temperature)`` renormalised token by token (by default
+    ``proposal_temperature = 1 / alpha``: the model at temperature ``1 / alpha``) and weighted
+    by the difference; ``method="mcmc"`` with suffix proposals is the sampler built for it.
+
     >>> import lmcascade as lc
     >>> from lmcascade.models import ToyLM
     >>> lm = ToyLM(["hi", "<eos>"], lambda ctx: [0.0, 0.0])
@@ -78,6 +86,8 @@ class LM:
         top_p: float = 1.0,
         constraint: Any = None,
         potential: Callable[[str], float] | None = None,
+        alpha: float = 1.0,
+        proposal_temperature: float | None = None,
     ) -> None:
         if not isinstance(model, LanguageModel):
             raise SiteError(
@@ -136,8 +146,30 @@ class LM:
                     "1, no top_k, top_p 1, min_tokens 0, no constraint): a potential steers and "
                     "cannot forbid a token — forbid it on the site itself instead"
                 )
+            if potential.alpha != 1.0 or potential.proposal_temperature is not None:
+                raise SiteError("an LM used as a potential must have alpha 1 (no power target)")
         elif potential is not None and not callable(potential):
             raise SiteError("LM potential must be a function of the partial text, or an lc.LM")
+        if not (
+            isinstance(alpha, int | float) and not isinstance(alpha, bool) and 0 < alpha < math.inf
+        ):
+            raise SiteError(
+                f"LM alpha must be a positive finite number (the power of the target "
+                f"p(text) ** alpha; 1 is the model itself), got {alpha!r}"
+            )
+        if proposal_temperature is not None and not (
+            isinstance(proposal_temperature, int | float)
+            and not isinstance(proposal_temperature, bool)
+            and 0 < proposal_temperature < math.inf
+        ):
+            raise SiteError(
+                "LM proposal_temperature must be None (1 / alpha) or a positive finite number, "
+                f"got {proposal_temperature!r}"
+            )
+        self.alpha = float(alpha)
+        self.proposal_temperature = (
+            None if proposal_temperature is None else float(proposal_temperature)
+        )
         self.constraint = constraint
         self.potential = potential
         self.model = model
@@ -148,6 +180,21 @@ class LM:
         self.temperature = float(temperature)
         self.top_k = None if top_k is None else min(top_k, 2**31 - 1)  # beyond the vocabulary
         self.top_p = float(top_p)
+
+    @property
+    def proposal_scale(self) -> float:
+        """What the proposal multiplies the site's per-token target log-density by before
+        renormalising: ``1 / (alpha * proposal_temperature)`` (1 unless the site has a power
+        target or its own proposal temperature)."""
+        if self.proposal_temperature is None:
+            return 1.0
+        return 1.0 / (self.alpha * self.proposal_temperature)
+
+    @property
+    def separate_proposal(self) -> bool:
+        """Whether tokens are proposed from something other than the target's own
+        next-token distribution (a power target, or a proposal temperature)."""
+        return self.alpha != 1.0 or self.proposal_temperature is not None
 
     @cached_property
     def prompt_ids(self) -> list[int]:
@@ -169,6 +216,8 @@ class LM:
             "temperature": self.temperature,
             "top_k": self.top_k,
             "top_p": self.top_p,
+            "alpha": self.alpha,
+            "proposal_temperature": self.proposal_temperature,
             "constraint": repr(self.constraint) if self.constraint is not None else None,
             "potential": None
             if self.potential is None

@@ -99,7 +99,10 @@ def text_score(
 
 def path_score(name: str, dist: Any, value: str, token_ids, proposal_log_prob: float) -> Pending:
     """Rescores a replayed LM value along its recorded tokens (same model): one forced run,
-    with per-token log-probs; a path the distribution cannot produce scores ``-inf``."""
+    with per-token log-probs under the site's distribution and under the proposal a fresh
+    draw would use now (``token_proposal_log_probs``; the site's ``proposal_log_prob`` stays
+    the density the value was drawn from); a path the distribution cannot produce scores
+    ``-inf``."""
     dist.model.check_fits(len(dist.prompt_ids), len(token_ids))
     run = LMRun(dist, forced=token_ids)
 
@@ -116,6 +119,7 @@ def path_score(name: str, dist: Any, value: str, token_ids, proposal_log_prob: f
             tuple(token_ids),
             dist,
             tuple(rs[0].token_log_probs),
+            tuple(rs[0].token_log_qs),
             token_model_log_probs=tuple(rs[0].token_model_log_probs),
             finish_reason=finish_reason(rs[0]),
         )

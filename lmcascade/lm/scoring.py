@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from lmcascade.lm.run import LMRun
-from lmcascade.lm.shaping import shape_rows
+from lmcascade.lm.shaping import proposal_rows, shape_rows
 
 
 def by_model(runs: Sequence[LMRun]) -> list[list[LMRun]]:
@@ -68,17 +68,51 @@ def score_forced(runs: Sequence[LMRun], stats: dict | None = None) -> None:
         raw = torch.cat(rows)
         proc = shape_rows(raw, dists, positions, model.eos_id)
         tokens = torch.tensor([t for p in paths for t in p], device=proc.device)[:, None]
-        both = torch.stack([proc.gather(1, tokens), raw.gather(1, tokens).to(proc.dtype)])
-        chosen, model_lps = both.squeeze(-1).to(torch.float64).cpu().tolist()
+        q = proposal_along(todo, paths, proc, dists)
+        picked = [proc.gather(1, tokens), raw.gather(1, tokens).to(proc.dtype)]
+        if q is not None:
+            picked.append(q.gather(1, tokens))
+        both = torch.stack(picked).squeeze(-1).to(torch.float64).cpu().tolist()
+        chosen, model_lps = both[0], both[1]
+        log_qs = both[2] if q is not None else chosen
         offset = 0
         for run, path in zip(todo, paths, strict=True):
             for j, tok in enumerate(path):
                 if run.done:
                     break
-                run.feed(tok, chosen[offset + j], None, model_lps[offset + j])
+                run.feed(tok, chosen[offset + j], log_qs[offset + j], model_lps[offset + j])
             offset += len(path)
             if not run.done:
                 run.fail()
+
+
+def proposal_along(
+    runs: Sequence[LMRun], paths: Sequence[Sequence[int]], target: torch.Tensor, dists: list
+) -> torch.Tensor | None:
+    """The proposal's log-probabilities at every position of forced ``paths`` (rows as in
+    ``target``), for the sites that would draw these tokens from something other than their
+    target: a power target or a constraint (masks walked along each path, as sampling
+    applies them).  None when every run proposes from its target: then ``q = p``.  This is
+    the density a fresh draw would have given the path now — what an MCMC move needs for
+    its reverse proposal."""
+    if not any(r.dist.separate_proposal or r.dist.constraint is not None for r in runs):
+        return None
+    q = proposal_rows(target, dists)
+    allowed = torch.ones(q.shape, dtype=torch.bool, device=q.device)
+    offset = 0
+    for run, path in zip(runs, paths, strict=True):
+        c = run.dist.constraint
+        if c is not None:
+            state = run.cstate
+            for j, tok in enumerate(path):
+                allowed[offset + j] = c.mask(run.model, state)
+                if not bool(allowed[offset + j, tok]) or j + 1 == len(path):
+                    break  # the path leaves the constraint here: it scores -inf anyway
+                state = c.advance(run.model, state, tok)
+        offset += len(path)
+    masked = q.masked_fill(~allowed, float("-inf"))
+    blocked = torch.isneginf(masked).all(dim=-1, keepdim=True)
+    return torch.where(blocked, q, torch.log_softmax(masked, dim=-1))
 
 
 def path_log_prob(run: LMRun, expected_value: str | None = None) -> float:

@@ -113,8 +113,9 @@ def _divide(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
 def shape_rows(
     logprobs: torch.Tensor, dists: Sequence[LM], positions: Sequence[int], eos_id: int
 ) -> torch.Tensor:
-    """Row ``i`` of ``logprobs`` as the distribution ``dists[i]`` draws its token number
-    ``positions[i]`` from: eos masked below ``min_tokens``, then temperature, top-k, top-p."""
+    """Row ``i`` of ``logprobs`` as the site ``dists[i]`` scores its token number
+    ``positions[i]``: eos masked below ``min_tokens``, then temperature, top-k, top-p — times
+    the site's ``alpha`` for a power target (then no longer normalised)."""
     early = [pos < d.min_tokens for d, pos in zip(dists, positions, strict=True)]
     if any(early):
         # Like HF's min-new-tokens processor: eos is set to -inf, nothing renormalised until
@@ -133,4 +134,19 @@ def shape_rows(
         temps = torch.tensor([d.temperature for d in dists], dtype=torch.float64)
         top_k = torch.tensor([d.top_k or 0 for d in dists], dtype=torch.long)
         top_p = torch.tensor([d.top_p for d in dists], dtype=torch.float64)
-    return process_logprobs(logprobs, temps, top_k, top_p)
+    out = process_logprobs(logprobs, temps, top_k, top_p)
+    if any(d.alpha != 1.0 for d in dists):
+        alpha = torch.tensor([d.alpha for d in dists], dtype=out.dtype, device=out.device)
+        out = out * alpha[:, None]
+    return out
+
+
+def proposal_rows(target: torch.Tensor, dists: Sequence[LM]) -> torch.Tensor:
+    """The proposal's log-probabilities from rows of the target's (:func:`shape_rows`): the
+    same rows where a site proposes from its target, else ``target * proposal_scale``
+    renormalised (a power target's default proposal is its target renormalised token by
+    token: the model at temperature ``1 / alpha``)."""
+    if not any(d.separate_proposal for d in dists):
+        return target
+    scale = torch.tensor([d.proposal_scale for d in dists], dtype=target.dtype)
+    return torch.log_softmax(target * scale.to(target.device)[:, None], dim=-1)

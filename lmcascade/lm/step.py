@@ -34,7 +34,7 @@ from lmcascade.errors import ModelError, SiteError
 from lmcascade.lm.potentials import expert_increments
 from lmcascade.lm.run import LMRun
 from lmcascade.lm.scoring import by_model, call_model, score_forced
-from lmcascade.lm.shaping import shape_rows
+from lmcascade.lm.shaping import proposal_rows, shape_rows
 from lmcascade.samplers import ANCESTRAL
 from lmcascade.samplers.base import Chosen, Draws, Rows, TokenSampler
 
@@ -93,13 +93,14 @@ def distributions(
         if gen is None:
             gen = generators[p.device] = torch.Generator(device=p.device)
             gen.seed()
+        proposal = proposal_rows(p, [r.dist for r in group])
         mask = constraint_masks(group, p, full=full_masks)
         if mask is None:
-            out.append((Rows(group, p, p, None, gen, empty), logprobs))
+            out.append((Rows(group, p, proposal, None, gen, empty), logprobs))
             continue
-        masked = p.masked_fill(~mask, float("-inf"))
+        masked = proposal.masked_fill(~mask, float("-inf"))
         blocked = torch.isneginf(masked).all(dim=-1)  # nothing allowed
-        q = torch.where(blocked[:, None], p, torch.log_softmax(masked, dim=-1))
+        q = torch.where(blocked[:, None], proposal, torch.log_softmax(masked, dim=-1))
         out.append((Rows(group, p, q, blocked, gen, empty), logprobs))
     return out
 

@@ -59,10 +59,13 @@ def awrs(run: LMRun, order: list[int], logp: list[float], more) -> tuple[int, fl
 def awrs_rows(rows: Rows, indices: list[int]) -> dict[int, tuple[int, float, float]]:
     """AWRS for the runs ``indices`` of ``rows``: Gumbel-max candidate orders are computed on
     the device (the top few per row read back), the predicate is tested on the host.  Returns
-    ``index -> (token, log p, log q)`` where ``p - q`` is the unbiased allowed-mass estimate
-    (``log p = -inf`` when nothing is allowed)."""
+    ``index -> (token, log p, log q)``: ``log q`` is the token's proposal log-probability minus
+    the log of the unbiased allowed-mass estimate (``log p = -inf`` when nothing is allowed)."""
     index = torch.tensor(indices, device=rows.p.device)
-    logp = rows.p.index_select(0, index).to(torch.float64)
+    # Candidates come from the proposal (predicate rows are not masked in q); the chosen
+    # token's weight uses the target p (they differ only for a power target).
+    logp = rows.q.index_select(0, index).to(torch.float64)
+    target = rows.p.index_select(0, index).to(torch.float64)
     u = torch.rand(logp.shape, generator=rows.generator, device=logp.device, dtype=torch.float64)
     keys = logp - torch.log(-torch.log(u.clamp_min(1e-300)))
     k = min(AWRS_CANDIDATES, logp.shape[-1])
@@ -77,9 +80,8 @@ def awrs_rows(rows: Rows, indices: list[int]) -> dict[int, tuple[int, float, flo
             return full.cpu().tolist(), logp[n, full].cpu().tolist()
 
         tok, log_z = awrs(rows.runs[i], ids[n], lps[n], more)
-        lp = float(logp[n, tok])
         if log_z == -math.inf:
             out[i] = (tok, -math.inf, 0.0)
         else:
-            out[i] = (tok, lp, lp - log_z)
+            out[i] = (tok, float(target[n, tok]), float(logp[n, tok]) - log_z)
     return out

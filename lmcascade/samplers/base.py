@@ -24,9 +24,11 @@ if TYPE_CHECKING:
 class Rows:
     """The distributions phase for the runs of one model.
 
-    ``p`` is each run's next-token distribution under its site's LM (what weights use);
-    ``q`` what a sampler draws from: ``p`` with constraint masks applied and renormalised
-    (rows where the constraint allows nothing keep ``p`` and are flagged in ``blocked``).
+    ``p`` is each run's next-token log-density under its site's LM (what weights use:
+    normalised, except for a power target, where it is ``alpha`` times the shaped model's);
+    ``q`` what a sampler draws from: the site's proposal (``p`` itself, or a power target's
+    renormalised) with constraint masks applied and renormalised (rows where the constraint
+    allows nothing keep the unmasked proposal and are flagged in ``blocked``).
     ``empty`` lists the runs whose site allows no token at all (``min_tokens`` forbids the
     eos a model insists on): their rows are eos, and the step gives them weight zero.
     """
