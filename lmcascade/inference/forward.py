@@ -14,14 +14,39 @@ conditions are recorded in the weights, so the weighted samples target the poste
 >>> r = lc.infer(coin(), method="forward", num_samples=200, seed=1)
 >>> r.distribution(), round(float(r.log_evidence), 1)
 ({1: 1.0}, -0.7)
+
+``codes="arithmetic"`` draws the LM tokens of the ``num_samples`` samples from one shared
+quasi-random code (arithmetic sampling, :mod:`lmcascade.samplers.arithmetic`): every sample is
+still an exact draw with the same weights, but the samples repeat far less often.  Scalar
+choices are drawn independently as before.  See ``docs/diverse.md``.
+
+>>> from lmcascade.models import ToyLM
+>>> lm = ToyLM(["a", "b", "<eos>"], lambda ctx: [2.0, 0.0, 0.0 if ctx else -9.0])
+>>> @lc.program
+... def word():
+...     return (yield lc.gen("w", lm, "", max_tokens=4))
+>>> r = lc.infer(word(), method="forward", codes="arithmetic", num_samples=8, seed=0)
+>>> len(set(r.values)) > len(set(lc.infer(word(), num_samples=8, seed=0).values))
+True
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
 from lmcascade.engine import Engine, Particle, Schedule
+from lmcascade.errors import OptionError
 from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result, log_mean_exp
+from lmcascade.samplers.arithmetic import Arithmetic, codes
+from lmcascade.trace import safe_repr
+
+CODES = ("independent", "arithmetic")
+"""The values of forward sampling's ``codes`` option."""
 
 
 def run_population(
@@ -30,12 +55,19 @@ def run_population(
     engine: Engine,
     batch_size: int | None,
     schedule: Schedule | None = None,
+    tag: Callable[[int], Any] | None = None,
 ) -> list[Particle]:
-    """Runs ``n`` particles of ``bound`` to completion, ``batch_size`` at a time."""
+    """Runs ``n`` particles of ``bound`` to completion, ``batch_size`` at a time; particle
+    ``i`` (counting over all batches) gets ``tag(i)`` as its ``Particle.tag`` when given."""
     batch = batch_size or n
     particles: list[Particle] = []
     while len(particles) < n:
-        chunk = [Particle(bound) for _ in range(min(batch, n - len(particles)))]
+        chunk = []
+        for i in range(len(particles), len(particles) + min(batch, n - len(particles))):
+            p = Particle(bound)
+            if tag is not None:
+                p.tag = tag(i)
+            chunk.append(p)
         particles.extend(engine.run(chunk, schedule))
     return particles
 
@@ -62,20 +94,39 @@ def weighted_result(particles: list[Particle], engine: Engine, what: str) -> Res
 
 @register
 class Forward(InferenceMethod):
-    """``num_samples`` ancestral samples weighted by their factors and conditions."""
+    """``num_samples`` ancestral samples weighted by their factors and conditions.
+
+    ``codes``: ``"independent"`` (the default) draws every token with its own uniform;
+    ``"arithmetic"`` drives the samples' tokens with the codes ``(j / N + u) mod 1`` of one
+    shared uniform ``u`` (``N = num_samples``, over all batches when ``batch_size`` splits
+    the run), drawn from the engine's seeded generator: each sample is still exact, the
+    population is more diverse.
+    """
 
     name = "forward"
-    options = {"num_samples": 100, "batch_size": None}
+    options = {"num_samples": 100, "batch_size": None, "codes": "independent"}
 
     def check_options(self) -> None:
         self.population("num_samples")
         if self.config["batch_size"] is not None:
             self.positive_int("batch_size")
+        if not isinstance(self.config["codes"], str) or self.config["codes"] not in CODES:
+            raise OptionError(
+                f"method {self.name!r}: option codes must be 'independent' (every token drawn "
+                "with its own uniform) or 'arithmetic' (the samples share one quasi-random "
+                f"code: exact and more diverse), got {safe_repr(self.config['codes'], 100)}"
+            )
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
-        engine = Engine(seed=seed)
+        n = self.config["num_samples"]
+        tag = None
+        if self.config["codes"] == "arithmetic":
+            engine = Engine(sampler=Arithmetic(), seed=seed)
+            shared = engine.generator(torch.device("cpu"))
+            u = float(torch.rand((), generator=shared, dtype=torch.float64))
+            tag = codes(n, u).__getitem__
+        else:
+            engine = Engine(seed=seed)
         with self.ticking(status=finished) as schedule:
-            particles = run_population(
-                bound, self.config["num_samples"], engine, self.config["batch_size"], schedule
-            )
+            particles = run_population(bound, n, engine, self.config["batch_size"], schedule, tag)
         return weighted_result(particles, engine, "forward sampling")
