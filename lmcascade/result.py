@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -174,8 +174,13 @@ class Result:
     ``values`` are the programs' return values (:data:`REJECTED` for a trace of weight zero,
     which stopped before it returned), ``log_weights`` their unnormalised log-weights and
     ``weights`` the normalised ones (numpy float64).  ``log_evidence`` estimates log Z (``nan``
-    where a method does not estimate it).
+    where a method does not estimate it).  ``estimator`` says what :meth:`expectation`
+    computes: ``"self-normalised"`` (every method but one) or ``"horvitz-thompson"``
+    (stochastic beam search, whose ``exp(log_weights)`` are unbiased inverse-inclusion
+    weights).
     """
+
+    ESTIMATORS = ("self-normalised", "horvitz-thompson")
 
     def __init__(
         self,
@@ -187,7 +192,11 @@ class Result:
         method: str = "",
         options: dict | None = None,
         ess: float | None = None,
+        estimator: str = "self-normalised",
     ) -> None:
+        if estimator not in self.ESTIMATORS:
+            raise ValueError(f"estimator must be one of {self.ESTIMATORS}, got {estimator!r}")
+        self.estimator = estimator
         self.traces = list(traces)
         self.log_weights = np.asarray(log_weights, dtype=np.float64)
         self.log_evidence = float(log_evidence)
@@ -247,6 +256,41 @@ class Result:
         total = math.fsum(p for _, p in totals.values())
         ranked = sorted(totals.values(), key=lambda vw: -vw[1])
         return {value_key(v): p / total for v, p in ranked}
+
+    def expectation(self, f: Callable[[Any], Any]) -> Any:
+        """The estimate of an expectation of ``f(value)`` from the weighted traces (traces of
+        weight zero left out, so ``f`` never sees :data:`REJECTED`).
+
+        For most methods it is self-normalised, ``sum_i weights[i] * f(value_i)``: the
+        posterior expectation (exact for enumeration, consistent for sampling methods).  For
+        stochastic beam search (``estimator == "horvitz-thompson"``) it is
+        ``sum_i exp(log_weights[i]) * f(value_i)``, each kept trace's prior probability times
+        its importance weight over its inclusion probability: unbiased for
+        ``E_prior[w * f]`` (for a program without observes, factors or conditions,
+        ``E_p[f]``).  ``f`` may return a number, a bool or an array.
+
+        >>> import math
+        >>> from lmcascade.trace import Trace
+        >>> def trace(value):
+        ...     t = Trace(); t.value = value; t.done = True; return t
+        >>> r = Result([trace(1), trace(3)], [0.0, math.log(3)])
+        >>> float(r.expectation(lambda v: v))
+        2.5
+        >>> ht = Result([trace(1), trace(3)], [math.log(0.5), math.log(0.2)],
+        ...             estimator="horvitz-thompson")
+        >>> round(float(ht.expectation(lambda v: v)), 6)
+        1.1
+        """
+        if self.estimator == "horvitz-thompson":
+            scale = np.exp(self.log_weights)
+        else:
+            scale = self.weights
+        total: Any = 0.0
+        for trace, w, lw in zip(self.traces, scale, self.log_weights, strict=True):
+            if lw == -math.inf or not w > 0:
+                continue
+            total = total + float(w) * np.asarray(f(trace.value), dtype=np.float64)
+        return float(total) if np.ndim(total) == 0 else total
 
     def best(self) -> Any:
         """The most probable value (by merged weight), as the program returned it."""

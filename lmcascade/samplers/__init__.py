@@ -4,6 +4,8 @@
   constraints by adaptive weighted rejection (:mod:`lmcascade.samplers.awrs`). The default.
 - :class:`Greedy` — the arg-max token.
 - :class:`AllChildren` — every possible token as a child (exact enumeration).
+- :class:`TopK` — each run's k most probable tokens as children (beam search);
+  :class:`GumbelTopK` — its k children of largest Gumbel-perturbed value (stochastic beam).
 
 See :mod:`lmcascade.samplers.base` for the interface a new sampler implements.
 """
@@ -11,7 +13,17 @@ See :mod:`lmcascade.samplers.base` for the interface a new sampler implements.
 from lmcascade.samplers.ancestral import Ancestral, draw
 from lmcascade.samplers.base import TokenSampler
 from lmcascade.samplers.deterministic import AllChildren, Greedy
+from lmcascade.samplers.topk import GumbelTopK, TopK
 
 ANCESTRAL = Ancestral()
 
-__all__ = ["ANCESTRAL", "AllChildren", "Ancestral", "Greedy", "TokenSampler", "draw"]
+__all__ = [
+    "ANCESTRAL",
+    "AllChildren",
+    "Ancestral",
+    "Greedy",
+    "GumbelTopK",
+    "TokenSampler",
+    "TopK",
+    "draw",
+]
