@@ -36,7 +36,18 @@ def draw(logprobs: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 
 class Ancestral(TokenSampler):
-    """One token per run drawn from ``q`` (the constraint-masked distribution)."""
+    """One token per run drawn from ``q`` (the constraint-masked distribution).
+
+    ``exact_masks=True`` evaluates predicate constraints on the whole vocabulary instead of
+    by rejection, so every token's proposal log-probability is exact rather than an unbiased
+    estimate (MCMC needs the proposal's density; AWRS only estimates it).
+
+    >>> Ancestral(exact_masks=True).full_masks
+    True
+    """
+
+    def __init__(self, exact_masks: bool = False) -> None:
+        self.full_masks = exact_masks
 
     def choose(self, rows: Rows) -> Draws:
         tokens = draw(rows.q, rows.generator)
@@ -48,7 +59,9 @@ class Ancestral(TokenSampler):
             [tokens.to(torch.float64), chosen_p.to(torch.float64), chosen_q.to(torch.float64)]
         )
         ids, lps, lqs = back.cpu().tolist()
-        rejection = [i for i, r in enumerate(rows.runs) if by_rejection(r)]
+        rejection = (
+            [] if self.full_masks else [i for i, r in enumerate(rows.runs) if by_rejection(r)]
+        )
         if rejection:
             for i, (tok, lp, lq) in awrs_rows(rows, rejection).items():
                 ids[i], lps[i], lqs[i] = tok, lp, lq
