@@ -344,11 +344,12 @@ class Beam(InferenceMethod):
 
     def run_stochastic(self, bound: BoundProgram, seed: int) -> Result:
         k = self.config["beam_width"]
-        gen = torch.Generator().manual_seed(seed)
         sampler = GumbelTopK(k)
-        engine = TaggingEngine(
-            BeamPolicy(self.config["max_tokens"], gen), sampler=sampler, seed=seed
-        )
+        policy = BeamPolicy(self.config["max_tokens"])
+        engine = TaggingEngine(policy, sampler=sampler, seed=seed)
+        # one stream for every perturbation on the CPU (the token draws' own, for a CPU model):
+        # two generators seeded alike would repeat each other's noise
+        gen = policy.gen = engine.generator(torch.device("cpu"))
         schedule = GumbelSchedule(k)
         root = Particle(bound)
         root.tag = Node(0.0, gumbel(gen))
