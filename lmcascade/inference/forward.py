@@ -101,6 +101,9 @@ class Forward(InferenceMethod):
     shared uniform ``u`` (``N = num_samples``, over all batches when ``batch_size`` splits
     the run), drawn from the engine's seeded generator: each sample is still exact, the
     population is more diverse.
+
+    >>> Forward(codes="arithmetic").config["num_samples"]
+    100
     """
 
     name = "forward"

@@ -117,7 +117,12 @@ class Frontier:
 class Path:
     """One completion in progress: the decisions it must replay (``forced``, from its branch),
     those taken so far, their log-probability, and the forced tokens of the LM site in progress
-    (fed as a block at the site's first step)."""
+    (fed as a block at the site's first step).
+
+    >>> path = Path((("c", 1, -0.5), ("w", 3, -0.1), ("w", 0, -2.0)))
+    >>> path.take("c"), path.take("w")
+    ([('c', 1, -0.5)], [('w', 3, -0.1), ('w', 0, -2.0)])
+    """
 
     forced: tuple[Decision, ...]
     cursor: int = 0
@@ -147,7 +152,11 @@ class Path:
 
 
 def alternatives(scores: list[tuple[int, float]], chosen: int, k: int) -> list[tuple[int, float]]:
-    """The ``k`` most probable ``(index, log p)`` other than ``chosen`` (ties: lower index)."""
+    """The ``k`` most probable ``(index, log p)`` other than ``chosen`` (ties: lower index).
+
+    >>> alternatives([(0, -1.0), (1, -0.5), (2, -0.5), (3, -math.inf)], 1, 2)
+    [(2, -0.5), (0, -1.0)]
+    """
     others = [(i, lp) for i, lp in scores if i != chosen and lp > -math.inf]
     return sorted(others, key=lambda il: (-il[1], il[0]))[:k]
 
@@ -155,7 +164,17 @@ def alternatives(scores: list[tuple[int, float]], chosen: int, k: int) -> list[t
 class PriorityPolicy(Policy):
     """Scalar choices of the current :class:`Path`: its forced value, else the most probable
     one (its alternatives pushed into the frontier); LM sites get their forced tokens ready
-    for :class:`PrioritySampler`."""
+    for :class:`PrioritySampler`.
+
+    >>> from pyro.distributions import Bernoulli
+    >>> import lmcascade as lc
+    >>> policy = PriorityPolicy(Frontier(room=3), branching=None)
+    >>> policy.sample(lc.sample("x", Bernoulli(0.8)), "x").value   # the most probable
+    1.0
+    >>> priority, branch = policy.frontier.pop()                     # the other one, queued
+    >>> branch[0][:2], round(priority, 4)
+    (('x', 0), -1.6094)
+    """
 
     def __init__(self, frontier: Frontier, branching: int | None) -> None:
         self.frontier = frontier
@@ -193,7 +212,11 @@ class PriorityPolicy(Policy):
 class PrioritySampler(TokenSampler):
     """Each run's forced tokens (a block, at its site's first step), else its most probable
     allowed token, pushing the next most probable allowed ones as branches.  Every token is
-    weighed by its probability (``log q = 0``), as greedy decoding is."""
+    weighed by its probability (``log q = 0``), as greedy decoding is.
+
+    >>> PrioritySampler(Frontier(room=4), branching=2).full_masks
+    True
+    """
 
     full_masks = True  # predicate constraints too: the choices must be allowed tokens
 
@@ -222,9 +245,8 @@ class PrioritySampler(TokenSampler):
         for run, row in zip(rows.runs, back, strict=True):
             path: Path = run.tag
             if path.block:
-                block = (
-                    path.block[:] if run.expert is None else path.block[:1]
-                )  # potentials: 1 a step
+                # the replayed tokens all at once (an LM potential steers one token a step)
+                block = path.block[:] if run.expert is None else path.block[:1]
                 del path.block[: len(block)]
                 for d in block:
                     path.record(d)
@@ -255,6 +277,9 @@ class Priority(InferenceMethod):
     probable alternatives of each decision — less host work per step and samples that branch
     off at more different places, but lower-ranked alternatives are never tried, so the order is
     no longer best-first over every prefix and the whole support may be out of reach.
+
+    >>> Priority(num_samples=3).config["branching"] is None
+    True
     """
 
     name = "priority"

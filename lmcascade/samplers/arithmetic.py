@@ -132,7 +132,14 @@ def decode(
 class Arithmetic(TokenSampler):
     """Each run's token chosen by its particle's :class:`Code` (``run.tag``), which is then
     rescaled for the next token; all runs of a model in one batched operation on its device.
-    Weights as ancestral sampling (``log p - log q`` per token)."""
+    Weights as ancestral sampling (``log p - log q`` per token).
+
+    A code belongs to one particle: a method that clones particles (resampling) must give each
+    clone its own copy, or the shared code would advance once per copy.
+
+    >>> Arithmetic().full_masks   # predicate constraints go to rejection, not to masks
+    False
+    """
 
     def choose(self, rows: Rows) -> Draws:
         device = rows.q.device
