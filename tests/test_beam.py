@@ -19,8 +19,13 @@ Statistical checks of stochastic beam (Gumbel-top-k) use i.i.d. runs with differ
   rate about 2.7e-3 each); ``evidence_check`` asserts that a relative bias of 3% (f) and 3%
   (Z) would be detected with probability about 0.9.
 
-Each was run once against a deliberately wrong sampler (perturbations not conditioned on the
-parent's; the threshold kappa taken one place too high): every one of them failed.
+Each was run once against deliberately wrong samplers.  Perturbations not conditioned on the
+parent's: the pairs test fails (chi2 388 > 61); k = 1 cannot see it (the arg-max of the
+children is the same either way) nor, at k = 8 of 14, the expectation test.  Log-probabilities
+doubled in the perturbation: k = 1 fails (chi2 644 > 36), pairs fail (chi2 1149 > 61).  The
+threshold kappa one place too high (the k-th largest leaf value): the expectation test fails
+(mean 13% high, 15 standard errors).  Two generators seeded alike for the perturbations (a
+real bug, since fixed): k = 1 failed (chi2 1349 > 36).
 """
 
 from __future__ import annotations
