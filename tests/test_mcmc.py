@@ -322,3 +322,15 @@ def test_two_sites_on_the_batched_hf_path(hf):
     exact = lc.infer(two(), method="enumerate").distribution()
     r = mcmc_draws(two(), "site", chains=400, burn=25)
     assert_matches(r.values, exact)
+
+
+def test_power_target_in_the_text_dsl():
+    """``alpha=`` in a .lmc model call is the same site as in Python (enumerated exactly)."""
+    source = 'program sharp() {\n  text ~ lm("q", max_tokens=3, alpha=3)\n  return text\n}\n'
+    sharp = lc.load(source, models={"lm": LM}).sharp
+    got = lc.infer(sharp(), method="enumerate").distribution()
+    want = lc.infer(power_program(3.0), method="enumerate").distribution()
+    assert got == pytest.approx(want, abs=1e-12)
+    bad = 'program bad() {\n  text ~ lm("q", alpha=-1)\n  return text\n}\n'
+    with pytest.raises(lc.errors.LMCascadeError, match="alpha"):
+        lc.infer(lc.load(bad, models={"lm": LM}).bad(), method="forward", num_samples=2)

@@ -81,6 +81,8 @@ LM_OPTIONS = {
     "top_p",
     "constraint",
     "potential",
+    "alpha",
+    "proposal_temperature",
 }
 
 

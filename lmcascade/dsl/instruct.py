@@ -351,6 +351,8 @@ LM_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "temperature": (lambda v: _number(v, lambda x: x >= 0), "a number >= 0 (0 is greedy)"),
     "top_k": (lambda v: _whole(v, 1), "a whole number >= 1"),
     "top_p": (lambda v: _number(v, lambda x: 0 < x <= 1), "a number in (0, 1]"),
+    "alpha": (lambda v: _number(v, lambda x: x > 0), "a number > 0 (the power of p(text))"),
+    "proposal_temperature": (lambda v: _number(v, lambda x: x > 0), "a number > 0"),
     "constraint": (
         lambda v: isinstance(v, constraints.Constraint),
         f"a constraint: {CONSTRAINT_BUILDERS}",
