@@ -150,21 +150,16 @@ class LM:
                 raise SiteError("an LM used as a potential must have alpha 1 (no power target)")
         elif potential is not None and not callable(potential):
             raise SiteError("LM potential must be a function of the partial text, or an lc.LM")
-        if not (
-            isinstance(alpha, int | float) and not isinstance(alpha, bool) and 0 < alpha < math.inf
-        ):
+        if not _in_power_range(alpha):
             raise SiteError(
-                f"LM alpha must be a positive finite number (the power of the target "
-                f"p(text) ** alpha; 1 is the model itself), got {alpha!r}"
+                f"LM alpha must be a number from {POWER_RANGE[0]} to {POWER_RANGE[1]} (the "
+                f"power of the target p(text) ** alpha; 1 is the model itself; beyond "
+                f"{POWER_RANGE[1]} use temperature=0), got {alpha!r}"
             )
-        if proposal_temperature is not None and not (
-            isinstance(proposal_temperature, int | float)
-            and not isinstance(proposal_temperature, bool)
-            and 0 < proposal_temperature < math.inf
-        ):
+        if proposal_temperature is not None and not _in_power_range(proposal_temperature):
             raise SiteError(
-                "LM proposal_temperature must be None (1 / alpha) or a positive finite number, "
-                f"got {proposal_temperature!r}"
+                "LM proposal_temperature must be None (1 / alpha) or a number from "
+                f"{POWER_RANGE[0]} to {POWER_RANGE[1]}, got {proposal_temperature!r}"
             )
         self.alpha = float(alpha)
         self.proposal_temperature = (
@@ -255,6 +250,20 @@ class LM:
             if k not in ("model", "prompt") and v not in (None, [], 1.0, 0)
         )
         return f"LM({self.model.name!r}, {self.prompt!r}{extra})"
+
+
+POWER_RANGE = (0.001, 1000.0)
+"""The values ``alpha`` and ``proposal_temperature`` may take: beyond them ``alpha * log p``
+leaves the range where float32 log-probabilities keep their meaning."""
+
+
+def _in_power_range(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return POWER_RANGE[0] <= float(value) <= POWER_RANGE[1]
+    except OverflowError:
+        return False
 
 
 def is_lm(dist: object) -> bool:

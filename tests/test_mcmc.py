@@ -103,12 +103,24 @@ def test_site_count_correction():
 
 @pytest.mark.parametrize("proposal", ["site", "suffix"])
 def test_trans_dimensional_program(proposal):
+    """Traces without an LM site too: a suffix proposal moves scalars by site moves."""
     exact = lc.infer(maybe_second(), method="enumerate").distribution()
-    if proposal == "suffix":  # a trace without LM site has nothing for a suffix move
-        with pytest.raises(ProgramError, match="suffix"):
-            mcmc_draws(maybe_second(), proposal, chains=50)
-        return
     assert_matches(mcmc_draws(maybe_second(), proposal).values, exact)
+
+
+def test_suffix_proposals_move_scalar_choices():
+    """A scalar whose posterior (0.95) is far from its prior (0.5): suffix moves must change
+    it too (a kernel that only moves LM sites stays at the prior: measured 0.495)."""
+
+    @lc.program
+    def biased():
+        b = yield lc.sample("b", Bernoulli(torch.tensor(0.5, dtype=torch.float64)))
+        text = yield lc.gen("text", LM, "q", max_tokens=2)
+        yield lc.factor("likes_b", 3.0 * b)
+        return f"{int(b)}/{text}"
+
+    exact = lc.infer(biased(), method="enumerate").distribution()
+    assert_matches(mcmc_draws(biased(), "suffix").values, exact)
 
 
 def power_program(alpha: float, **params):
@@ -230,6 +242,13 @@ def test_chains_result_and_diagnostics():
         single.r_hat(len)
     with pytest.raises(OptionError, match="number"):
         r.chain_ess(lambda v: "not a number")
+    # the result's own ESS is that of the log target; summary and JSON show it
+    assert 1 <= r.ess <= 300 and f"ESS: {r.ess:.2f}" in r.summary()
+    short = lc.infer(prog, method="mcmc", num_samples=3, chains=3, burn_in=2, seed=0)
+    for diagnostic in (short.r_hat, short.chain_ess):
+        with pytest.raises(OptionError, match="at least 10 states"):
+            diagnostic(len)
+    assert math.isnan(short.ess)
 
 
 def test_same_seed_same_chain():
@@ -268,6 +287,9 @@ def test_bad_options(options, match):
         {"alpha": "2"},
         {"proposal_temperature": 0.0},
         {"proposal_temperature": "hot"},
+        {"alpha": 1e308},
+        {"alpha": 2**2000},
+        {"alpha": 1e-9},
     ],
 )
 def test_bad_power_parameters(params):
@@ -277,11 +299,13 @@ def test_bad_power_parameters(params):
 
 def test_programs_a_proposal_cannot_move():
     @lc.program
-    def no_lm():
-        return (yield lc.sample("b", Bernoulli(0.5)))
+    def no_choice():
+        yield lc.factor("f", -1.0)
+        return 1
 
-    with pytest.raises(ProgramError, match="suffix.*'site' or 'independent'"):
-        lc.infer(no_lm(), method="mcmc", proposal="suffix", num_samples=3, progress=False)
+    for proposal in ("site", "suffix"):
+        with pytest.raises(ProgramError, match="nothing to sample"):
+            lc.infer(no_choice(), method="mcmc", proposal=proposal, num_samples=3, progress=False)
 
     @lc.program
     def never():

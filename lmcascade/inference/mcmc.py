@@ -11,10 +11,11 @@ and accepts with the Metropolis-Hastings probability.  Three proposals:
   the rest: a later choice keeps its value and is rescored under its new distribution, unless
   that distribution changed shape (another type or support, an LM of another vocabulary), in
   which case it is drawn afresh too.
-- ``"suffix"`` — pick one LM site of ``x`` uniformly and a token position ``t`` uniformly
-  among its ``n`` tokens (eos included), keep the first ``t`` tokens and generate the rest from
-  the site's token proposal (for a power target ``p ** alpha``, the model at temperature
-  ``1 / alpha`` by default), then replay the rest as above.
+- ``"suffix"`` — pick one random choice uniformly as above; if it is an LM site, pick a
+  token position ``t`` uniformly among its ``n`` tokens (eos included), keep the first ``t``
+  tokens and generate the rest from the site's token proposal (for a power target
+  ``p ** alpha``, the model at temperature ``1 / alpha`` by default), then replay the rest as
+  above; a scalar choice gets a site move.
 - ``"independent"`` — a whole new trace from the prior.
 
 **The acceptance ratio** (lightweight MH, Wingate et al. 2011, with the reverse move in full):
@@ -142,7 +143,7 @@ def choices(trace: Trace) -> list[Site]:
 
 
 def lm_choices(trace: Trace) -> list[Site]:
-    """The sites a ``"suffix"`` move may pick: LM samples with at least one token."""
+    """The choices a ``"suffix"`` proposal moves by a suffix: LM samples with tokens."""
     return [s for s in trace.sites if s.kind == "sample" and is_lm(s.dist) and s.token_ids]
 
 
@@ -234,7 +235,36 @@ class MCMCResult(Result):
         super().__init__(traces, [0.0] * len(traces), stats=stats)
         self.chains = chains
 
+    MIN_STATES = 10
+    """States per chain the diagnostics need (fewer make pyro's estimates meaningless)."""
+
+    @property
+    def ess(self) -> float:
+        """The effective sample size of the states' log target (``trace.log_joint``) across
+        chains: how many independent draws the chains are worth (``nan`` with fewer than
+        :attr:`MIN_STATES` states per chain).  :meth:`chain_ess` gives it for any function
+        of the values."""
+        if min((len(c.traces) for c in self.chains), default=0) < self.MIN_STATES:
+            return math.nan
+        joint = [[t.log_joint for t in c.traces] for c in self.chains]
+        return self._ess_of(torch.tensor(joint, dtype=torch.float64))
+
+    @staticmethod
+    def _ess_of(draws: torch.Tensor) -> float:
+        from pyro.ops.stats import effective_sample_size
+
+        if bool((draws == draws[..., :1]).all()):
+            return math.nan  # a constant: no spread to measure
+        value = float(effective_sample_size(draws, chain_dim=0, sample_dim=1))
+        return value if value > 0 else math.nan
+
     def _draws(self, f: Callable[[Any], float]) -> torch.Tensor:
+        short = min((len(c.traces) for c in self.chains), default=0)
+        if short < self.MIN_STATES:
+            raise OptionError(
+                f"chain diagnostics need at least {self.MIN_STATES} states per chain, this run "
+                f"kept {short}; raise num_samples"
+            )
         try:
             rows = [[float(f(v)) for v in c.values] for c in self.chains]
         except (TypeError, ValueError) as err:
@@ -261,10 +291,9 @@ class MCMCResult(Result):
 
     def chain_ess(self, f: Callable[[Any], float] = float) -> float:
         """Effective sample size of ``f(value)`` over all chains (autocorrelation-corrected;
-        at most the number of states for a well-mixed chain, fewer when it sticks)."""
-        from pyro.ops.stats import effective_sample_size
-
-        return float(effective_sample_size(self._draws(f), chain_dim=0, sample_dim=1))
+        about the number of states for a well-mixed chain, fewer when it sticks; ``nan`` when
+        ``f`` is constant or the estimate breaks down)."""
+        return self._ess_of(self._draws(f))
 
 
 # -- the method -----------------------------------------------------------------------------
@@ -368,7 +397,8 @@ class MCMC(InferenceMethod):
         budget = n * self.config["init_tries"]
         tries = 0
         while len(found) < n and tries < budget:
-            batch = min(max(2 * (n - len(found)), 16), budget - tries)
+            missing = n - len(found)  # one draw per chain first; more once some fail
+            batch = min(missing if not tries else max(2 * missing, 16), budget - tries)
             tries += batch
             for p in engine.run([Particle(bound) for _ in range(batch)], schedule):
                 if p.done and p.trace.log_joint > -math.inf and not p.dead:
@@ -393,27 +423,23 @@ class MCMC(InferenceMethod):
         kind = self.config["proposal"]
         if kind == "independent":
             return Move(Particle(bound), None, 0, 0.0)
-        eligible = choices(x) if kind == "site" else lm_choices(x)
+        eligible = choices(x)
         if not eligible:
-            what = "random choice" if kind == "site" else "LM site with at least one token"
             raise ProgramError(
-                f"mcmc proposal={kind!r} needs a {what} in every trace, but a trace of program "
-                f"{bound.name!r} has none (its sites: {x.names}); "
-                + (
-                    "use proposal='site' or 'independent'"
-                    if kind == "suffix"
-                    else "a program without random choices has nothing to sample"
-                )
+                f"mcmc needs a random choice to move, but a trace of program {bound.name!r} "
+                f"has none (its sites: {x.names}); a program without random choices has "
+                "nothing to sample"
             )
         site = eligible[int(rng.integers(len(eligible)))]
+        suffix = kind == "suffix" and site in lm_choices(x)
         start = x.names.index(site.name)
         replay = Trace()
         for s in x.sites[start:]:
-            if s is not site or kind == "suffix":
+            if s is not site or suffix:
                 replay.add(s)
         correction = math.log(len(eligible))  # + log|C(x)|; - log|C(x')| after the replay
         position = None
-        if kind == "suffix":
+        if suffix:
             n = len(site.token_ids or ())
             position = int(rng.integers(n))
             policy.suffixes[id(site)] = position
@@ -459,8 +485,7 @@ def log_acceptance(x: Trace, new: Trace, move: Move) -> float:
     for name, before in old_sites.items():
         if before.kind == "sample" and name not in kept:
             log_a += proposal_log_prob(before)  # the reverse move draws it afresh
-    eligible = choices(new) if move.position is None else lm_choices(new)
-    return log_a - math.log(len(eligible))
+    return log_a - math.log(len(choices(new)))
 
 
 def suffix_weight(site: Site, t: int) -> float:
