@@ -177,7 +177,7 @@ class Result:
     where a method does not estimate it).  ``estimator`` says what :meth:`expectation`
     computes: ``"self-normalised"`` (every method but one) or ``"horvitz-thompson"``
     (stochastic beam search, whose ``exp(log_weights)`` are unbiased inverse-inclusion
-    weights).
+    weights); :meth:`to_dict` and :meth:`to_json` record it when it is not the default.
     """
 
     ESTIMATORS = ("self-normalised", "horvitz-thompson")
@@ -264,10 +264,14 @@ class Result:
         For most methods it is self-normalised, ``sum_i weights[i] * f(value_i)``: the
         posterior expectation (exact for enumeration, consistent for sampling methods).  For
         stochastic beam search (``estimator == "horvitz-thompson"``) it is
-        ``sum_i exp(log_weights[i]) * f(value_i)``, each kept trace's prior probability times
-        its importance weight over its inclusion probability: unbiased for
-        ``E_prior[w * f]`` (for a program without observes, factors or conditions,
-        ``E_p[f]``).  ``f`` may return a number, a bool or an array.
+        ``sum_i exp(log_weights[i]) * f(value_i)``, each kept trace's proposal probability
+        times its importance weight over its inclusion probability: unbiased for
+        ``sum_y gamma(y) f(y) = Z * E_posterior[f]``, ``gamma`` the program's unnormalised
+        target and ``Z`` its evidence (``exp(log_evidence)`` estimates it; divide by it for a
+        consistent posterior estimate).  That is ``E_p[f]`` only where every importance
+        weight is 1: no observes, factors, conditions or constraints, and ``alpha = 1`` at
+        every site.  When every trace has weight zero it is 0 (an estimate, not a failure).
+        ``f`` may return a number, a bool or an array.
 
         >>> import math
         >>> from lmcascade.trace import Trace
@@ -334,29 +338,54 @@ class Result:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {
+        """The result as plain data (what :meth:`to_json` writes).
+
+        >>> from lmcascade.trace import Trace
+        >>> t = Trace(); t.value = "a"; t.done = True
+        >>> d = Result([t], [0.5], estimator="horvitz-thompson").to_dict()
+        >>> d["estimator"], d["traces"][0]["log_weight"], d["traces"][0]["result_log_weight"]
+        ('horvitz-thompson', 0.0, 0.5)
+        >>> "estimator" in Result([t], [0.5]).to_dict()  # the default is left out
+        False
+        """
+        out: dict[str, Any] = {
             "method": self.method,
             "options": jsonable(self.options),
             "log_evidence": jsonable(self.log_evidence),
             "ess": jsonable(self.ess),
-            "distribution": [
-                {"value": jsonable(v.value if isinstance(v, ValueKey) else v), "probability": p}
-                for v, p in self.distribution().items()
-            ],
-            "traces": [
-                {**t.to_dict(), "weight": jsonable(float(w)), "rejected": bool(lw == -math.inf)}
-                for t, w, lw in zip(self.traces, self.weights, self.log_weights, strict=True)
-            ],
-            "stats": jsonable(self.stats),
         }
+        if self.estimator != "self-normalised":
+            out["estimator"] = self.estimator
+        out["distribution"] = [
+            {"value": jsonable(v.value if isinstance(v, ValueKey) else v), "probability": p}
+            for v, p in self.distribution().items()
+        ]
+        out["traces"] = [
+            {
+                **t.to_dict(),
+                "result_log_weight": jsonable(float(lw)),
+                "weight": jsonable(float(w)),
+                "rejected": bool(lw == -math.inf),
+            }
+            for t, w, lw in zip(self.traces, self.weights, self.log_weights, strict=True)
+        ]
+        out["stats"] = jsonable(self.stats)
+        return out
 
     def to_json(self, indent: int | None = 2) -> str:
-        """The full result as strict JSON (values, weights, traces, stats).  Each trace says
+        """The full result as strict JSON (values, weights, traces, stats).
+
+        Each trace has its own ``"log_weight"`` (the sum over its sites: what the program gave
+        it) and ``"result_log_weight"``, ``log_weights[i]``: what the method gave it, the
+        unnormalised weight that ``"weight"`` normalises (the two differ for beam search's
+        length-penalised scores and stochastic beam's Horvitz-Thompson weights).
+        ``"estimator"`` says what :meth:`expectation` computes when it is not the default
+        ``"self-normalised"`` (stochastic beam: ``"horvitz-thompson"``).  Each trace says
         whether it was ``"rejected"`` (weight zero; its ``"value"`` is then ``null``, as it
-        never returned).  Numbers that
-        JSON cannot hold are strings: a zero-weight trace's log-weight is ``"-inf"``, an
-        estimate a method does not make is ``"nan"`` (``float(s)`` reads either back);
-        values nested too deep are written as their ``repr``."""
+        never returned).  Numbers that JSON cannot hold are strings: a zero-weight trace's
+        log-weight is ``"-inf"``, an estimate a method does not make is ``"nan"``
+        (``float(s)`` reads either back); values nested too deep are written as their
+        ``repr``."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def __repr__(self) -> str:

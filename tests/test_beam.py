@@ -14,6 +14,11 @@ Statistical checks of stochastic beam (Gumbel-top-k) use i.i.d. runs with differ
 - ``test_stochastic_k2_ordered_pairs``: chi-square of the ordered pair (first, second by
   perturbed value) of 3000 runs against p(y1) p(y2) / (1 - p(y1)); false-alarm rate <= 1e-3;
   detects TV >= 0.075 on the merged cells (asserted).
+- ``test_stochastic_all_zero_is_an_estimate_of_zero``: the mean of 1000 estimates of Z (k = 2;
+  about 38% of the runs keep only leaves of weight zero, and estimate 0) must lie within 3
+  standard errors of the exact Z (false-alarm rate about 2.7e-3); it detects a relative bias
+  of 30% with probability about 0.9 (asserted), and dropping the all-zero runs (what raising
+  made callers do) biases it by about +60%.
 - ``test_stochastic_expectation_unbiased``: the mean of 1500 Horvitz-Thompson estimates
   (k = 8 of 14 leaves) of E_prior[w f] and of Z must lie within 3 standard errors of the exact value (CLT: false-alarm
   rate about 2.7e-3 each); ``evidence_check`` asserts that a relative bias of 3% (f) and 3%
@@ -30,7 +35,9 @@ real bug, since fixed): k = 1 failed (chi2 1349 > 36).
 
 from __future__ import annotations
 
+import json
 import math
+import random
 from collections import Counter
 
 import pytest
@@ -41,8 +48,11 @@ import lmcascade as lc
 from lmcascade.constraints import forbid
 from lmcascade.engine import Engine, Particle
 from lmcascade.errors import AllWeightsZeroError, NotEnumerableError, OptionError
+from lmcascade.inference import beam as beam_module
+from lmcascade.inference.base import PARTICLE_BYTES
+from lmcascade.inference.beam import BeamEngine, BeamPolicy, BeamSchedule
 from lmcascade.models import ToyLM
-from lmcascade.samplers import Greedy
+from lmcascade.samplers import Greedy, TopK
 from programs import LM as TOY
 from programs import categorical_prompt, chained_soft, hard_condition
 from stats import assert_matches, evidence_check
@@ -319,10 +329,26 @@ def test_bad_beam_width(width):
         lc.infer(plain("q", 2), method="beam", beam_width=width)
 
 
-@pytest.mark.parametrize("lp", [math.nan, math.inf, "1", None, True])
+@pytest.mark.parametrize("lp", [math.nan, math.inf, "1", None, True, 1000, -700, 100.5, -1e300])
 def test_bad_length_penalty(lp):
-    with pytest.raises(OptionError, match="length_penalty"):
+    with pytest.raises(OptionError, match="length_penalty must be a number from -100 to 100"):
         lc.infer(plain("q", 2), method="beam", length_penalty=lp)
+
+
+@pytest.mark.parametrize("lp", [100, -100, 99.5])
+def test_extreme_length_penalty_gives_finite_scores(lp, monkeypatch):
+    """At the ends of the range the search runs, and a score beyond a float's range (a very
+    long trace) is the largest float of its sign, never an OverflowError or a NaN."""
+    r = lc.infer(plain("q", 4), method="beam", beam_width=3, length_penalty=lp, seed=0)
+    assert len(r) == 3 and all(math.isfinite(s) for s in r.log_weights)
+    assert list(r.log_weights) == sorted(r.log_weights, reverse=True)
+    schedule = BeamSchedule(2, float(lp))
+    p = Particle(plain("q", 4))
+    p.trace = r.traces[0].copy()
+    for length in [1, 2, 10**6, 10**300]:
+        monkeypatch.setattr(beam_module, "generated_tokens", lambda _, n=length: n)
+        score = schedule.final_score(p)
+        assert math.isfinite(score) and score <= 0, (length, score)
 
 
 def test_other_bad_options():
@@ -356,22 +382,210 @@ def impossible():
     return x
 
 
-@pytest.mark.parametrize("stoch", [False, True])
-def test_every_beam_dies(stoch):
-    with pytest.raises(AllWeightsZeroError, match="never"):
-        lc.infer(impossible(), method="beam", beam_width=3, stochastic=stoch, seed=0)
+def test_every_beam_dies():
+    """Deterministic beam raises, and says the narrow search may have pruned what a wider
+    one (or enumeration) would find — not that the condition can never be met."""
+    with pytest.raises(AllWeightsZeroError, match="beam_width=3") as err:
+        lc.infer(impossible(), method="beam", beam_width=3, seed=0)
+    text = str(err.value)
+    assert "'never'" in text and "pruned" in text and "never satisfied" not in text
+    assert err.value.traces and all(t.log_weight == -math.inf for t in err.value.traces)
+
+
+def test_stochastic_every_leaf_dead_is_a_result():
+    r = lc.infer(impossible(), method="beam", beam_width=3, stochastic=True, seed=0)
+    assert len(r) == 3 and r.values == [lc.REJECTED] * 3 and r.num_rejected == 3
+    assert r.log_evidence == -math.inf and r.expectation(lambda v: 1.0) == 0.0
+    assert r.stats["zero_weight_traces"] == 3 and r.distribution() == {} and r.best() is None
+    data = json.loads(r.to_json(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
+    assert data["log_evidence"] == "-inf" and all(t["rejected"] for t in data["traces"])
+
+
+FLAT = ToyLM(["a", "b", "<eos>"], lambda ctx: [0.0, 0.0, -1.0], name="flat")
+
+
+@lc.program
+def two_as():
+    x = yield lc.gen("x", FLAT, "", max_tokens=3)
+    yield lc.condition("two_a", x.count("a") >= 2)
+    return x
+
+
+def test_stochastic_all_zero_is_an_estimate_of_zero():
+    """With k = 2 about 38% of the runs keep only failed leaves: each is a result estimating
+    0 (never an error), and the estimates, zeros included, are unbiased for Z."""
+    z = math.exp(lc.infer(two_as(), method="enumerate").log_evidence)
+    estimates, all_dead = [], 0
+    for seed in range(1000):
+        r = stochastic(two_as(), 2, seed)
+        assert len(r) == 2 and r.stats["zero_weight_traces"] == r.num_rejected
+        if r.num_rejected == 2:
+            all_dead += 1
+            assert r.log_evidence == -math.inf and r.expectation(len) == 0.0
+            assert r.values == [lc.REJECTED, lc.REJECTED]
+        estimates.append(math.exp(r.log_evidence))
+    assert 250 < all_dead < 500
+    evidence_check(estimates, z, max_detectable=0.3)
 
 
 def test_stochastic_dead_leaves_hold_their_place():
-    """A leaf whose condition failed is one of the k samples (weight zero), left out of the
-    result; when all k failed, the error says so."""
-    sizes = Counter()
+    """A leaf whose condition failed is one of the k samples: it stays in the result with
+    weight zero (REJECTED), and the estimates count it as a zero."""
     for seed in range(20):
-        try:
-            r = stochastic(hard_condition(), 3, seed)
-        except AllWeightsZeroError:
-            sizes["all dead"] += 1
-            continue
-        sizes[len(r) + r.stats["zero_weight_traces"]] += 1
-        assert all("a" in v for v in r.values)
-    assert set(sizes) <= {3, "all dead"} and sizes[3] > 0
+        r = stochastic(hard_condition(), 3, seed)
+        assert len(r) == 3 and r.stats["num_traces"] == 3
+        dead = [lw == -math.inf for lw in r.log_weights]
+        assert r.stats["zero_weight_traces"] == sum(dead) == r.num_rejected
+        for v, d in zip(r.values, dead, strict=True):
+            assert (v is lc.REJECTED) if d else ("a" in v)
+        assert len(r.stats["inclusion_log_probs"]) == len(r.stats["perturbed"]) == 3
+
+
+# --- the children of a step: the 2W best (beam, token) pairs overall ---------------------------
+
+
+def noisy(vocab: int, seed: int):
+    """Next-token scores that depend on the whole context, without ties."""
+
+    def scores(ctx):
+        g = random.Random(hash((seed, *ctx)))
+        return [g.gauss(0.0, 2.0) for _ in range(vocab)]
+
+    return scores
+
+
+class Counting(ToyLM):
+    """A ToyLM that counts its forks and the rows of each call."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.forks, self.rows = 0, []
+
+    def fork(self, context):
+        self.forks += 1
+        return super().fork(context)
+
+    def next_logprobs(self, contexts):
+        self.rows.append(len(contexts))
+        return super().next_logprobs(contexts)
+
+
+WORDS = [f"w{i}" for i in range(11)] + ["<eos>"]
+NOISY_A = ToyLM(WORDS, noisy(12, 1), name="noisy_a")
+NOISY_B = ToyLM(WORDS, noisy(12, 2), name="noisy_b")
+
+
+@lc.program
+def two_models():
+    """Beams at two models in the same step (a Bernoulli picks the model)."""
+    c = yield lc.sample("which", Bernoulli(torch.tensor(0.4, dtype=torch.float64)))
+    x = yield lc.gen("x", NOISY_B if c else NOISY_A, "", max_tokens=3)
+    return f"{int(c)}:{x}"
+
+
+@lc.program
+def two_noisy_sites():
+    x = yield lc.gen("x", NOISY_A, "", max_tokens=2)
+    y = yield lc.gen("y", NOISY_A, x + "w0", max_tokens=2)
+    return x + "|" + y
+
+
+@lc.program
+def one_noisy_site():
+    return (yield lc.gen("x", NOISY_B, "", max_tokens=4))
+
+
+def full_expansion(bound, width: int, lp: float):
+    """The reference: every child of every beam becomes a candidate and only the schedule
+    cuts (the search before the sampler kept the 2W best per call)."""
+    engine = BeamEngine(BeamPolicy(), TopK(10**9), seed=0)
+    schedule = BeamSchedule(width, lp)
+    schedule.absorb(engine.run([Particle(bound)], schedule))
+    return [(p.trace.value, s) for s, p in schedule.hypotheses]
+
+
+@pytest.mark.parametrize("prog", [one_noisy_site, two_models, two_noisy_sites])
+@pytest.mark.parametrize("width", [1, 3, 5])
+def test_cutting_in_the_sampler_loses_no_candidate(prog, width):
+    """Keeping the 2W best (beam, token) pairs of each model call before forking gives the
+    same beams, order and scores as letting every child of every beam compete."""
+    for lp in [0.0, 1.0]:
+        want = full_expansion(prog(), width, lp)
+        r = lc.infer(prog(), method="beam", beam_width=width, length_penalty=lp, seed=0)
+        assert [(t.value, s) for t, s in zip(r.traces, r.log_weights, strict=True)] == want
+
+
+@pytest.mark.parametrize("stoch", [False, True])
+def test_a_step_creates_at_most_2w_children(stoch):
+    """W beams of a 40-token model: each call has at most W rows and creates at most 2W
+    children in all (stochastic: W), not 2W per beam."""
+    w = 4
+    lm = Counting([f"t{i}" for i in range(39)] + ["<eos>"], noisy(40, 3), name="counting")
+
+    @lc.program
+    def long_site():
+        return (yield lc.gen("x", lm, "", max_tokens=6))
+
+    r = lc.infer(long_site(), method="beam", beam_width=w, stochastic=stoch, seed=0)
+    children = w if stoch else 2 * w
+    calls = r.stats["model_calls"]
+    assert calls == len(lm.rows) == 6 and max(lm.rows) <= w
+    assert r.stats["tokens_generated"] <= children * calls
+    assert lm.forks <= (children - 1) * calls  # the first child of a run takes the run itself
+    assert r.stats["zero_weight_traces"] == 0  # runs cut by rank are not counted as dead
+
+
+def test_memory_check_counts_the_particles_held(monkeypatch):
+    """The option check counts what a step holds (2W candidates and W finished traces)."""
+    w = 1000
+    monkeypatch.setattr(
+        beam_module, "available_memory", lambda device="cpu": 2 * w * PARTICLE_BYTES
+    )
+    with pytest.raises(OptionError, match="beam_width=1,000 holds up to 3,000 particles"):
+        lc.infer(plain("q", 2), method="beam", beam_width=w)
+    r = lc.infer(plain("q", 2), method="beam", beam_width=w, stochastic=True, seed=0)
+    assert len(r) >= 1  # 2W particles fit
+
+
+# --- potentials only steer SMC ------------------------------------------------------------------
+
+
+def likes_b(text: str) -> float:
+    return 4.0 * text.count("b")
+
+
+@lc.program
+def steered(potential):
+    return (yield lc.gen("x", LEANING, "", max_tokens=3, potential=potential))
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_potentials_do_not_steer_beam(width):
+    """A site's potential leaves beam's ranking alone: the same beams and scores as without
+    it, and W = 1 is greedy decoding."""
+    plain_r = lc.infer(steered(None), method="beam", beam_width=width, seed=0)
+    r = lc.infer(steered(likes_b), method="beam", beam_width=width, seed=0)
+    assert r.values == plain_r.values and list(r.log_weights) == list(plain_r.log_weights)
+    if width == 1:
+        (greedy,) = Engine(sampler=Greedy(), seed=0).run([Particle(steered(likes_b))])
+        assert r.values == [greedy.trace.value] and "b" not in greedy.trace.value
+    s0 = stochastic(steered(None), width, 7)
+    s1 = stochastic(steered(likes_b), width, 7)
+    assert s0.values == s1.values and list(s0.log_weights) == list(s1.log_weights)
+
+
+# --- the result as JSON ---------------------------------------------------------------------------
+
+
+def test_json_records_the_estimator_and_the_result_weights():
+    s = stochastic(weighted_small(), 4, 3)
+    data = json.loads(s.to_json())
+    assert data["estimator"] == "horvitz-thompson"
+    got = [float(t["result_log_weight"]) for t in data["traces"]]
+    assert got == list(s.log_weights)
+    own = [float(t["log_weight"]) for t in data["traces"]]
+    assert own == [t.log_weight for t in s.traces] and own != got  # the trace's own weight
+    d = lc.infer(plain("q", 3), method="beam", beam_width=2, length_penalty=1.0, seed=0)
+    data = d.to_dict()
+    assert "estimator" not in data  # the default is left out
+    assert [t["result_log_weight"] for t in data["traces"]] == list(d.log_weights)

@@ -1,14 +1,16 @@
 """Beam search over a whole program, and stochastic beam search (Gumbel-top-k).
 
 **Beam search** (``method="beam"``) keeps the ``beam_width`` best partial traces, ranked by
-the trace's joint log-weight so far: the log-probabilities of its LM tokens (under each
-site's shaped distribution) and scalar choices, plus every observe, factor and condition.  It
-runs on the engine's one loop, like every method: the :class:`~lmcascade.samplers.TopK`
-sampler gives each beam its ``2 * beam_width`` best next tokens as children (forks of its
-model context, sharing the cache: rows are gathered by index in the next call, never copied
-per beam), scalar choices branch on every value (as in enumeration), and the
-:class:`BeamSchedule` keeps the best beams after each decoding step — one batched model call
-per model per step for all beams.  Finished traces are scored ``log_weight / length **
+the trace's joint log-weight so far under the program's target: the log-probabilities of its
+LM tokens (under each site's shaped distribution) and scalar choices, plus every observe,
+factor and condition — never a site's potential, which only steers SMC (so width 1 is greedy
+decoding whatever the potentials).  It runs on the engine's one loop, like every method: at
+each decoding step the :class:`~lmcascade.samplers.TopK` sampler ranks every (beam, token)
+pair of a model call together and gives the ``2 * beam_width`` best their children (forks of
+the beam's model context, sharing the cache: rows are gathered by index in the next call,
+never copied per beam); scalar choices branch on every value (as in enumeration); and the
+:class:`BeamSchedule` keeps the best beams after each step — one batched model call per model
+per step for all beams.  Finished traces are scored ``log_weight / length **
 length_penalty`` (``length``: the tokens generated over all LM sites, eos included) and the
 best ``beam_width`` are returned, best first.  The rules are Hugging Face's
 (``generate(num_beams=W, do_sample=False)``, ``early_stopping=False``): per step the best
@@ -18,21 +20,24 @@ ranks within the first ``W``; the best ``W`` unfinished ones go on; the search s
 worst of them, or when nothing runs.
 
 **Stochastic beam search** (``stochastic=True``; Kool, van Hoof and Welling 2019) draws
-``beam_width`` distinct traces *without replacement* from the program's prior: every node
+``beam_width`` distinct traces *without replacement* from the program's proposal: every node
 of the tree of choices gets a perturbed value, a Gumbel at its log-probability, conditioned
 top-down so that the largest value among a node's children equals the node's own; the
 search keeps the ``beam_width`` nodes of largest value, which ends with the ``k`` leaves of
-largest value (the Gumbel-top-k trick).  The prior is what the choices are drawn from (each
-LM site's shaped, constraint-masked distribution ``q``, and each scalar choice's
-distribution); everything else — ``p / q`` of constrained tokens, observes, factors,
-conditions — is an importance weight ``w(y)``.  A kept leaf ``y`` is included with
-probability ``q_incl(y) = 1 - exp(-exp(phi_y - kappa))`` given ``kappa``, the largest
-perturbed value among everything pruned (the ``(k+1)``-th largest leaf value; ``q_incl = 1``
-when nothing was pruned), so ``result.log_weights = log p(y) + log w(y) - log q_incl(y)`` and
-``result.expectation(f)`` (their exponentials times ``f``) is unbiased for ``E_prior[w f]``
-— for a program without weights, ``E_p[f]``; ``exp(log_evidence)`` (their sum) is unbiased
-for ``Z``.  A leaf whose weight is zero (a failed condition) is a sample too: it holds its
-place among the ``k`` and is left out of the result (``stats["zero_weight_traces"]``).
+largest value (the Gumbel-top-k trick).  The proposal ``q`` is what the choices are drawn
+from (each LM site's shaped, constraint-masked — for a power target, tempered — token
+distribution, and each scalar choice's distribution); everything else is an importance weight
+``w(y) = gamma(y) / q(y)``, ``gamma`` the program's unnormalised target (``p / q`` of
+constrained or powered tokens, observes, factors, conditions).  A kept leaf ``y`` is included
+with probability ``q_incl(y) = 1 - exp(-exp(phi_y - kappa))`` given ``kappa``, the largest
+perturbed value among everything pruned (the ``(k+1)``-th largest leaf value;
+``q_incl = 1`` when nothing was pruned), ``phi_y = log q(y)``.  So ``result.log_weights =
+phi_y + log w(y) - log q_incl(y)``, ``result.expectation(f)`` (their exponentials times ``f``)
+is unbiased for ``sum_y gamma(y) f(y) = Z * E_posterior[f]`` and ``exp(log_evidence)`` (their
+sum) for ``Z``.  A leaf whose weight is zero (a failed condition or tool call) is one of the
+``k`` samples: it stays in the result with weight zero (its value :data:`~lmcascade.REJECTED`),
+and when every kept leaf has weight zero the estimate is 0 (``log_evidence = -inf``) — never
+an error, which would bias the estimates of whoever catches it.
 
 >>> import lmcascade as lc
 >>> from lmcascade.models import ToyLM
@@ -61,18 +66,34 @@ import torch
 
 from lmcascade.distributions import is_lm, score, support
 from lmcascade.engine import Engine, Particle, Schedule
-from lmcascade.errors import NotEnumerableError, OptionError
-from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
+from lmcascade.errors import AllWeightsZeroError, NotEnumerableError, OptionError
+from lmcascade.inference.base import PARTICLE_BYTES, InferenceMethod, register
 from lmcascade.inference.enumerate import Bounded
+from lmcascade.memory import available_memory, size
 from lmcascade.policy import Policy
 from lmcascade.program import BoundProgram
 from lmcascade.requests import Pending, generation
 from lmcascade.result import Result
 from lmcascade.samplers import GumbelTopK, TopK
 from lmcascade.samplers.topk import Node, truncated_gumbel
-from lmcascade.trace import Site, safe_repr
+from lmcascade.trace import Site, error_text, safe_repr
 
-__all__ = ["Beam", "BeamPolicy", "BeamSchedule", "GumbelSchedule", "inclusion_log_prob"]
+__all__ = [
+    "Beam",
+    "BeamEngine",
+    "BeamPolicy",
+    "BeamSchedule",
+    "GumbelSchedule",
+    "inclusion_log_prob",
+    "target_log_weight",
+]
+
+LENGTH_PENALTY_RANGE = 100.0
+"""``length_penalty`` must lie within ``[-100, 100]``: far beyond any useful value (Hugging
+Face's default is 1; useful ones lie within a few units of 0), and ``length **
+length_penalty`` stays within a float's range up to about 1,200 generated tokens (at 1000 it
+leaves it from 3 tokens on, and the scores would rank nothing).  Past that range a score is
+still a finite float (:meth:`BeamSchedule.final_score`)."""
 
 
 def generated_tokens(p: Particle) -> int:
@@ -81,6 +102,30 @@ def generated_tokens(p: Particle) -> int:
     if p.waiting is not None:
         n += sum(len(r.tokens) for r in p.waiting.runs)
     return n
+
+
+def target_log_weight(p: Particle) -> float:
+    """``p``'s log-weight under the program's target: :attr:`Particle.log_weight` without the
+    twist of a site in progress (a potential steers SMC only; beam search ranks by the target).
+
+    >>> import lmcascade as lc
+    >>> from lmcascade.models import ToyLM
+    >>> lm = ToyLM(["a", "<eos>"], lambda ctx: [0.0, 0.0])
+    >>> @lc.program
+    ... def steered():
+    ...     return (yield lc.gen("x", lm, "", max_tokens=2, potential=lambda text: 5.0))
+    >>> p = Particle(steered())
+    >>> _ = Engine().advance(p)
+    >>> p.log_weight, target_log_weight(p)
+    (5.0, 0.0)
+    """
+    lw = p.trace.log_weight + p.log_offset
+    if p.waiting is not None:
+        for r in p.waiting.runs:
+            if r.log_prob == -math.inf:
+                return -math.inf
+            lw += r.log_prob - r.log_q
+    return lw
 
 
 def capped(dist: Any, max_tokens: int | None) -> Any:
@@ -99,7 +144,7 @@ class BeamPolicy(Policy):
     probability.  Deterministic beam records a value with proposal log-prob 0 (the weight is
     the joint probability); stochastic beam (``gen`` given) records the choice's own
     log-prob as its proposal (it is drawn from the prior) and gives each alternative its
-    perturbed value (a :class:`~lmcascade.samplers.topk.Node`; see :class:`TaggingEngine`).
+    perturbed value (a :class:`~lmcascade.samplers.topk.Node`; see :class:`BeamEngine`).
 
     >>> BeamPolicy(max_tokens=8).max_tokens
     8
@@ -137,24 +182,66 @@ class BeamPolicy(Policy):
         return sites
 
 
-class TaggingEngine(Engine):
-    """The engine with one addition for stochastic beam: before advancing a particle it tells
-    the policy which particle it is (a scalar choice's alternatives need the parent's node),
-    and a particle branched off on an alternative takes that alternative's node."""
+class BeamEngine(Engine):
+    """The engine with three additions for beam search.  Before advancing a particle it tells
+    the policy which particle it is (stochastic: a scalar choice's alternatives need the
+    parent's node), and a particle branched off on an alternative takes that alternative's
+    node.  Deterministic: a particle waiting on a site gives its runs its target log-weight
+    before the site as ``run.tag``, so that :class:`~lmcascade.samplers.TopK` ranks the
+    children of all beams together.  After a step, the particles whose runs the sampler left
+    without a child (cut by rank, not by weight) go into ``pruned``, for the schedule to drop.
+
+    >>> BeamEngine(BeamPolicy(), TopK(2)).pruned
+    []
+    """
+
+    def __init__(
+        self, policy: BeamPolicy, sampler: TopK | GumbelTopK, seed: int | None = None
+    ) -> None:
+        super().__init__(policy, sampler=sampler, seed=seed)
+        self.pruned: list[Particle] = []
 
     def advance(self, p: Particle) -> list[Particle]:
         policy = self.policy
-        if isinstance(policy, BeamPolicy):
-            if p.resolved is not None and id(p.resolved) in policy.nodes:
-                p.tag = policy.nodes.pop(id(p.resolved))
-            policy.current = p
-        return super().advance(p)
+        assert isinstance(policy, BeamPolicy)
+        if p.resolved is not None and id(p.resolved) in policy.nodes:
+            p.tag = policy.nodes.pop(id(p.resolved))
+        policy.current = p
+        born = super().advance(p)
+        if policy.gen is None and p.waiting is not None:
+            before = p.trace.log_weight + p.log_offset
+            for run in p.waiting.runs:
+                run.tag = before
+        return born
+
+    def step(self, particles):
+        runs_of = [(p, list(p.waiting.runs)) for p in particles if p.waiting is not None]
+        cut = self.sampler.pruned  # type: ignore[attr-defined]
+        cut.clear()
+        born = super().step(particles)
+        if cut:
+            gone = {id(r) for r in cut}
+            cut.clear()
+            self.pruned.extend(p for p, runs in runs_of if any(id(r) in gone for r in runs))
+        return born
+
+    def drop_pruned(self, particles: list[Particle]) -> list[Particle]:
+        """``particles`` without the ones the last step cut by rank (released)."""
+        if not self.pruned:
+            return particles
+        gone = {id(p) for p in self.pruned}
+        for p in self.pruned:
+            p.release()
+        self.pruned.clear()
+        return [p for p in particles if id(p) not in gone]
 
 
 class BeamSchedule(Bounded):
     """Deterministic beam search between decoding steps (Hugging Face's rules; module
-    docstring).  ``hypotheses`` holds ``(score, particle)`` of the finished traces kept, best
-    first; particles dropped are released (their model contexts go back at once).
+    docstring), ranking by :func:`target_log_weight`.  ``hypotheses`` holds ``(score,
+    particle)`` of the finished traces kept, best first; particles dropped — by rank, by the
+    sampler (:attr:`BeamEngine.pruned`) or dead — are released (their model contexts go back
+    at once).
 
     >>> BeamSchedule(4, 1.0).hypotheses
     []
@@ -168,18 +255,37 @@ class BeamSchedule(Bounded):
         self.stopped = False
 
     def final_score(self, p: Particle) -> float:
-        """``log_weight / length ** length_penalty`` (length: generated tokens, at least 1)."""
-        return p.log_weight / max(generated_tokens(p), 1) ** self.length_penalty
+        """``log_weight / length ** length_penalty`` (length: generated tokens, at least 1;
+        ``log_weight``: the target's, see :func:`target_log_weight`), computed as
+        ``log_weight * exp(-length_penalty * log(length))`` and kept finite (a score beyond
+        the range of a float is the largest float of its sign; one that underflows is 0).
+
+        >>> BeamSchedule(2, 1.0).final_score(Particle(None))
+        0.0
+        """
+        lw = target_log_weight(p)
+        if lw == 0 or not math.isfinite(lw):
+            return lw
+        x = -self.length_penalty * math.log(max(generated_tokens(p), 1))
+        log_size = math.log(abs(lw)) + x
+        big = sys.float_info.max
+        if log_size >= math.log(big):
+            return math.copysign(big, lw)
+        out = lw * math.exp(x) if abs(x) < 700 else math.copysign(math.exp(log_size), lw)
+        return math.copysign(big, lw) if math.isinf(out) else out
 
     def select(self, engine, particles, waiting):
         running = self.absorb(particles)
         return running, running
 
+    def after_step(self, engine, particles):
+        return self.prune(engine.drop_pruned(particles))
+
     def absorb(self, candidates: list[Particle]) -> list[Particle]:
         """Takes one step's candidates: keeps hypotheses, returns the beams that go on."""
         alive = self.prune(candidates)
         w = self.width
-        ranked = sorted(alive, key=lambda p: -p.log_weight)  # stable: earlier first on a tie
+        ranked = sorted(alive, key=lambda p: -target_log_weight(p))  # stable: earlier first
         running: list[Particle] = []
         for rank, p in enumerate(ranked):
             if self.stopped or rank >= 2 * w:
@@ -225,9 +331,10 @@ def inclusion_log_prob(phi: float, kappa: float) -> float:
 
 class GumbelSchedule(Schedule):
     """Stochastic beam search between decoding steps: a particle's ``tag`` is its node of the
-    Gumbel process; after a step each child takes the node the sampler made for its token;
-    before the next one the ``k`` nodes of largest perturbed value are kept (finished leaves
-    included) and the largest value pruned is folded into ``kappa``.
+    Gumbel process; after a step the particles the sampler left without a child are dropped
+    (their nodes ranked below the ``k`` it kept) and each child takes the node the sampler
+    made for its token; before the next step the ``k`` nodes of largest perturbed value are
+    kept (finished leaves included) and the largest value pruned is folded into ``kappa``.
 
     >>> GumbelSchedule(3).kappa
     -inf
@@ -239,6 +346,7 @@ class GumbelSchedule(Schedule):
         self.kappa = -math.inf
 
     def after_step(self, engine, particles):
+        particles = engine.drop_pruned(particles)
         parents = []
         for p in particles:
             node = p.tag
@@ -286,8 +394,8 @@ class Beam(InferenceMethod):
 
     Options: ``beam_width`` (W, the beams kept; stochastic: the number of samples);
     ``length_penalty`` (deterministic only: a finished trace scores
-    ``log_weight / length ** length_penalty``; 0, the default, ranks by the joint log-weight
-    itself — Hugging Face's default is 1.0); ``max_tokens`` (caps every LM site's
+    ``log_weight / length ** length_penalty``, from -100 to 100; 0, the default, ranks by the
+    joint log-weight itself — Hugging Face's default is 1.0); ``max_tokens`` (caps every LM site's
     ``max_tokens`` for the search: a generation cut there ends as if the site had that
     limit, and is scored as such); ``stochastic``.
 
@@ -299,12 +407,19 @@ class Beam(InferenceMethod):
     options = {"beam_width": 4, "length_penalty": 0.0, "max_tokens": None, "stochastic": False}
 
     def check_options(self) -> None:
-        self.population("beam_width")
+        w = self.population("beam_width")
         lp = self.config["length_penalty"]
-        if isinstance(lp, bool) or not isinstance(lp, int | float) or not math.isfinite(lp):
+        bound = LENGTH_PENALTY_RANGE
+        if (
+            isinstance(lp, bool)
+            or not isinstance(lp, int | float)
+            or not math.isfinite(lp)
+            or abs(lp) > bound
+        ):
             raise OptionError(
-                f"method 'beam': option length_penalty must be a finite number (0 ranks by the "
-                f"joint log-weight; Hugging Face's default is 1.0), got {safe_repr(lp, 100)}"
+                f"method 'beam': option length_penalty must be a number from {-bound:g} to "
+                f"{bound:g} (0 ranks by the joint log-weight; Hugging Face's default is 1.0; "
+                f"useful values lie within a few units of 0), got {safe_repr(lp, 100)}"
             )
         if self.config["max_tokens"] is not None:
             self.positive_int("max_tokens")
@@ -318,18 +433,28 @@ class Beam(InferenceMethod):
                 "method 'beam': option length_penalty applies to deterministic beam search "
                 "only; stochastic beam samples by probability — leave length_penalty at 0"
             )
+        # what a step really holds: the candidates (2W; stochastic: k) and the W finished
+        # traces or kept leaves — per model called in the step, plus scalar branches
+        at_once = (3 if not self.config["stochastic"] else 2) * w
+        need, have = at_once * PARTICLE_BYTES, available_memory()
+        if have is not None and need > have:
+            raise OptionError(
+                f"method 'beam': beam_width={w:,} holds up to {at_once:,} particles at a time "
+                f"(the candidates of a step and the finished traces), about {size(need)}, but "
+                f"{size(have)} is available; use a narrower beam"
+            )
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
         if self.config["stochastic"]:
             return self.run_stochastic(bound, seed)
         w = self.config["beam_width"]
-        engine = Engine(BeamPolicy(self.config["max_tokens"]), sampler=TopK(2 * w), seed=seed)
+        engine = BeamEngine(BeamPolicy(self.config["max_tokens"]), TopK(2 * w), seed)
         schedule = BeamSchedule(w, float(self.config["length_penalty"]))
         with self.ticking(schedule, status=lambda ps: f"{len(ps)} beams") as ticking:
             last = engine.run([Particle(bound)], ticking)
         schedule.absorb(last)
         if not schedule.hypotheses:
-            raise zero_weight_error(schedule.dead_sample, "beam search (every beam it kept)")
+            raise no_beam_finished(schedule.dead_sample, w)
         stats = dict(engine.stats)
         stats.update(
             num_traces=len(schedule.hypotheses),
@@ -346,7 +471,7 @@ class Beam(InferenceMethod):
         k = self.config["beam_width"]
         sampler = GumbelTopK(k)
         policy = BeamPolicy(self.config["max_tokens"])
-        engine = TaggingEngine(policy, sampler=sampler, seed=seed)
+        engine = BeamEngine(policy, sampler, seed)
         # one stream for every perturbation on the CPU (the token draws' own, for a CPU model):
         # two generators seeded alike would repeat each other's noise
         gen = policy.gen = engine.generator(torch.device("cpu"))
@@ -357,27 +482,64 @@ class Beam(InferenceMethod):
             last = engine.run([root], ticking)
         schedule.absorb(last)
         kappa = max(schedule.kappa, sampler.kappa)
+        # every kept leaf is one of the k samples, those of weight zero included (their
+        # values are REJECTED): leaving them out would bias the estimates
         leaves = sorted(schedule.kept, key=lambda p: -p.tag.key)
-        live = [p for p in leaves if not p.dead and p.trace.log_weight > -math.inf]
-        if not live:
-            raise zero_weight_error(leaves, "stochastic beam search")
-        log_incl = [inclusion_log_prob(p.tag.phi, kappa) for p in live]
+        own = [-math.inf if p.dead else p.trace.log_weight for p in leaves]
+        log_incl = [inclusion_log_prob(p.tag.phi, kappa) for p in leaves]
         log_weights = [
-            p.tag.phi + p.trace.log_weight - li for p, li in zip(live, log_incl, strict=True)
+            p.tag.phi + lw - li if lw > -math.inf else -math.inf
+            for p, lw, li in zip(leaves, own, log_incl, strict=True)
         ]
         stats = dict(engine.stats)
+        zero = sum(lw == -math.inf for lw in own)
         stats.update(
-            num_traces=len(live),
-            zero_weight_traces=len(leaves) - len(live),
+            num_traces=len(leaves),
+            zero_weight_traces=zero,
             threshold=kappa,
             inclusion_log_probs=log_incl,
-            perturbed=[p.tag.key for p in live],
+            perturbed=[p.tag.key for p in leaves],
         )
-        log_z = torch.logsumexp(torch.tensor(log_weights, dtype=torch.float64), 0).item()
+        if zero == len(leaves):
+            log_z = -math.inf
+        else:
+            log_z = torch.logsumexp(torch.tensor(log_weights, dtype=torch.float64), 0).item()
         return Result(
-            [p.trace for p in live],
+            [p.trace for p in leaves],
             log_weights,
             log_evidence=log_z,
             stats=stats,
             estimator="horvitz-thompson",
         )
+
+
+def no_beam_finished(dead: list[Particle], width: int) -> AllWeightsZeroError:
+    """Deterministic beam search ended without a finished trace of non-zero weight: every
+    beam it kept died.  Says at which sites, and that a wider beam (or an exhaustive or
+    sampling method) may find what the narrow one pruned.
+
+    >>> "beam_width=2" in str(no_beam_finished([], 2))
+    True
+    """
+    killers: dict[str, int] = {}
+    failed: dict[str, BaseException] = {}
+    for p in dead:
+        site = next((s for s in p.trace.sites if s.log_weight == -math.inf), None)
+        if site is not None:
+            killers[site.name] = killers.get(site.name, 0) + 1
+            if site.error is not None:
+                failed.setdefault(site.name, site.error)
+    named = ", ".join(f"{n!r} ({c}x)" for n, c in sorted(killers.items(), key=lambda kv: -kv[1]))
+    tool = ""
+    if failed:
+        name, err = next(iter(failed.items()))
+        tool = f" (tool call {name!r} failed, e.g. {error_text(err)})"
+    return AllWeightsZeroError(
+        f"beam search (beam_width={width}): every beam it kept ended with weight zero "
+        f"(zeroed at site {named or 'unknown'}){tool}, so no finished trace remains. The "
+        f"search keeps only the {width} best partial traces at each step, so traces of "
+        "non-zero weight may have been pruned before their condition was checked — widen "
+        "beam_width, or use method='enumerate' (exhaustive) or 'smc'. err.traces holds "
+        "the beams that died",
+        tuple(p.trace for p in dead),
+    )

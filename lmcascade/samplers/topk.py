@@ -1,10 +1,15 @@
-"""Beam samplers: each run's best children (:class:`TopK`), or its best children by a
-Gumbel-perturbed value conditioned on the parent's (:class:`GumbelTopK`, stochastic beam).
+"""Beam samplers: the best children of all the runs of a call together (:class:`TopK`), or
+those of largest Gumbel-perturbed value, each conditioned on its parent's (:class:`GumbelTopK`,
+stochastic beam).
 
-Both give a run several children, as :class:`~lmcascade.samplers.AllChildren` does; the feed
-phase continues the extra children on forks of the run's context (their caches are shared,
-never copied).  Which children survive is the beam schedule's business
-(:mod:`lmcascade.inference.beam`).
+Both rank every (run, token) pair of one model call together and keep the ``k`` best
+*overall* — a step creates at most ``k`` children however many runs there are, as Hugging
+Face's beam search keeps ``2 * num_beams`` candidates per step, not per beam.  The first child
+of a run continues on the run itself, further ones on forks of its context (their caches are
+shared, never copied).  A run that has allowed tokens but none among the ``k`` best gets no
+child: it is listed in ``pruned`` (so that the beam schedule drops its particle rather than
+count it as a trace of weight zero), and the feed phase ends it.  Which children survive
+beyond that is the beam schedule's business (:mod:`lmcascade.inference.beam`).
 
 >>> import lmcascade as lc
 >>> from lmcascade.models import ToyLM
@@ -21,10 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmcascade.samplers.base import Choice, Rows, TokenSampler
+
+if TYPE_CHECKING:
+    from lmcascade.lm.run import LMRun
 
 
 def allowed_p(rows: Rows) -> torch.Tensor:
@@ -35,10 +44,49 @@ def allowed_p(rows: Rows) -> torch.Tensor:
     return p
 
 
+def run_score(run: LMRun) -> float:
+    """A run's particle's log-weight under the target so far: ``run.tag`` (a number: the
+    particle's weight before this site; 0 when the run has no such tag) plus what the run
+    adds, ``log_prob - log_q`` of its tokens.  A potential's twist is left out: beam search
+    ranks by the program's target, never by what only steers SMC.
+
+    >>> import lmcascade as lc
+    >>> from lmcascade.models import ToyLM
+    >>> from lmcascade.lm import LMRun
+    >>> run = LMRun(lc.LM(ToyLM(["a", "<eos>"], lambda ctx: [0.0, 0.0]), "", max_tokens=2))
+    >>> run.tag = -1.5
+    >>> run_score(run)
+    -1.5
+    """
+    base = run.tag if isinstance(run.tag, int | float) and not isinstance(run.tag, bool) else 0.0
+    if run.log_prob == -math.inf:
+        return -math.inf
+    return float(base) + run.log_prob - run.log_q
+
+
+def best_overall(scores: torch.Tensor, k: int) -> tuple[list[float], list[int], list[int]]:
+    """The ``k`` largest finite entries of ``scores`` (``[runs, vocab]``) over the whole
+    tensor, best first: their values, rows and columns (fewer when fewer are finite).
+
+    >>> best_overall(torch.tensor([[0.0, -1.0], [-0.5, float("-inf")]]), 5)
+    ([0.0, -0.5, -1.0], [0, 1, 0], [0, 0, 1])
+    """
+    flat = scores.reshape(-1)
+    values, index = torch.topk(flat, min(k, flat.numel()))
+    values = values.to(torch.float64).cpu().tolist()
+    index = index.cpu().tolist()
+    vocab = scores.shape[-1]
+    kept = [(v, i) for v, i in zip(values, index, strict=True) if v > -math.inf]
+    return [v for v, _ in kept], [i // vocab for _, i in kept], [i % vocab for _, i in kept]
+
+
 class TopK(TokenSampler):
-    """Every run's ``k`` most probable allowed tokens (by the site's distribution ``p``) as
-    children, with ``log_q`` 0: a child's weight is the probability of its path, as in
-    enumeration.  Ties go to the lower token id only as far as ``torch.topk`` keeps them.
+    """The ``k`` best (run, token) pairs of the call, ranked by the run's particle's
+    log-weight so far plus the token's log-probability (:func:`run_score`; Hugging Face's
+    ``beam_score + log p``), as children, with ``log_q`` 0: a child's weight is the
+    probability of its path, as in enumeration.  So at most ``k`` children exist per call in
+    all; a run left without any is put in ``pruned`` (cleared by whoever reads it).  Ties
+    go as ``torch.topk`` leaves them.
 
     >>> TopK(3).k
     3
@@ -48,16 +96,35 @@ class TopK(TokenSampler):
 
     def __init__(self, k: int) -> None:
         self.k = k
+        self.pruned: list[LMRun] = []
 
     def choose(self, rows: Rows) -> list[list[Choice]]:
         p = allowed_p(rows)
-        values, index = torch.topk(p, min(self.k, p.shape[-1]), dim=-1)
-        values = values.to(torch.float64).cpu().tolist()
-        index = index.cpu().tolist()
-        return [
-            [Choice([t], [lp], [0.0]) for t, lp in zip(ids, lps, strict=True) if lp > -math.inf]
-            for ids, lps in zip(index, values, strict=True)
-        ]
+        p = p.to(torch.float32 if p.device.type == "mps" else torch.float64)
+        base = torch.tensor([run_score(r) for r in rows.runs], dtype=p.dtype, device=p.device)
+        _, row_of, token_of = best_overall(base[:, None] + p, self.k)
+        picked = gather(p, row_of, token_of)
+        out: list[list[Choice]] = [[] for _ in rows.runs]
+        for i, t, lp in zip(row_of, token_of, picked, strict=True):
+            out[i].append(Choice([t], [lp], [0.0]))
+        note_pruned(self.pruned, rows.runs, out, torch.isfinite(p).any(dim=-1))
+        return out
+
+
+def gather(table: torch.Tensor, rows: list[int], cols: list[int]) -> list[float]:
+    """``table[rows[j], cols[j]]`` for every ``j``, as Python floats (one transfer)."""
+    if not rows:
+        return []
+    index = torch.tensor([rows, cols], dtype=torch.long, device=table.device)
+    return table[index[0], index[1]].to(torch.float64).cpu().tolist()
+
+
+def note_pruned(
+    pruned: list[LMRun], runs: list[LMRun], out: list[list[Choice]], possible: torch.Tensor
+) -> None:
+    """Adds to ``pruned`` the runs that had an allowed token but got no child."""
+    flags = possible.cpu().tolist()
+    pruned.extend(r for r, c, ok in zip(runs, out, flags, strict=True) if ok and not c)
 
 
 @dataclass
@@ -100,13 +167,15 @@ def truncated_gumbel(phi: torch.Tensor, top: torch.Tensor, gen: torch.Generator)
 
 
 class GumbelTopK(TokenSampler):
-    """Stochastic beam search's token step: every allowed child of a run gets a perturbed
+    """Stochastic beam search's token step: every allowed child of every run gets a perturbed
     value (a Gumbel at ``phi + log q(token)`` truncated so that the children's largest equals
-    the parent's ``key``; the parent is the run's ``tag``, a :class:`Node`) and the run's ``k``
-    children with the largest values are returned, with ``log_q = log q(token)`` (the choices
-    are drawn from ``q``, so the weight keeps ``p / q``).  The children's nodes go into the
-    parent's ``children`` by token; the largest value among the children *not* returned is
-    folded into ``kappa`` (the threshold of the inclusion probabilities).
+    the parent's ``key``; the parent is the run's ``tag``, a :class:`Node`), and the ``k``
+    children of largest value among all the runs of the call are returned, with
+    ``log_q = log q(token)`` (the choices are drawn from ``q``, so the weight keeps ``p / q``).
+    Their nodes go into their parents' ``children`` by token; the largest value *not* kept
+    (the ``k + 1``-th of the call) is folded into ``kappa``, the threshold of the inclusion
+    probabilities.  A run left without a child is put in ``pruned`` (cleared by whoever reads
+    it).
 
     >>> GumbelTopK(4).kappa
     -inf
@@ -117,6 +186,7 @@ class GumbelTopK(TokenSampler):
     def __init__(self, k: int) -> None:
         self.k = k
         self.kappa = -math.inf
+        self.pruned: list[LMRun] = []
 
     def choose(self, rows: Rows) -> list[list[Choice]]:
         q = rows.q.masked_fill(torch.isneginf(allowed_p(rows)), float("-inf"))
@@ -125,23 +195,16 @@ class GumbelTopK(TokenSampler):
         phi = torch.tensor([n.phi for n in nodes], dtype=dtype, device=q.device)
         top = torch.tensor([n.key for n in nodes], dtype=dtype, device=q.device)
         keys = truncated_gumbel(phi[:, None] + q.to(dtype), top, rows.generator)
-        width = min(self.k + 1, q.shape[-1])
-        values, index = torch.topk(keys, width, dim=-1)
-        lq = q.to(torch.float64).gather(1, index).cpu().tolist()
-        lp = rows.p.to(torch.float64).gather(1, index).cpu().tolist()
-        values, index = values.to(torch.float64).cpu().tolist(), index.cpu().tolist()
-        out = []
-        for i, node in enumerate(nodes):
-            choices = []
-            for j in range(width):
-                key = values[i][j]
-                if key == -math.inf:
-                    break
-                if j == self.k:  # the best child left out: pruned here
-                    self.kappa = max(self.kappa, key)
-                    break
-                tok = index[i][j]
-                node.children[tok] = Node(node.phi + lq[i][j], key)
-                choices.append(Choice([tok], [lp[i][j]], [lq[i][j]]))
-            out.append(choices)
+        values, row_of, token_of = best_overall(keys, self.k + 1)
+        if len(values) > self.k:  # the best child left out: pruned here
+            self.kappa = max(self.kappa, values[self.k])
+            values, row_of, token_of = values[: self.k], row_of[: self.k], token_of[: self.k]
+        lq = gather(q, row_of, token_of)
+        lp = gather(rows.p, row_of, token_of)
+        out: list[list[Choice]] = [[] for _ in rows.runs]
+        for j, (i, tok) in enumerate(zip(row_of, token_of, strict=True)):
+            node = nodes[i]
+            node.children[tok] = Node(node.phi + lq[j], values[j])
+            out[i].append(Choice([tok], [lp[j]], [lq[j]]))
+        note_pruned(self.pruned, rows.runs, out, torch.isfinite(keys).any(dim=-1))
         return out
