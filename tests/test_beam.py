@@ -538,9 +538,9 @@ def test_a_step_creates_at_most_2w_children(stoch):
 def test_memory_check_counts_the_particles_held(monkeypatch):
     """The option check counts what a step holds (2W candidates and W finished traces)."""
     w = 1000
-    monkeypatch.setattr(
-        beam_module, "available_memory", lambda device="cpu": 2 * w * PARTICLE_BYTES
-    )
+    from lmcascade.inference import base
+
+    monkeypatch.setattr(base, "available_memory", lambda device="cpu": 2 * w * PARTICLE_BYTES)
     with pytest.raises(OptionError, match="beam_width=1,000 holds up to 3,000 particles"):
         lc.infer(plain("q", 2), method="beam", beam_width=w)
     r = lc.infer(plain("q", 2), method="beam", beam_width=w, stochastic=True, seed=0)

@@ -116,14 +116,24 @@ class InferenceMethod:
         about :data:`PARTICLE_BYTES` of host memory before any model cache, so a size whose
         particles alone would not fit is an error before the run starts."""
         n = self.positive_int(key)
-        need, have = n * PARTICLE_BYTES, available_memory()
+        self.check_fits(
+            n,
+            lambda need: (
+                f"{key}={n:,} needs about {need} for the particles alone (about "
+                f"{PARTICLE_BYTES / 1000:.0f} KB each, plus the model's cache per token)"
+            ),
+            "use fewer",
+        )
+        return n
+
+    def check_fits(self, particles: int, what: Callable[[str], str], advice: str) -> None:
+        """An :class:`OptionError` (``what(size needed)``, then ``advice``) when
+        ``particles`` particles would not fit in the memory available."""
+        need, have = particles * PARTICLE_BYTES, available_memory()
         if have is not None and need > have:
             raise OptionError(
-                f"method {self.name!r}: {key}={n:,} needs about {size(need)} for the "
-                f"particles alone (about {PARTICLE_BYTES / 1000:.0f} KB each, plus the model's "
-                f"cache per token), but {size(have)} is available; use fewer"
+                f"method {self.name!r}: {what(size(need))}, but {size(have)} is available; {advice}"
             )
-        return n
 
     @contextlib.contextmanager
     def ticking(

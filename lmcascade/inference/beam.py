@@ -67,9 +67,8 @@ import torch
 from lmcascade.distributions import is_lm, score, support
 from lmcascade.engine import Engine, Particle, Schedule
 from lmcascade.errors import AllWeightsZeroError, NotEnumerableError, OptionError
-from lmcascade.inference.base import PARTICLE_BYTES, InferenceMethod, register
+from lmcascade.inference.base import InferenceMethod, register
 from lmcascade.inference.enumerate import Bounded
-from lmcascade.memory import available_memory, size
 from lmcascade.policy import Policy
 from lmcascade.program import BoundProgram
 from lmcascade.requests import Pending, generation
@@ -436,13 +435,14 @@ class Beam(InferenceMethod):
         # what a step really holds: the candidates (2W; stochastic: k) and the W finished
         # traces or kept leaves — per model called in the step, plus scalar branches
         at_once = (3 if not self.config["stochastic"] else 2) * w
-        need, have = at_once * PARTICLE_BYTES, available_memory()
-        if have is not None and need > have:
-            raise OptionError(
-                f"method 'beam': beam_width={w:,} holds up to {at_once:,} particles at a time "
-                f"(the candidates of a step and the finished traces), about {size(need)}, but "
-                f"{size(have)} is available; use a narrower beam"
-            )
+        self.check_fits(
+            at_once,
+            lambda need: (
+                f"beam_width={w:,} holds up to {at_once:,} particles at a time (the "
+                f"candidates of a step and the finished traces), about {need}"
+            ),
+            "use a narrower beam",
+        )
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
         if self.config["stochastic"]:

@@ -4,8 +4,9 @@
   constraints by adaptive weighted rejection (:mod:`lmcascade.samplers.awrs`). The default.
 - :class:`Greedy` — the arg-max token.
 - :class:`AllChildren` — every possible token as a child (exact enumeration).
-- :class:`TopK` — each run's k most probable tokens as children (beam search);
-  :class:`GumbelTopK` — its k children of largest Gumbel-perturbed value (stochastic beam).
+- :class:`TopK` — the k best (run, token) pairs of a step, by the particle's score so far
+  plus the token's, as children (beam search); :class:`GumbelTopK` — the k pairs of largest
+  Gumbel-perturbed value (stochastic beam).
 
 See :mod:`lmcascade.samplers.base` for the interface a new sampler implements.
 """
