@@ -135,8 +135,9 @@ def shape_rows(
         top_k = torch.tensor([d.top_k or 0 for d in dists], dtype=torch.long)
         top_p = torch.tensor([d.top_p for d in dists], dtype=torch.float64)
     out = process_logprobs(logprobs, temps, top_k, top_p)
-    if any(d.alpha != 1.0 for d in dists):
-        alpha = torch.tensor([d.alpha for d in dists], dtype=out.dtype, device=out.device)
+    powers = [getattr(d, "alpha", 1.0) for d in dists]  # any object with LM's parameters
+    if any(a != 1.0 for a in powers):
+        alpha = torch.tensor(powers, dtype=out.dtype, device=out.device)
         out = out * alpha[:, None]
     return out
 
