@@ -9,7 +9,16 @@ from lmcascade.inference import (  # noqa: F401
     priority,
     rejection,
     smc,
+    speculative,
 )
 from lmcascade.inference.base import InferenceMethod, infer, methods, register
+from lmcascade.samplers.speculative import PromptLookup, Speculative
 
-__all__ = ["InferenceMethod", "infer", "methods", "register"]
+__all__ = [
+    "InferenceMethod",
+    "PromptLookup",
+    "Speculative",
+    "infer",
+    "methods",
+    "register",
+]

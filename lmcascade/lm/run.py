@@ -171,9 +171,11 @@ class LMRun:
         log_prob: float,
         log_q: float | None = None,
         model_log_prob: float = math.nan,
+        in_context: bool = False,
     ) -> None:
         """Takes one token with its log-probability under the site's distribution (and under
-        the distribution it was drawn from, when that differs; and under the raw model)."""
+        the distribution it was drawn from, when that differs; and under the raw model).
+        ``in_context``: the model context holds the token already (a verified draft)."""
         log_q = log_prob if log_q is None else log_q
         self.tokens.append(token_id)
         self.token_log_probs.append(log_prob)
@@ -205,7 +207,8 @@ class LMRun:
                 self.expert.append(token_id)
             else:
                 self.twist = self._potential(self._detok.text)
-        self.ctx.append(token_id)
+        if not in_context:
+            self.ctx.append(token_id)
 
     def feed_block(
         self,
@@ -213,9 +216,10 @@ class LMRun:
         log_probs: Sequence[float],
         log_qs: Sequence[float] | None = None,
         model_log_probs: Sequence[float] | None = None,
+        in_context: int = 0,
     ) -> int:
         """Takes several tokens in order, stopping early if the generation ends; returns how
-        many were taken."""
+        many were taken.  The first ``in_context`` of them are in the model context already."""
         taken = 0
         for i, tok in enumerate(tokens):
             if self.done:
@@ -225,6 +229,7 @@ class LMRun:
                 log_probs[i],
                 None if log_qs is None else log_qs[i],
                 math.nan if model_log_probs is None else model_log_probs[i],
+                i < in_context,
             )
             taken += 1
         return taken

@@ -30,10 +30,13 @@ def by_model(runs: Sequence[LMRun]) -> list[list[LMRun]]:
     return list(groups.values())
 
 
-def call_model(model, contexts, stats: dict | None, paths=None):
+def call_model(model, contexts, stats: dict | None, paths=None, counts=None):
     """One batched model call with its counts added to ``stats``: ``next_logprobs`` of the
-    contexts, or ``path_logprobs`` along ``paths`` when given."""
-    if paths is None:
+    contexts, ``path_logprobs`` along ``paths``, or ``block_logprobs`` of the last
+    ``counts`` positions."""
+    if counts is not None:
+        logprobs = model.block_logprobs(contexts, counts)
+    elif paths is None:
         logprobs = model.next_logprobs(contexts)
     else:
         logprobs = model.path_logprobs(contexts, paths)

@@ -65,13 +65,27 @@ def distributions(
     generators: dict[torch.device, torch.Generator],
     stats: dict | None,
     full_masks: bool = False,
+    drafts: dict[LMRun, list[int]] | None = None,
 ) -> list[tuple[Rows, torch.Tensor]]:
     """Phase 1: one batched model call per model for every run's next-token distribution;
-    each :class:`Rows` comes with the model's own log-probabilities of its runs (unshaped)."""
+    each :class:`Rows` comes with the model's own log-probabilities of its runs (unshaped).
+    Runs with ``drafts`` get their drafted tokens scored in the same pass (``Rows.drafted``;
+    the tokens stay in their contexts for the sampler to keep or crop)."""
     out = []
     for group in by_model(runs):
         model = group[0].model
-        logprobs = call_model(model, [r.ctx for r in group], stats)
+        drafted = None
+        if drafts and any(drafts.get(r) for r in group):
+            counts = []
+            for r in group:
+                block = drafts.get(r) or []
+                r.ctx.extend(block)
+                counts.append(len(block) + 1)
+            blocks = call_model(model, [r.ctx for r in group], stats, counts=counts)
+            logprobs = torch.stack([b[0] for b in blocks])
+            drafted = [b[1:] if len(b) > 1 else None for b in blocks]
+        else:
+            logprobs = call_model(model, [r.ctx for r in group], stats)
         p = shape_rows(
             logprobs, [r.dist for r in group], [len(r.tokens) for r in group], model.eos_id
         )
@@ -96,12 +110,12 @@ def distributions(
         proposal = proposal_rows(p, [r.dist for r in group])
         mask = constraint_masks(group, p, full=full_masks)
         if mask is None:
-            out.append((Rows(group, p, proposal, None, gen, empty), logprobs))
+            out.append((Rows(group, p, proposal, None, gen, empty, drafted), logprobs))
             continue
         masked = proposal.masked_fill(~mask, float("-inf"))
         blocked = torch.isneginf(masked).all(dim=-1)  # nothing allowed
         q = torch.where(blocked[:, None], proposal, torch.log_softmax(masked, dim=-1))
-        out.append((Rows(group, p, q, blocked, gen, empty), logprobs))
+        out.append((Rows(group, p, q, blocked, gen, empty, drafted), logprobs))
     return out
 
 
@@ -167,7 +181,7 @@ def feed(
             raws = (
                 [next(first_raw)] + [math.nan] * (len(choice.tokens) - 1) if choice.tokens else []
             )
-            target.feed_block(choice.tokens, choice.log_ps, choice.log_qs, raws)
+            target.feed_block(choice.tokens, choice.log_ps, choice.log_qs, raws, choice.in_context)
             generated += len(choice.tokens)
             eos += choice.tokens.count(eos_id)
         if extra:
@@ -205,7 +219,8 @@ def step_runs(
         score_forced(forced, stats)
     branches: dict[LMRun, list[LMRun]] = {}
     sampled = [r for r in live if r.forced is None]
-    for rows, raw in distributions(sampled, generators, stats, sampler.full_masks):
+    drafts = sampler.draft(sampled) if sampled else {}
+    for rows, raw in distributions(sampled, generators, stats, sampler.full_masks, drafts):
         for observe in observers:
             observe(rows)
         branches.update(feed(rows, sampler.choose(rows), stats, raw))

@@ -31,6 +31,9 @@ class Rows:
     allows nothing keep the unmasked proposal and are flagged in ``blocked``).
     ``empty`` lists the runs whose site allows no token at all (``min_tokens`` forbids the
     eos a model insists on): their rows are eos, and the step gives them weight zero.
+    ``drafted`` (speculative samplers): per run, the model's raw log-probabilities after each
+    of the tokens the sampler drafted for it (``[len(draft), vocab]``, computed in the same
+    pass as ``p``), or None for a run without a draft.
     """
 
     runs: list[LMRun]
@@ -39,15 +42,19 @@ class Rows:
     blocked: torch.Tensor | None
     generator: torch.Generator
     empty: list[LMRun] = field(default_factory=list)
+    drafted: list[torch.Tensor | None] | None = None
 
 
 @dataclass
 class Choice:
-    """What a sampler gives one run: tokens in order, with log-probs under ``p`` and ``q``."""
+    """What a sampler gives one run: tokens in order, with log-probs under ``p`` and ``q``;
+    the first ``in_context`` tokens are in the run's model context already (a speculative
+    sampler verified them there), so feeding them appends nothing."""
 
     tokens: list[int]
     log_ps: list[float]
     log_qs: list[float]
+    in_context: int = 0
 
 
 @dataclass
@@ -67,6 +74,11 @@ class TokenSampler:
     vocabulary (exact enumeration needs that; rejection-based samplers do not)."""
 
     full_masks = False
+
+    def draft(self, runs: list[LMRun]) -> dict[LMRun, list[int]]:
+        """Tokens to verify after each run's next token, in the same model pass as its
+        distribution (speculative samplers); none by default."""
+        return {}
 
     def choose(self, rows: Rows) -> Chosen:
         """Per run, its choices — or :class:`Draws` when every run gets one token."""
