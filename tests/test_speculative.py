@@ -198,3 +198,42 @@ def test_exact_on_the_batched_hf_path(hf_pair):
     assert set(ours.values) == set(plain.values)
     with torch.inference_mode():
         assert isinstance(ours.values[0], str)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"stop": "ba", "max_tokens": 5},
+        {"min_tokens": 3, "max_tokens": 5},
+        {"alpha": 2.0, "max_tokens": 4},
+        {"max_tokens": 2},
+    ],
+)
+def test_stop_min_tokens_power_and_short_sites(params):
+    """Blocks that cross a stop string, eos masked below min_tokens, a power target, sites
+    with no room for a block; a second, constrained site (drawn without drafts) in the same
+    population.  Weighted samples thinned by weight (exact bound: the largest weight)."""
+
+    @lc.program
+    def two():
+        t = yield lc.gen("t", TARGET, "ab", **params)
+        u = yield lc.gen("u", TARGET, "c" + t, max_tokens=2, constraint=lc.constraints.forbid("a"))
+        return t + "|" + u
+
+    exact = lc.infer(two(), method="enumerate").distribution()
+    r = lc.infer(two(), method="speculative", draft=DRAFTS["perturbed"], num_samples=3000, seed=0)
+    assert_matches(accepted_by_weight(r, float(max(r.log_weights))), exact)
+
+
+def test_many_inputs_with_a_draft():
+    @lc.program
+    def text(prompt):
+        return (yield lc.gen("t", TARGET, prompt, max_tokens=6, temperature=0))
+
+    inputs = [{"prompt": "ab"}, {"prompt": "ba"}, {"prompt": "abab"}]
+    many = list(lc.infer_many(text, inputs, method="speculative", draft="prompt_lookup",
+                              num_samples=2, seed=0))  # fmt: skip
+    assert len(many) == len(inputs)
+    for given, result in many:  # in the order they finish
+        alone = lc.infer(text(**given), method="forward", num_samples=1, seed=0)
+        assert set(result.values) == set(alone.values)
