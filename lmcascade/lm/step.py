@@ -178,9 +178,8 @@ def feed(
         for j, (target, choice) in enumerate(zip([run, *extra], options, strict=True)):
             if twists is not None:
                 target.twist += twists[i][j]
-            raws = (
-                [next(first_raw)] + [math.nan] * (len(choice.tokens) - 1) if choice.tokens else []
-            )
+            later = choice.model_log_ps or [math.nan] * len(choice.tokens)
+            raws = [next(first_raw), *later[1:]] if choice.tokens else []
             target.feed_block(choice.tokens, choice.log_ps, choice.log_qs, raws, choice.in_context)
             generated += len(choice.tokens)
             eos += choice.tokens.count(eos_id)

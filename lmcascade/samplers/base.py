@@ -55,6 +55,7 @@ class Choice:
     log_ps: list[float]
     log_qs: list[float]
     in_context: int = 0
+    model_log_ps: list[float] | None = None  # the raw model's, where the sampler has them
 
 
 @dataclass

@@ -267,13 +267,20 @@ class Speculative(TokenSampler):
         q_rows: list[list[torch.Tensor]] = [[] for _ in todo]
         for step in range(max(k for *_, k in todo)):
             active = [j for j, (_, _, k) in enumerate(todo) if step < k]
+            if not active:  # every draft ended early (its model allowed nothing)
+                break
             raw = draft.next_logprobs([ctxs[j] for j in active])
             self.counters.draft_calls += 1
             dists = [todo[j][0].dist for j in active]
             positions = [len(todo[j][0].tokens) + step for j in active]
             q = proposal_rows(shape_rows(raw, dists, positions, draft.eos_id), dists)
+            nothing = torch.isnan(q).any(dim=-1).tolist()  # the draft allows no token here
+            q = torch.nan_to_num(q, nan=0.0)
             tokens = draw(q, gen).tolist()
             for row, j in enumerate(active):
+                if nothing[row]:
+                    todo[j] = (todo[j][0], todo[j][1], step)  # the draft ends here
+                    continue
                 drafts[j].append(int(tokens[row]))
                 q_rows[j].append(q[row])
                 ctxs[j].append(int(tokens[row]))
@@ -298,6 +305,16 @@ class Speculative(TokenSampler):
         dists = [run.dist] * n
         positions = [len(run.tokens) + 1 + m for m in range(n)]
         p_more = shape_rows(block.to(rows.p.device), dists, positions, model.eos_id)
+        nothing = torch.isnan(p_more).any(dim=-1).tolist()
+        bonus = True
+        if any(nothing):
+            # The site allows no token after draft token j + 1.  Every drafted token up to
+            # there is still tested (cutting a draft by what it drew would bias it); if all
+            # pass, no bonus: the next step meets the dead end and gives weight zero.
+            cut = nothing.index(True)
+            n, bonus = cut + 1, False
+            d, p_more, block = d[:n], p_more[:cut], block[:cut]
+            q_rows = None if q_rows is None else q_rows[:n]
         p_rows = torch.cat([rows.p[i : i + 1], p_more])  # the site's log-density, n + 1 rows
         big_p = torch.cat([rows.q[i : i + 1], proposal_rows(p_more, dists)]).to(torch.float64)
         if q_rows is None:  # a draft without probabilities: Q is one-hot
@@ -305,11 +322,15 @@ class Speculative(TokenSampler):
             big_q[torch.arange(n), torch.tensor(d, device=big_q.device)] = 0.0
         else:
             big_q = q_rows.to(big_p.device, torch.float64)
-        tokens, accepted = self._accept(d, big_p, big_q, rows.generator)
+        tokens, accepted = self._accept(d, big_p, big_q, rows.generator, bonus)
         index = torch.tensor(tokens, device=p_rows.device)
         where = torch.arange(len(tokens), device=p_rows.device)
-        picked = torch.stack([p_rows[where, index].to(torch.float64), big_p[where, index]])
-        lps, lqs = picked.cpu().tolist()
+        raw = torch.cat([block.new_full((1, block.shape[-1]), math.nan), block])
+        raw = raw.to(p_rows.device)
+        picked = torch.stack(
+            [p_rows[where, index].to(torch.float64), big_p[where, index], raw[where, index]]
+        )
+        lps, lqs, model_lps = picked.to(torch.float64).cpu().tolist()
         model.crop(run.ctx, len(run.dist.prompt_ids) + len(run.tokens) + accepted)
         c = self.counters
         c.drafted += n
@@ -324,13 +345,18 @@ class Speculative(TokenSampler):
                 lane.lookahead = min(lane.lookahead + 1, MAX_LOOKAHEAD)
             else:
                 lane.lookahead = max(lane.lookahead - 1, 1)
-        return Choice(tokens, lps, lqs, in_context=accepted)
+        return Choice(tokens, lps, lqs, in_context=accepted, model_log_ps=model_lps)
 
     @staticmethod
     def _accept(
-        draft: list[int], big_p: torch.Tensor, big_q: torch.Tensor, gen: torch.Generator
+        draft: list[int],
+        big_p: torch.Tensor,
+        big_q: torch.Tensor,
+        gen: torch.Generator,
+        bonus: bool = True,
     ) -> tuple[list[int], int]:
-        """The emitted tokens of one block and how many drafted tokens were accepted."""
+        """The emitted tokens of one block and how many drafted tokens were accepted (no
+        bonus token when the position after the draft allows nothing)."""
         n = len(draft)
         index = torch.tensor(draft, device=big_p.device)
         p_at = big_p[torch.arange(n), index].exp()
@@ -344,6 +370,6 @@ class Speculative(TokenSampler):
             if float(residual.sum()) <= 0:  # P == Q here: the rejection had probability 0
                 residual = big_p[accepted].exp()
             tokens.append(int(draw(residual.log()[None], gen)[0]))
-        else:
+        elif bonus:
             tokens.append(int(draw(big_p[n][None], gen)[0]))  # the bonus token
         return tokens, accepted
