@@ -50,12 +50,12 @@ import argparse
 import json
 import math
 import platform
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import interleaved, timed  # benchmarks/timing.py
 
 import lmcascade as lc
 
@@ -63,31 +63,6 @@ RESULTS = Path(__file__).parent / "results"
 QUESTION = "What is 17 + 25? Answer in one short sentence."
 BEAM_PROMPT = "Name three colours of the rainbow."
 DIVERSE_PROMPT = "What is the capital of France? Answer in one word."
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device):
-    """Wall time of one run of ``fn``, and its result."""
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
-
-
-def interleaved(fns: dict, device: torch.device, repeats: int) -> dict:
-    """Runs every function of ``fns`` in turn, ``repeats`` rounds: each one's best wall time
-    and last result.  Taking turns exposes each one to the same load on a shared machine."""
-    best = {name: (math.inf, None) for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t, out = timed(fn, device)
-            best[name] = (min(best[name][0], t), out)
-    return best
 
 
 # -- 1. power sampling ----------------------------------------------------------------------

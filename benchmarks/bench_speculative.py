@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import interleaved  # benchmarks/timing.py
 
 import lmcascade as lc
 
@@ -67,31 +68,6 @@ CODE_TASK = (
     "assert-based tests for it."
 )
 CODE_TARGET, CODE_DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device):
-    """Wall time of one run of ``fn``, and its result."""
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
-
-
-def interleaved(fns: dict, device: torch.device, repeats: int) -> dict:
-    """Runs every function of ``fns`` in turn, ``repeats`` rounds: each one's best wall time
-    and last result."""
-    best = {name: (math.inf, None) for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t, out = timed(fn, device)
-            best[name] = (min(best[name][0], t), out)
-    return best
 
 
 # -- ours ------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ from lmcascade.policy import Policy
 from lmcascade.program import EFFECT_TYPES, BoundProgram, Effect, send
 from lmcascade.requests import Pending
 from lmcascade.samplers import ANCESTRAL, TokenSampler
+from lmcascade.samplers.base import seeded_generator
 from lmcascade.trace import VALUE_KINDS, Site, Trace
 
 __all__ = ["Engine", "Particle", "Pending", "Policy", "Schedule"]
@@ -247,11 +248,7 @@ class Engine:
     def generator(self, device: torch.device) -> torch.Generator:
         gen = self.generators.get(device)
         if gen is None:
-            gen = self.generators[device] = torch.Generator(device=device)
-            if self.seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(self.seed)
+            gen = self.generators[device] = seeded_generator(device, self.seed)
         return gen
 
     # -- the loop -----------------------------------------------------------------------------

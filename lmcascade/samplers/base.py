@@ -70,6 +70,21 @@ class Draws:
 Chosen = Draws | list[list[Choice]]
 
 
+def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A ``torch.Generator`` on ``device``, seeded with ``seed`` (from the OS when None).
+
+    >>> a, b = seeded_generator(torch.device("cpu"), 3), seeded_generator(torch.device("cpu"), 3)
+    >>> bool(torch.equal(torch.rand(2, generator=a), torch.rand(2, generator=b)))
+    True
+    """
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
 class TokenSampler:
     """Base class.  ``full_masks``: predicate constraints are evaluated on the whole
     vocabulary (exact enumeration needs that; rejection-based samplers do not)."""

@@ -41,7 +41,7 @@ from lmcascade.lm.run import LMRun
 from lmcascade.lm.shaping import proposal_rows, shape_rows
 from lmcascade.models.base import Context, LanguageModel
 from lmcascade.samplers.ancestral import Ancestral, draw
-from lmcascade.samplers.base import Choice, Rows, TokenSampler
+from lmcascade.samplers.base import Choice, Rows, TokenSampler, seeded_generator
 
 MAX_LOOKAHEAD = 32
 
@@ -288,12 +288,9 @@ class Speculative(TokenSampler):
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
-        if gen is None:
-            gen = self._generators[device] = torch.Generator(device=device)
-            if self.seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(self.seed + 1)  # not the engine's stream: its own draws
+        if gen is None:  # not the engine's stream: the draft's own draws
+            seed = None if self.seed is None else self.seed + 1
+            gen = self._generators[device] = seeded_generator(device, seed)
         return gen
 
     def _verify(
