@@ -29,6 +29,8 @@ from lmcascade.memory import available_memory, size
 from lmcascade.policy import ON_TOOL_ERROR, TOOL_ERROR_MODES
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result
+from lmcascade.samplers.base import TokenSampler
+from lmcascade.samplers.speculative import Speculative
 from lmcascade.trace import error_text, safe_repr
 
 _REGISTRY: dict[str, type[InferenceMethod]] = {}
@@ -50,6 +52,16 @@ COMMON_OPTIONS: dict[str, Any] = {"progress": True, "on_tool_error": "zero"}
 terminal once a run has taken about two seconds) and ``on_tool_error`` (``"zero"``: a tool call
 that raises gives its trace weight zero and the run goes on; ``"raise"``: the error stops the
 run)."""
+
+DRAFT_OPTIONS: dict[str, Any] = {"draft": None, "lookahead": 4, "adaptive": True}
+"""Options of the sampling methods whose LM sites may be sampled speculatively (``forward``,
+``importance``, ``rejection``, ``smc``, ``mcmc``, ``speculative``), with their defaults:
+``draft`` (None: no drafting; a model sharing the site's vocabulary, or ``"prompt_lookup"``),
+``lookahead`` (tokens drafted per block) and ``adaptive`` (grow or shrink the lookahead with
+the acceptances).  A method takes them by merging this dict into its ``options``; its token
+sampler then comes from :meth:`InferenceMethod.token_sampler` and its stats get the draft's
+counters from :meth:`InferenceMethod.draft_stats`.  Speculative sampling emits exact draws
+from each site's own distribution, so the method's contract is unchanged."""
 
 
 class InferenceMethod:
@@ -99,6 +111,91 @@ class InferenceMethod:
                 "raises gives its trace weight zero and the run goes on) or 'raise' (the error "
                 f"stops the run), got {safe_repr(self.config['on_tool_error'], 100)}"
             )
+        if self.drafts():
+            self.check_draft()
+
+    @classmethod
+    def drafts(cls) -> bool:
+        """Whether the method takes :data:`DRAFT_OPTIONS` (its LM sites may be drafted).
+
+        >>> from lmcascade.inference import methods
+        >>> sorted(name for name, cls in methods().items() if cls.drafts())
+        ['forward', 'importance', 'mcmc', 'rejection', 'smc', 'speculative']
+        """
+        return set(DRAFT_OPTIONS) <= set(cls.options)
+
+    def check_draft(self) -> None:
+        """Validates ``draft``, ``lookahead`` and ``adaptive``: the draft's errors (not a model
+        nor ``"prompt_lookup"``, a lookahead out of range...) name the method; without a draft,
+        ``lookahead`` and ``adaptive`` must keep their defaults (they would do nothing)."""
+        cfg = self.config
+        if cfg["draft"] is None:
+            changed = [k for k in ("lookahead", "adaptive") if cfg[k] != DRAFT_OPTIONS[k]]
+            if changed:
+                raise OptionError(
+                    f"method {self.name!r}: option {changed[0]} only applies with draft= (a "
+                    "smaller model sharing the target's vocabulary, or 'prompt_lookup')"
+                )
+            return
+        try:
+            Speculative(cfg["draft"], cfg["lookahead"], cfg["adaptive"])
+        except OptionError as err:
+            raise OptionError(f"method {self.name!r}: {err}") from None
+
+    def token_sampler(
+        self, default: TokenSampler | None = None, seed: int | None = None
+    ) -> TokenSampler | None:
+        """The token sampler of this run: ``default`` itself without a draft (None stands for
+        the engine's ancestral sampler); with one, a
+        :class:`~lmcascade.samplers.speculative.Speculative` sampler drafting with it and
+        leaving the runs it cannot serve (constrained sites, LM potentials) to ``default``.
+        Its draft draws are seeded from ``seed``.
+
+        >>> from lmcascade.inference import methods
+        >>> from lmcascade.samplers import Ancestral
+        >>> exact = Ancestral(exact_masks=True)
+        >>> methods()["mcmc"]().token_sampler(exact) is exact
+        True
+        >>> spec = methods()["mcmc"](draft="prompt_lookup").token_sampler(exact, seed=0)
+        >>> type(spec).__name__, spec.full_masks, spec.seed
+        ('Speculative', True, 0)
+        """
+        cfg = self.config
+        if cfg.get("draft") is None:
+            return default
+        sampler = Speculative(cfg["draft"], cfg["lookahead"], cfg["adaptive"], fallback=default)
+        # the fallback's masks are the ones the engine must compute (MCMC's exact masks)
+        sampler.full_masks = bool(default is not None and default.full_masks)
+        sampler.seed = seed
+        return sampler
+
+    @staticmethod
+    def draft_stats(result: Result, sampler: TokenSampler | None) -> Result:
+        """``result`` with the counters of a speculative ``sampler`` added to its stats
+        (nothing for another sampler): ``verify_calls``, ``draft_calls``, ``drafted_tokens``,
+        ``accepted_tokens``, ``acceptance_rate``, ``block_efficiency``,
+        ``predicted_block_efficiency``, ``mean_lookahead``, and ``tokens_per_target_call``.
+        The draft's acceptance rate is also ``draft_acceptance_rate``; a counter whose name
+        the method already uses for its own stat (rejection's and MCMC's
+        ``acceptance_rate``) is kept under ``draft_`` + its name.
+
+        >>> r = Result([], [], stats={"acceptance_rate": 0.5, "model_calls": 2,
+        ...                           "tokens_generated": 6})
+        >>> r = InferenceMethod.draft_stats(r, Speculative("prompt_lookup"))
+        >>> r.stats["acceptance_rate"], r.stats["verify_calls"], r.stats["tokens_per_target_call"]
+        (0.5, 0, 3.0)
+        """
+        if not isinstance(sampler, Speculative):
+            return result
+        stats = result.stats
+        for key, value in sampler.counters.as_dict().items():
+            if key == "acceptance_rate":
+                stats["draft_acceptance_rate"] = value
+            stats["draft_" + key if key in stats else key] = value
+        calls = stats.get("model_calls", 0)
+        if calls:
+            stats["tokens_per_target_call"] = stats.get("tokens_generated", 0) / calls
+        return result
 
     def check_options(self) -> None:
         """Validates ``self.config``; raise :class:`OptionError` naming the option."""

@@ -39,7 +39,7 @@ import torch
 
 from lmcascade.engine import Engine, Particle, Schedule
 from lmcascade.errors import OptionError
-from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
+from lmcascade.inference.base import DRAFT_OPTIONS, InferenceMethod, register, zero_weight_error
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result, log_mean_exp
 from lmcascade.samplers.arithmetic import Arithmetic, codes
@@ -102,12 +102,18 @@ class Forward(InferenceMethod):
     the run), drawn from the engine's seeded generator: each sample is still exact, the
     population is more diverse.
 
+    ``draft`` (:data:`~lmcascade.inference.base.DRAFT_OPTIONS`) samples the LM sites
+    speculatively: the same exact samples, fewer target calls with a good draft.
+
     >>> Forward(codes="arithmetic").config["num_samples"]
     100
+    >>> Forward(draft="prompt_lookup", lookahead=6).config["lookahead"]
+    6
     """
 
     name = "forward"
-    options = {"num_samples": 100, "batch_size": None, "codes": "independent"}
+    options = {"num_samples": 100, "batch_size": None, "codes": "independent", **DRAFT_OPTIONS}
+    what = "forward sampling"  # names the method in an all-weights-zero error
 
     def check_options(self) -> None:
         self.population("num_samples")
@@ -119,17 +125,24 @@ class Forward(InferenceMethod):
                 "with its own uniform) or 'arithmetic' (the samples share one quasi-random "
                 f"code: exact and more diverse), got {safe_repr(self.config['codes'], 100)}"
             )
+        if self.config["codes"] == "arithmetic" and self.config["draft"] is not None:
+            raise OptionError(
+                f"method {self.name!r}: codes='arithmetic' and draft= do not combine: a "
+                "speculative block draws its tokens with the draft's and its own uniforms, not "
+                "with the sample's arithmetic code; use one or the other"
+            )
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
         n = self.config["num_samples"]
         tag = None
-        if self.config["codes"] == "arithmetic":
+        if self.config.get("codes") == "arithmetic":
             engine = Engine(sampler=Arithmetic(), seed=seed)
             shared = engine.generator(torch.device("cpu"))
             u = float(torch.rand((), generator=shared, dtype=torch.float64))
             tag = codes(n, u).__getitem__
         else:
-            engine = Engine(seed=seed)
+            sampler = self.token_sampler(None, seed)
+            engine = Engine(sampler=sampler, seed=seed)
         with self.ticking(status=finished) as schedule:
             particles = run_population(bound, n, engine, self.config["batch_size"], schedule, tag)
-        return weighted_result(particles, engine, "forward sampling")
+        return self.draft_stats(weighted_result(particles, engine, self.what), engine.sampler)

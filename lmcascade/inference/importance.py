@@ -24,18 +24,28 @@ from __future__ import annotations
 
 from lmcascade.engine import Engine, Particle, Schedule
 from lmcascade.errors import OptionError
-from lmcascade.inference.base import InferenceMethod, register
+from lmcascade.inference.base import DRAFT_OPTIONS, InferenceMethod, register
 from lmcascade.inference.forward import finished, run_population, weighted_result
 from lmcascade.program import BoundProgram
 from lmcascade.result import Result
+from lmcascade.samplers.base import TokenSampler
 
 
 @register
 class Importance(InferenceMethod):
-    """``num_samples`` weighted samples from the prior or from a ``proposal`` program."""
+    """``num_samples`` weighted samples from the prior or from a ``proposal`` program.
+
+    With ``draft`` (:data:`~lmcascade.inference.base.DRAFT_OPTIONS`) the LM sites that are
+    sampled — the proposal program's, and the target's sites the proposal does not cover —
+    are sampled speculatively: exact draws from each site's distribution, so the weights are
+    unchanged.  Replayed sites are only scored (one pass each), with nothing to draft.
+
+    >>> Importance(draft="prompt_lookup").config["adaptive"]
+    True
+    """
 
     name = "importance"
-    options = {"num_samples": 100, "proposal": None, "batch_size": None}
+    options = {"num_samples": 100, "proposal": None, "batch_size": None, **DRAFT_OPTIONS}
 
     def check_options(self) -> None:
         self.population("num_samples")
@@ -49,18 +59,25 @@ class Importance(InferenceMethod):
             )
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
+        sampler = self.token_sampler(None, seed)  # one sampler for both engines: one count
         with self.ticking(status=finished) as schedule:
-            return self._run(bound, seed, schedule)
+            return self.draft_stats(self._run(bound, seed, schedule, sampler), sampler)
 
-    def _run(self, bound: BoundProgram, seed: int, schedule: Schedule) -> Result:
+    def _run(
+        self,
+        bound: BoundProgram,
+        seed: int,
+        schedule: Schedule,
+        sampler: TokenSampler | None,
+    ) -> Result:
         n, batch = self.config["num_samples"], self.config["batch_size"]
         proposal: BoundProgram | None = self.config["proposal"]
         if proposal is None:
-            engine = Engine(seed=seed)
+            engine = Engine(seed=seed, sampler=sampler)
             return weighted_result(
                 run_population(bound, n, engine, batch, schedule), engine, "importance sampling"
             )
-        guide_engine = Engine(seed=seed, stop_dead=False)
+        guide_engine = Engine(seed=seed, stop_dead=False, sampler=sampler)
         guides = run_population(proposal, n, guide_engine, batch, schedule)
         for g in guides:
             for site in g.trace:
@@ -71,7 +88,7 @@ class Importance(InferenceMethod):
                     )
         # Each particle takes the proposal's values by name, rescored under the target
         # (the proposal's density of each value stays its proposal density).
-        engine = Engine(seed=seed + 1)
+        engine = Engine(seed=seed + 1, sampler=sampler)
         particles = engine.run([Particle(bound, replay=g.trace) for g in guides], schedule)
         for p, g in zip(particles, guides, strict=True):
             if p.dead:

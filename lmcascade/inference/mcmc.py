@@ -61,7 +61,12 @@ import torch
 from lmcascade.distributions import is_lm, support
 from lmcascade.engine import Engine, Particle
 from lmcascade.errors import AllWeightsZeroError, OptionError, ProgramError
-from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
+from lmcascade.inference.base import (
+    DRAFT_OPTIONS,
+    InferenceMethod,
+    register,
+    zero_weight_error,
+)
 from lmcascade.lm.run import LMRun
 from lmcascade.policy import Policy, rescore, same_vocabulary
 from lmcascade.program import BoundProgram, Effect
@@ -306,6 +311,16 @@ class MCMC(InferenceMethod):
     ``num_samples`` states per chain are kept after ``burn_in`` steps, every ``thin``-th
     step; ``chains`` independent chains advance together (their model calls batched), each
     started from a prior draw of non-zero weight (up to ``init_tries`` draws per chain).
+
+    With ``draft`` (:data:`~lmcascade.inference.base.DRAFT_OPTIONS`) every LM text a move
+    draws (the starting states, a site move's new text, a suffix) is sampled speculatively.
+    The acceptance ratio needs only the density of the tokens under their proposal, and a
+    speculative block's tokens are exact draws from it (the draft's own draws are auxiliary
+    and never enter the ratio), so the chain is unchanged.  ``stats["acceptance_rate"]``
+    stays the chain's; the draft's is ``stats["draft_acceptance_rate"]``.
+
+    >>> MCMC(draft="prompt_lookup", proposal="suffix").config["draft"]
+    'prompt_lookup'
     """
 
     name = "mcmc"
@@ -316,6 +331,7 @@ class MCMC(InferenceMethod):
         "chains": 1,
         "proposal": "site",
         "init_tries": 1000,
+        **DRAFT_OPTIONS,
     }
 
     def check_options(self) -> None:
@@ -343,7 +359,8 @@ class MCMC(InferenceMethod):
     def run(self, bound: BoundProgram, seed: int) -> Result:
         cfg = self.config
         policy = MovePolicy()
-        engine = Engine(policy, sampler=Ancestral(exact_masks=True), seed=seed)
+        sampler = self.token_sampler(Ancestral(exact_masks=True), seed)
+        engine = Engine(policy, sampler=sampler, seed=seed)
         rng = np.random.default_rng(seed)
         n_chains, thin = cfg["chains"], cfg["thin"]
         steps = cfg["burn_in"] + cfg["num_samples"] * thin
@@ -385,7 +402,7 @@ class MCMC(InferenceMethod):
         stats["acceptance_by_site"] = {k: v[1] / v[0] for k, v in tried.items()}
         stats["proposals_by_site"] = {k: v[0] for k, v in tried.items()}
         stats["steps"] = steps
-        return MCMCResult(chains, stats)
+        return self.draft_stats(MCMCResult(chains, stats), sampler)
 
     def initial_states(
         self, bound: BoundProgram, engine: Engine, schedule: Any, n: int

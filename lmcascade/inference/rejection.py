@@ -40,7 +40,12 @@ from lmcascade.errors import (
     NothingAcceptedError,
     OptionError,
 )
-from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
+from lmcascade.inference.base import (
+    DRAFT_OPTIONS,
+    InferenceMethod,
+    register,
+    zero_weight_error,
+)
 from lmcascade.policy import Policy
 from lmcascade.program import BoundProgram, Factor, Observe
 from lmcascade.requests import Pending
@@ -90,7 +95,16 @@ def unbounded(site: Site, what: str) -> Site:
 
 @register
 class Rejection(InferenceMethod):
-    """``num_samples`` exact posterior samples within a budget of ``max_attempts`` traces."""
+    """``num_samples`` exact posterior samples within a budget of ``max_attempts`` traces.
+
+    With ``draft`` (:data:`~lmcascade.inference.base.DRAFT_OPTIONS`) the proposed traces'
+    LM sites are sampled speculatively: exact prior draws still, so acceptance is unchanged.
+    ``stats["acceptance_rate"]`` stays the traces'; the draft's is
+    ``stats["draft_acceptance_rate"]``.
+
+    >>> Rejection(draft="prompt_lookup").config["draft"]
+    'prompt_lookup'
+    """
 
     name = "rejection"
     options = {
@@ -98,6 +112,7 @@ class Rejection(InferenceMethod):
         "max_attempts": 100_000,
         "max_log_weight": None,
         "batch_size": None,
+        **DRAFT_OPTIONS,
     }
 
     def check_options(self) -> None:
@@ -119,7 +134,8 @@ class Rejection(InferenceMethod):
         declared = self.config["max_log_weight"]
         max_lw = 0.0 if declared is None else float(declared)
         rng = np.random.default_rng(seed)
-        engine = Engine(Policy() if declared is not None else KnownBounds(), seed=seed)
+        policy = Policy() if declared is not None else KnownBounds()
+        engine = Engine(policy, sampler=self.token_sampler(None, seed), seed=seed)
         accepted: list[Particle] = []
         attempts = n_ok = 0
         rejected_sample: list[Particle] = []
@@ -159,9 +175,10 @@ class Rejection(InferenceMethod):
             log_weight_bound=max_lw,
         )
         log_z = math.log(n_ok / attempts) + max_lw
-        return Result(
+        result = Result(
             [p.trace for p in accepted], [0.0] * len(accepted), log_evidence=log_z, stats=stats
         )
+        return self.draft_stats(result, engine.sampler)
 
     def _batch_size(self, need: int, attempts: int, n_ok: int, budget: int) -> int:
         """How many traces to draw next: enough for ``need`` more at the rate seen so far."""

@@ -14,6 +14,18 @@ of the evidence.  Resampling points are set by ``resample_every``:
 - ``"site"`` — when every particle has reached the start of a new LM site (or finished):
   cascade-level SMC over whole generations.
 
+With ``draft`` (a same-vocabulary model or ``"prompt_lookup"``, see
+:data:`~lmcascade.inference.base.DRAFT_OPTIONS`) the LM sites are sampled speculatively: a
+particle's step may then emit a block of several tokens, each an exact draw from its site, and
+its weight gets every token of the block.  Resampling points fall between steps, so at block
+boundaries: ``"token"`` resamples after every block, and a segment ends at the first block
+boundary at or after its rule is met (``segment_tokens`` and ``segment_max`` may be passed by
+up to the lookahead; a ``segment_stop`` string may be followed by the rest of its block).  The
+weights stay exact and the evidence estimate unbiased: where the population resamples may
+depend on the draws so far, never on what comes after.  ``segment_entropy`` needs the entropy
+of every token's distribution, which a block does not report: it does not combine with a
+draft.
+
 A progress bar appears on runs longer than two seconds in a terminal (``progress=False``
 turns it off).  Particles that are ahead wait at their boundary while the others catch up; finished particles
 wait until the end.  Constraints (``lc.LM(..., constraint=...)``) and potentials
@@ -40,7 +52,12 @@ import torch
 
 from lmcascade.engine import Engine, Particle, Schedule
 from lmcascade.errors import InferenceError, OptionError
-from lmcascade.inference.base import InferenceMethod, register, zero_weight_error
+from lmcascade.inference.base import (
+    DRAFT_OPTIONS,
+    InferenceMethod,
+    register,
+    zero_weight_error,
+)
 from lmcascade.inference.progress import progress_bar
 from lmcascade.inference.resampling import scheme
 from lmcascade.program import BoundProgram
@@ -51,7 +68,12 @@ MODES = ("token", "segment", "site")
 
 @register
 class SMC(InferenceMethod):
-    """Sequential Monte Carlo with token, segment or site resampling."""
+    """Sequential Monte Carlo with token, segment or site resampling; ``draft`` samples the LM
+    sites speculatively (resampling at block boundaries, see the module docstring).
+
+    >>> SMC(draft="prompt_lookup", resample_every="token").config["lookahead"]
+    4
+    """
 
     name = "smc"
     aliases = {"num_samples": "particles"}  # what every sampling method calls its size
@@ -66,6 +88,7 @@ class SMC(InferenceMethod):
         "segment_min": 1,
         "segment_max": 64,
         "max_steps": 100_000,
+        **DRAFT_OPTIONS,
     }
 
     def check_options(self) -> None:
@@ -97,12 +120,18 @@ class SMC(InferenceMethod):
             )
         if cfg["segment_tokens"] is not None:
             self.positive_int("segment_tokens")
+        if cfg["segment_entropy"] is not None and cfg["draft"] is not None:
+            raise OptionError(
+                "method 'smc': segment_entropy does not combine with draft=: the rule looks at "
+                "the entropy of every token's distribution, but a speculative block reports "
+                "only its first; use segment_tokens or segment_stop with a draft"
+            )
 
     # -- the population loop -----------------------------------------------------------------
 
     def run(self, bound: BoundProgram, seed: int) -> Result:
         cfg = self.config
-        engine = Engine(seed=seed)
+        engine = Engine(seed=seed, sampler=self.token_sampler(None, seed))
         schedule = SMCSchedule(cfg, np.random.default_rng(seed))
         if cfg["segment_entropy"] is not None:
             engine.observers.append(schedule.record_entropy)
@@ -131,7 +160,7 @@ class SMC(InferenceMethod):
             ess=schedule.final_ess,
         )
         result.genealogy = schedule.genealogy
-        return result
+        return self.draft_stats(result, engine.sampler)
 
 
 class SMCSchedule(Schedule):

@@ -18,55 +18,34 @@ True
 
 from __future__ import annotations
 
-from lmcascade.engine import Engine
 from lmcascade.errors import OptionError
-from lmcascade.inference.base import InferenceMethod, register
-from lmcascade.inference.forward import finished, run_population, weighted_result
-from lmcascade.program import BoundProgram
-from lmcascade.result import Result
-from lmcascade.samplers.speculative import Speculative
+from lmcascade.inference.base import DRAFT_OPTIONS, register
+from lmcascade.inference.forward import Forward
 
 
 @register
-class SpeculativeMethod(InferenceMethod):
+class SpeculativeMethod(Forward):
     """``num_samples`` forward samples, each LM site drafted by ``draft`` and verified by its
-    model (``lookahead`` tokens per block, ``adaptive`` lookahead)."""
+    model (``lookahead`` tokens per block, ``adaptive`` lookahead): ``method="forward"`` with
+    a draft it cannot do without.
+
+    >>> SpeculativeMethod(draft="prompt_lookup").config["lookahead"]
+    4
+    """
 
     name = "speculative"
-    options = {
-        "draft": None,
-        "lookahead": 4,
-        "adaptive": True,
-        "num_samples": 100,
-        "batch_size": None,
-    }
+    options = {**DRAFT_OPTIONS, "num_samples": 100, "batch_size": None}
+    what = "speculative sampling"
 
-    def check_options(self) -> None:
-        self.population("num_samples")
-        if self.config["batch_size"] is not None:
-            self.positive_int("batch_size")
+    def check_draft(self) -> None:
         if self.config["draft"] is None:
             raise OptionError(
                 "method 'speculative' needs draft=: a smaller model sharing the target's "
                 "vocabulary, or 'prompt_lookup'"
             )
-        try:
-            Speculative(self.config["draft"], self.config["lookahead"], self.config["adaptive"])
-        except OptionError as err:
-            raise OptionError(f"method 'speculative': {err}") from None
+        super().check_draft()
 
-    def run(self, bound: BoundProgram, seed: int) -> Result:
-        cfg = self.config
-        sampler = Speculative(cfg["draft"], cfg["lookahead"], cfg["adaptive"])
-        sampler.seed = seed
-        engine = Engine(sampler=sampler, seed=seed)
-        with self.ticking(status=finished) as schedule:
-            particles = run_population(
-                bound, cfg["num_samples"], engine, cfg["batch_size"], schedule
-            )
-        result = weighted_result(particles, engine, "speculative sampling")
-        result.stats.update(sampler.counters.as_dict())
-        calls = result.stats.get("model_calls", 0) + 0
-        if calls:
-            result.stats["tokens_per_target_call"] = result.stats["tokens_generated"] / calls
-        return result
+    def check_options(self) -> None:
+        self.population("num_samples")
+        if self.config["batch_size"] is not None:
+            self.positive_int("batch_size")
