@@ -86,16 +86,19 @@ def test_prompt_lookup_is_exact():
     assert r.stats["drafted_tokens"] > 0
 
 
+def always_accept(candidates, targets, gen, bonus=True):
+    """A broken test: the first draft is taken whole, then a bonus token from the target."""
+    from lmcascade.samplers.ancestral import draw
+
+    tokens = list(candidates[0][0])
+    return tokens + [int(draw(targets[0][len(tokens)][None], gen)[0])], len(tokens), 0, 1
+
+
 def test_always_accept_is_caught(monkeypatch):
     """The same check rejects a sampler that accepts every drafted token."""
     exact = lc.infer(program(TARGET), method="enumerate").distribution()
 
-    def lenient(draft, big_p, big_q, gen, bonus=True):
-        from lmcascade.samplers.ancestral import draw
-
-        return list(draft) + [int(draw(big_p[len(draft)][None], gen)[0])], len(draft)
-
-    monkeypatch.setattr(Speculative, "_accept", staticmethod(lenient))
+    monkeypatch.setattr(Speculative, "accept", staticmethod(always_accept))
     r = lc.infer(
         program(TARGET), method="speculative", draft=DRAFTS["disjoint"], num_samples=3000, seed=1
     )
@@ -162,8 +165,8 @@ def test_bad_drafts_and_options():
 
 def test_prompt_lookup_proposals():
     look = PromptLookup()
-    assert look.propose([1, 2, 3, 9, 1, 2], 2) == [3, 9]
-    assert look.propose([4, 5], 3) == []
+    assert look.lookup([1, 2, 3, 9, 1, 2], 2) == [3, 9]
+    assert look.lookup([4, 5], 3) == []
 
 
 # -- the tiny random-weight HF model, through the batched path ------------------------------
@@ -274,3 +277,160 @@ def test_details_has_the_model_log_probs_of_every_token():
     assert all(math.isfinite(x) for v in spec.values for x in v)
     plain = lc.infer(d(), method="forward", num_samples=3, seed=0)
     assert all(math.isfinite(x) for v in plain.values for x in v)
+
+
+# -- chains of drafts, several drafts, confidence, restricted heads ------------------------
+
+CHAINS = {
+    "two models": [DRAFTS["perturbed"], DRAFTS["disjoint"]],
+    "model then lookup": [DRAFTS["perturbed"], "prompt_lookup"],
+    "three levels": [toy(0.3, "mid"), DRAFTS["perturbed"], DRAFTS["disjoint"]],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_chains_of_drafts_are_exact(name):
+    """Each level of a chain verifies the next with the exact test, so the target's draws
+    are exact whatever the levels (3,000 i.i.d. draws: detectable TV about 0.06)."""
+    exact = lc.infer(program(TARGET), method="enumerate").distribution()
+    r = lc.infer(program(TARGET), method="speculative", draft=CHAINS[name], num_samples=3000,
+                 seed=6)  # fmt: skip
+    assert_matches(r.values, exact)
+    levels = r.stats["draft_calls_by_level"]
+    assert len(levels) == len(CHAINS[name]) and all(n > 0 for n in levels[:-1])
+
+
+def test_a_lenient_chain_level_is_caught(monkeypatch):
+    """The chain's middle level taking every token of the cheap draft (the reference code's
+    lenient review) breaks the target's exactness, and the same check sees it."""
+    from lmcascade.samplers.drafts import DraftChain
+
+    monkeypatch.setattr(DraftChain, "accept", staticmethod(always_accept))
+    exact = lc.infer(program(TARGET), method="enumerate").distribution()
+    r = lc.infer(program(TARGET), method="speculative", draft=CHAINS["two models"],
+                 num_samples=3000, seed=6)  # fmt: skip
+    assert not chi2_gof(r.values, exact).passed()
+
+
+@pytest.mark.parametrize("draft", ["perturbed", "disjoint", "prompt_lookup"])
+def test_several_drafts_are_exact(draft):
+    """Three independent drafts per run, tried in turn against the running residual."""
+    exact = lc.infer(program(TARGET), method="enumerate").distribution()
+    r = lc.infer(program(TARGET), method="speculative", draft=DRAFTS.get(draft, draft),
+                 num_drafts=3, num_samples=3000, seed=7)  # fmt: skip
+    assert_matches(r.values, exact)
+
+
+def residual_free(candidates, targets, gen, bonus=True):
+    """A broken multi-draft test: every candidate is tested against the target row itself
+    (no residual), and after all fail the correction comes from the last candidate's."""
+    from lmcascade.samplers.ancestral import draw
+
+    out: list[int] = []
+    alive = list(range(len(candidates)))
+    while True:
+        m = len(out)
+        row = targets[alive[0]][m]
+        tries = [c for c in alive if len(candidates[c][0]) > m]
+        if not tries:
+            return out + [int(draw(row[None], gen)[0])], m, alive[0], m
+        taken = None
+        for c in tries:
+            x, q = candidates[c][0][m], candidates[c][1]
+            qx = 1.0 if q is None else float(q[m, x].exp())
+            if float(torch.rand((), generator=gen, dtype=torch.float64)) * qx < row[x].exp():
+                taken = x
+                break
+        if taken is None:
+            q = candidates[tries[-1]][1]
+            rest = row.exp() - (0.0 if q is None else q[m].to(row.dtype).exp())
+            return out + [int(draw(rest.clamp_min(0).log()[None], gen)[0])], m, tries[-1], m
+        out.append(taken)
+        alive = [c for c in alive if len(candidates[c][0]) > m and candidates[c][0][m] == taken]
+
+
+def test_several_drafts_without_the_residual_are_caught(monkeypatch):
+    monkeypatch.setattr(Speculative, "accept", staticmethod(residual_free))
+    exact = lc.infer(program(TARGET), method="enumerate").distribution()
+    r = lc.infer(program(TARGET), method="speculative", draft=DRAFTS["disjoint"],
+                 num_drafts=3, num_samples=3000, seed=7)  # fmt: skip
+    assert not chi2_gof(r.values, exact).passed()
+
+
+def test_more_drafts_accept_more():
+    """With a perturbed draft, three drafts per run accept more tokens per verifying pass
+    than one (each position gets three chances)."""
+
+    @lc.program
+    def long():
+        return (yield lc.gen("t", TARGET, "ab", max_tokens=30, min_tokens=30))
+
+    def tau(k):
+        r = lc.infer(long(), method="speculative", draft=DRAFTS["perturbed"], num_drafts=k,
+                     lookahead=3, adaptive=False, num_samples=100, seed=0)  # fmt: skip
+        return r.stats["block_efficiency"]
+
+    assert tau(3) > tau(1) + 0.3
+
+
+def test_confidence_ends_drafts_early_and_stays_exact():
+    exact = lc.infer(program(TARGET), method="enumerate").distribution()
+    r = lc.infer(program(TARGET), method="speculative", draft=DRAFTS["perturbed"],
+                 confidence=0.6, num_samples=3000, seed=8)  # fmt: skip
+    assert_matches(r.values, exact)
+    plain = lc.infer(program(TARGET), method="speculative", draft=DRAFTS["perturbed"],
+                     num_samples=3000, seed=8)  # fmt: skip
+    assert r.stats["mean_lookahead"] < plain.stats["mean_lookahead"]
+
+
+def test_a_restricted_draft_head_is_exact():
+    """FR-Spec: the draft sees only its two most frequent tokens (and eos); the target's
+    draws stay exact, and the draft never proposes the others."""
+    small = lc.models.restrict_head(DRAFTS["perturbed"], top=2, corpus=["aab", "bab"])
+    assert small.name == "perturbed[3 tokens]"
+    exact = lc.infer(program(TARGET), method="enumerate").distribution()
+    r = lc.infer(program(TARGET), method="speculative", draft=small, num_samples=3000, seed=9)
+    assert_matches(r.values, exact)
+    assert 0 < r.stats["acceptance_rate"] < 1
+
+
+def test_several_drafts_and_restricted_heads_on_the_hf_path(hf_pair):
+    """Forked contexts for extra drafts in one batched pass; a transformers head cut to a
+    subset of rows (sharing the weights)."""
+    target, draft = hf_pair
+    small = lc.models.restrict_head(draft, top=4, corpus="Q: a b c d e f g")
+    assert small.hf.get_output_embeddings().weight.shape[0] == 5  # 4 tokens and eos
+    assert small.hf.model is draft.hf.model  # the same body
+    assert draft.hf.get_output_embeddings().weight.shape[0] == draft.vocab_size
+
+    @lc.program
+    def text():
+        return (yield lc.gen("t", target, "Q:", max_tokens=3))
+
+    exact = lc.infer(text(), method="enumerate").distribution()
+    for chosen in ({"draft": draft, "num_drafts": 3}, {"draft": [small, "prompt_lookup"]}):
+        r = lc.infer(text(), method="speculative", num_samples=2000, seed=10, **chosen)
+        assert_matches(r.values, exact)
+
+    @lc.program
+    def greedy_text():
+        return (yield lc.gen("t", target, "Q:", max_tokens=8, temperature=0))
+
+    ours = lc.infer(greedy_text(), method="speculative", draft=draft, num_drafts=2,
+                    num_samples=2)  # fmt: skip
+    plain = lc.infer(greedy_text(), method="forward", num_samples=1)
+    assert set(ours.values) == set(plain.values)
+
+
+def test_bad_chain_and_draft_count_options():
+    with pytest.raises(OptionError, match="chain"):
+        lc.infer(program(TARGET), method="speculative", draft=["prompt_lookup", TARGET])
+    with pytest.raises(OptionError, match="at least one"):
+        lc.infer(program(TARGET), method="speculative", draft=[])
+    with pytest.raises(OptionError, match="num_drafts"):
+        lc.infer(program(TARGET), method="speculative", draft=TARGET, num_drafts=0)
+    with pytest.raises(OptionError, match="confidence"):
+        lc.infer(program(TARGET), method="speculative", draft=TARGET, confidence=1.5)
+    other = ToyLM(["a", "b", "<eos>"], lambda ctx: [0.0, 0.0, 0.0])
+    with pytest.raises(OptionError, match="vocabulary"):
+        lc.infer(program(TARGET), method="speculative", draft=[TARGET, other], num_samples=2)

@@ -192,21 +192,9 @@ def test_smc_segments_with_blocks():
 
 def test_smc_with_always_accept_is_caught(monkeypatch):
     """The SMC check rejects a speculative rule that accepts every drafted token."""
-    from lmcascade.samplers.ancestral import draw
+    from test_speculative import always_accept
 
-    if hasattr(Speculative, "accept"):  # the rule for one or several drafts per run
-
-        def always(candidates, targets, gen, bonus=True):
-            tokens = list(candidates[0][0])
-            return tokens + [int(draw(targets[0][len(tokens)][None], gen)[0])], len(tokens), 0, 1
-
-        monkeypatch.setattr(Speculative, "accept", staticmethod(always))
-    else:  # the single-draft rule
-
-        def lenient(draft, big_p, big_q, gen, bonus=True):
-            return list(draft) + [int(draw(big_p[len(draft)][None], gen)[0])], len(draft)
-
-        monkeypatch.setattr(Speculative, "_accept", staticmethod(lenient))
+    monkeypatch.setattr(Speculative, "accept", staticmethod(always_accept))
     runs = smc_runs(draft=FAR, resample_every="token")
     assert not chi2_gof(one_draw_per_run(runs, seed=1), exact(steered)).passed()
 

@@ -53,12 +53,20 @@ terminal once a run has taken about two seconds) and ``on_tool_error`` (``"zero"
 that raises gives its trace weight zero and the run goes on; ``"raise"``: the error stops the
 run)."""
 
-DRAFT_OPTIONS: dict[str, Any] = {"draft": None, "lookahead": 4, "adaptive": True}
+DRAFT_OPTIONS: dict[str, Any] = {
+    "draft": None,
+    "lookahead": 4,
+    "adaptive": True,
+    "num_drafts": 1,
+    "confidence": None,
+}
 """Options of the sampling methods whose LM sites may be sampled speculatively (``forward``,
 ``importance``, ``rejection``, ``smc``, ``mcmc``, ``speculative``), with their defaults:
-``draft`` (None: no drafting; a model sharing the site's vocabulary, or ``"prompt_lookup"``),
-``lookahead`` (tokens drafted per block) and ``adaptive`` (grow or shrink the lookahead with
-the acceptances).  A method takes them by merging this dict into its ``options``; its token
+``draft`` (None: no drafting; a model sharing the site's vocabulary, ``"prompt_lookup"``, or a
+list of those from the most to the least expensive: a chain), ``lookahead`` (tokens drafted
+per block), ``adaptive`` (grow or shrink the lookahead with the acceptances), ``num_drafts``
+(independent drafts per block, verified by recursive rejection) and ``confidence`` (a model
+draft ends after a token it gave less than this probability).  A method takes them by merging this dict into its ``options``; its token
 sampler then comes from :meth:`InferenceMethod.token_sampler` and its stats get the draft's
 counters from :meth:`InferenceMethod.draft_stats`.  Speculative sampling emits exact draws
 from each site's own distribution, so the method's contract is unchanged."""
@@ -125,12 +133,12 @@ class InferenceMethod:
         return set(DRAFT_OPTIONS) <= set(cls.options)
 
     def check_draft(self) -> None:
-        """Validates ``draft``, ``lookahead`` and ``adaptive``: the draft's errors (not a model
+        """Validates the draft options (:data:`DRAFT_OPTIONS`): the draft's errors (not a model
         nor ``"prompt_lookup"``, a lookahead out of range...) name the method; without a draft,
-        ``lookahead`` and ``adaptive`` must keep their defaults (they would do nothing)."""
+        the others must keep their defaults (they would do nothing)."""
         cfg = self.config
         if cfg["draft"] is None:
-            changed = [k for k in ("lookahead", "adaptive") if cfg[k] != DRAFT_OPTIONS[k]]
+            changed = [k for k in DRAFT_OPTIONS if k != "draft" and cfg[k] != DRAFT_OPTIONS[k]]
             if changed:
                 raise OptionError(
                     f"method {self.name!r}: option {changed[0]} only applies with draft= (a "
@@ -138,7 +146,7 @@ class InferenceMethod:
                 )
             return
         try:
-            Speculative(cfg["draft"], cfg["lookahead"], cfg["adaptive"])
+            self._speculative(None)
         except OptionError as err:
             raise OptionError(f"method {self.name!r}: {err}") from None
 
@@ -163,11 +171,20 @@ class InferenceMethod:
         cfg = self.config
         if cfg.get("draft") is None:
             return default
-        sampler = Speculative(cfg["draft"], cfg["lookahead"], cfg["adaptive"], fallback=default)
-        # the fallback's masks are the ones the engine must compute (MCMC's exact masks)
-        sampler.full_masks = bool(default is not None and default.full_masks)
+        sampler = self._speculative(default)  # computing its fallback's masks (MCMC's exact)
         sampler.seed = seed
         return sampler
+
+    def _speculative(self, fallback: TokenSampler | None) -> Speculative:
+        cfg = self.config
+        return Speculative(
+            cfg["draft"],
+            cfg["lookahead"],
+            cfg["adaptive"],
+            fallback=fallback,
+            num_drafts=cfg["num_drafts"],
+            confidence=cfg["confidence"],
+        )
 
     @staticmethod
     def draft_stats(result: Result, sampler: TokenSampler | None) -> Result:

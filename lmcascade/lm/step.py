@@ -65,25 +65,35 @@ def distributions(
     generators: dict[torch.device, torch.Generator],
     stats: dict | None,
     full_masks: bool = False,
-    drafts: dict[LMRun, list[int]] | None = None,
+    drafts: dict[LMRun, list[list[int]]] | None = None,
 ) -> list[tuple[Rows, torch.Tensor]]:
     """Phase 1: one batched model call per model for every run's next-token distribution;
     each :class:`Rows` comes with the model's own log-probabilities of its runs (unshaped).
-    Runs with ``drafts`` get their drafted tokens scored in the same pass (``Rows.drafted``;
-    the tokens stay in their contexts for the sampler to keep or crop)."""
+    Runs with ``drafts`` (one or several drafted blocks each) get them scored in the same
+    pass (``Rows.drafted``): the first block extends the run's own context, each further one
+    a fork of it, and the tokens stay there for the sampler to keep or crop."""
     out = []
     for group in by_model(runs):
         model = group[0].model
         drafted = None
         if drafts and any(drafts.get(r) for r in group):
-            counts = []
-            for r in group:
-                block = drafts.get(r) or []
-                r.ctx.extend(block)
-                counts.append(len(block) + 1)
-            blocks = call_model(model, [r.ctx for r in group], stats, counts=counts)
-            logprobs = torch.stack([b[0] for b in blocks])
-            drafted = [b[1:] if len(b) > 1 else None for b in blocks]
+            contexts, counts, owners = [], [], []
+            for i, r in enumerate(group):
+                blocks = [b for b in drafts.get(r) or [] if b] or [[]]
+                forks = [r.ctx] + [model.fork(r.ctx) for _ in blocks[1:]]
+                for ctx, block in zip(forks, blocks, strict=True):
+                    ctx.extend(block)
+                    contexts.append(ctx)
+                    counts.append(len(block) + 1)
+                    owners.append(i)
+            scored = call_model(model, contexts, stats, counts=counts)
+            firsts = [next(j for j, o in enumerate(owners) if o == i) for i in range(len(group))]
+            logprobs = torch.stack([scored[j][0] for j in firsts])
+            drafted = [[] for _ in group]
+            for ctx, rows, i in zip(contexts, scored, owners, strict=True):
+                if len(rows) > 1:
+                    drafted[i].append((ctx, rows[1:]))
+            drafted = [d or None for d in drafted]
         else:
             logprobs = call_model(model, [r.ctx for r in group], stats)
         p = shape_rows(

@@ -12,6 +12,7 @@ from typing import Any
 
 from lmcascade.models.base import Context, LanguageModel, Tokenizer
 from lmcascade.models.registry import DEFAULT_MODEL, MODELS, fetch, load
+from lmcascade.models.restricted import RestrictedLM, frequent_tokens, restrict_head
 from lmcascade.models.toy import ToyLM, ToyTokenizer
 
 __all__ = [
@@ -19,12 +20,15 @@ __all__ = [
     "MODELS",
     "Context",
     "LanguageModel",
+    "RestrictedLM",
     "Tokenizer",
     "ToyLM",
     "ToyTokenizer",
     "TransformersLM",
     "fetch",
+    "frequent_tokens",
     "load",
+    "restrict_head",
 ]
 
 

@@ -21,6 +21,7 @@ recomputing or copying anything.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import os
@@ -232,6 +233,34 @@ class TransformersLM(LanguageModel):
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         return cls(model, tok, name=kwargs.pop("name", os.path.basename(str(path))), **kwargs)
 
+    def restricted(self, token_ids: Sequence[int]) -> TransformersLM:
+        """A twin whose output head computes only ``token_ids`` (every other token gets
+        probability zero): the FR-Spec draft head.  It shares every weight with this model
+        but keeps its own caches; see :func:`lmcascade.models.restricted.restrict_head`."""
+        ids = sorted({int(t) for t in token_ids})
+        head = self.hf.get_output_embeddings()
+        small = torch.nn.Linear(
+            head.weight.shape[1],
+            len(ids),
+            bias=getattr(head, "bias", None) is not None,
+            device=head.weight.device,
+            dtype=head.weight.dtype,
+        ).requires_grad_(False)
+        index = torch.tensor(ids, device=head.weight.device)
+        small.weight.copy_(head.weight.detach().index_select(0, index))
+        if small.bias is not None:
+            small.bias.copy_(head.bias.detach().index_select(0, index))
+        module = copy.copy(self.hf)  # the same submodules, its own table of them
+        module._modules = dict(self.hf._modules)
+        module.set_output_embeddings(small)
+        twin = copy.copy(self)
+        twin.hf = module
+        twin.head_ids = index.to(self.device_)
+        twin.name = f"{self.name}[{len(ids)} tokens]"
+        twin.prefix_index = PrefixIndex(max_bytes=self.prefix_index.max_bytes)
+        twin.counters = {}
+        return twin
+
     def chat(self, user: str, *, system: str | None = None) -> str:
         """A prompt in the model's chat format, ending where the assistant's reply begins.
 
@@ -252,6 +281,7 @@ class TransformersLM(LanguageModel):
         return self._vocab
 
     min_prompt_tokens = 1  # a transformer needs a token to condition on
+    head_ids: torch.Tensor | None = None  # the tokens a restricted head computes (None: all)
 
     @functools.cached_property
     def cache_bytes_per_token(self) -> int:
@@ -559,6 +589,9 @@ class TransformersLM(LanguageModel):
         )
         self._count("forward_passes")
         logits = out.logits[:, -keep:, :].float()
+        if self.head_ids is not None:  # a restricted head: the other tokens are impossible
+            full = logits.new_full((*logits.shape[:-1], self._vocab), float("-inf"))
+            logits = full.index_copy_(-1, self.head_ids, logits)
         if self._buffered:
             if real is not None:  # padding keys/values zeroed: never NaN
                 grow.zero_new(real)

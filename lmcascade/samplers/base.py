@@ -18,6 +18,7 @@ import torch
 
 if TYPE_CHECKING:
     from lmcascade.lm.run import LMRun
+    from lmcascade.models.base import Context
 
 
 @dataclass
@@ -31,9 +32,11 @@ class Rows:
     allows nothing keep the unmasked proposal and are flagged in ``blocked``).
     ``empty`` lists the runs whose site allows no token at all (``min_tokens`` forbids the
     eos a model insists on): their rows are eos, and the step gives them weight zero.
-    ``drafted`` (speculative samplers): per run, the model's raw log-probabilities after each
-    of the tokens the sampler drafted for it (``[len(draft), vocab]``, computed in the same
-    pass as ``p``), or None for a run without a draft.
+    ``drafted`` (speculative samplers): per run, one ``(context, rows)`` pair per block the
+    sampler drafted for it — the model context holding the block (the run's own for the
+    first, a fork for each further one) and the model's raw log-probabilities after each of
+    its tokens (``[len(block), vocab]``, computed in the same pass as ``p``) — or None for a
+    run without a draft.
     """
 
     runs: list[LMRun]
@@ -42,7 +45,7 @@ class Rows:
     blocked: torch.Tensor | None
     generator: torch.Generator
     empty: list[LMRun] = field(default_factory=list)
-    drafted: list[torch.Tensor | None] | None = None
+    drafted: list[list[tuple[Context, torch.Tensor]] | None] | None = None
 
 
 @dataclass
@@ -91,9 +94,9 @@ class TokenSampler:
 
     full_masks = False
 
-    def draft(self, runs: list[LMRun]) -> dict[LMRun, list[int]]:
-        """Tokens to verify after each run's next token, in the same model pass as its
-        distribution (speculative samplers); none by default."""
+    def draft(self, runs: list[LMRun]) -> dict[LMRun, list[list[int]]]:
+        """Blocks of tokens to verify after each run's next token (one or several per run),
+        in the same model pass as its distribution (speculative samplers); none by default."""
         return {}
 
     def choose(self, rows: Rows) -> Chosen:
