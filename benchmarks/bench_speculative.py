@@ -11,7 +11,10 @@ Two parts, each system against its own target-only baseline measured in the same
     (``lm.hf``): plain ``generate`` and ``generate(prompt_lookup_num_tokens=k)``.
 (b) **code** (slow: several minutes on a CPU) — qwen2.5-coder-1.5b as target with
     qwen2.5-coder-0.5b as draft on a code-writing prompt: ours with ``draft=<the 0.5b
-    model>`` against ``generate(assistant_model=<the 0.5b model>)``.  Skipped, with the
+    model>`` against ``generate(assistant_model=<the 0.5b model>)``; ours also with two
+    drafts per block, with a chain (the 0.5b model drafted by prompt lookup) and with an
+    FR-Spec head (the 0.5b model's output head cut to ``--head-tokens`` frequent tokens of
+    Python's standard library).  Skipped, with the
     reason printed, when either model is not fetched (``lmcascade models fetch NAME``).
 
 Fairness: every system generates exactly ``--max-tokens`` tokens (``min_tokens = max_tokens``
@@ -88,8 +91,12 @@ def ours(lm, prog, seeds: list[int], options: dict) -> dict:
     texts, passes, tokens = [], 0, 0
     accepted = tested = emitted = blocks = 0
     lookahead_sum = 0.0
+    drafts = options.get("draft")
+    drafts = drafts if isinstance(drafts, list) else [drafts]
+    caches = [m.prefix_index for m in [lm, *drafts] if hasattr(m, "prefix_index")]
     for seed in seeds:
-        lm.prefix_index.clear()  # every timed run computes the prompt itself, as generate does
+        for cache in caches:  # every timed run computes the prompt itself, as generate does
+            cache.clear()
         r = lc.infer(prog(), num_samples=1, seed=seed, progress=False, **options)
         texts.append(list(r.traces[0].sites[0].token_ids))
         s = r.stats
@@ -309,6 +316,9 @@ def copy_part(args) -> dict:
 
 
 def code_part(args) -> dict:
+    """(b): the draft model alone (each lookahead), and at the first lookahead two drafts per
+    block, a chain (the 0.5b model drafted by prompt lookup) and an FR-Spec head (the 0.5b
+    model's head cut to the most frequent tokens of Python's own standard library)."""
     from lmcascade.models import registry
 
     missing = [name for name in (CODE_TARGET, CODE_DRAFT) if not registry.is_installed(name)]
@@ -320,9 +330,30 @@ def code_part(args) -> dict:
     draft = lc.models.load(CODE_DRAFT, device=args.device)
     print(f"(b) code: {target.name} drafted by {draft.name} on {target.device}, {target.dtype}")
     drafts = {f"draft model k={k}": {"draft": draft, "lookahead": k} for k in args.lookaheads}
+    k = args.lookaheads[0]
+    head = lc.models.restrict_head(draft, top=args.head_tokens, corpus=code_corpus())
+    drafts.update(
+        {
+            f"2 drafts k={k}": {"draft": draft, "lookahead": k, "num_drafts": 2},
+            f"chain 0.5b <- prompt lookup k={k}": {
+                "draft": [draft, "prompt_lookup"],
+                "lookahead": k,
+            },
+            f"FR-Spec head {args.head_tokens} k={k}": {"draft": head, "lookahead": k},
+        }
+    )
     assist = {"assistant_model": {"assistant_model": draft.hf}}
     result = compare(target, target.chat(CODE_TASK), drafts, args, assist)
     return {"run": True, "model": target.name, "draft": draft.name, "task": CODE_TASK, **result}
+
+
+def code_corpus(files: int = 60) -> list[str]:
+    """Python source to rank tokens by for the FR-Spec head: the first ``files`` modules of the
+    standard library, in name order (on every machine, no download)."""
+    import os
+
+    root = Path(os.__file__).parent
+    return [p.read_text(errors="ignore") for p in sorted(root.glob("*.py"))[:files]]
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -369,6 +400,9 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch CPU threads (torch's default)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--head-tokens", type=int, default=16384, help="(b): the FR-Spec draft head's tokens"
+    )
     args = parser.parse_args()
     quick = args.quick
     args.max_tokens = args.max_tokens or (32 if quick else 64)
