@@ -454,3 +454,21 @@ def test_bad_chain_and_draft_count_options():
     other = ToyLM(["a", "b", "<eos>"], lambda ctx: [0.0, 0.0, 0.0])
     with pytest.raises(OptionError, match="vocabulary"):
         lc.infer(program(TARGET), method="speculative", draft=[TARGET, other], num_samples=2)
+
+
+def test_restricting_a_restricted_head(hf_pair):
+    """A twin restricted again computes the intersection, from the original head's rows
+    (regression: the twin's own head rows were taken as token ids)."""
+    _, draft = hf_pair
+    once = lc.models.restrict_head(draft, tokens=[1, 2, 3, 5, 6])
+    twice = lc.models.restrict_head(once, tokens=[3, 5, 7])
+    direct = lc.models.restrict_head(draft, tokens=[3, 5])
+    ids = draft.encode("Q:")
+    got = twice.next_logprobs([twice.open(ids)])[0]
+    want = direct.next_logprobs([direct.open(ids)])[0]
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.isinf(got).sum() == draft.vocab_size - 3  # 3, 5 and eos
+    with pytest.raises(OptionError, match="whole numbers"):
+        lc.models.restrict_head(draft, tokens=[1.5])
+    with pytest.raises(OptionError, match="flat list"):
+        lc.infer(program(TARGET), method="speculative", draft=[TARGET, [TARGET]])

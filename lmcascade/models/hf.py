@@ -238,7 +238,9 @@ class TransformersLM(LanguageModel):
         probability zero): the FR-Spec draft head.  It shares every weight with this model
         but keeps its own caches; see :func:`lmcascade.models.restricted.restrict_head`."""
         ids = sorted({int(t) for t in token_ids})
-        head = self.hf.get_output_embeddings()
+        head = self.full_head if self.full_head is not None else self.hf.get_output_embeddings()
+        if self.head_ids is not None:  # restricting a twin: within what it already computes
+            ids = sorted(set(ids) & set(self.head_ids.tolist()))
         small = torch.nn.Linear(
             head.weight.shape[1],
             len(ids),
@@ -256,6 +258,7 @@ class TransformersLM(LanguageModel):
         twin = copy.copy(self)
         twin.hf = module
         twin.head_ids = index.to(self.device_)
+        twin.full_head = head
         twin.name = f"{self.name}[{len(ids)} tokens]"
         twin.prefix_index = PrefixIndex(max_bytes=self.prefix_index.max_bytes)
         twin.counters = {}
@@ -282,6 +285,7 @@ class TransformersLM(LanguageModel):
 
     min_prompt_tokens = 1  # a transformer needs a token to condition on
     head_ids: torch.Tensor | None = None  # the tokens a restricted head computes (None: all)
+    full_head: Any = None  # a restricted twin's original output head
 
     @functools.cached_property
     def cache_bytes_per_token(self) -> int:

@@ -76,7 +76,10 @@ def restrict_head(
     if tokens is None:
         ids = frequent_tokens(model, corpus, top)
     else:
-        ids = sorted({int(t) for t in tokens} | {model.eos_id})
+        tokens = list(tokens)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise OptionError("tokens must be a list of token ids (whole numbers)")
+        ids = sorted(set(tokens) | {model.eos_id})
         if any(not 0 <= t < model.vocab_size for t in ids):
             raise OptionError(f"tokens must be ids below the vocabulary size {model.vocab_size}")
     restricted = getattr(model, "restricted", None)

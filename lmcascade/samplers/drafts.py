@@ -429,6 +429,11 @@ def as_drafter(draft: Any, lookahead: int = 4, confidence: float | None = None) 
     if isinstance(draft, (list, tuple)):
         if not draft:
             raise OptionError("draft=[]: a chain of drafts needs at least one")
+        if any(isinstance(d, (list, tuple)) for d in draft):
+            raise OptionError(
+                "a chain of drafts is one flat list, most expensive first: draft=[mid, small] "
+                "or [mid, small, 'prompt_lookup'], not nested lists"
+            )
         *models, last = draft
         out = as_drafter(last, lookahead, confidence)
         for model in reversed(models):
