@@ -17,6 +17,7 @@ Run: .venv/bin/python examples/pattern_tools.py
 from __future__ import annotations
 
 import lmcascade as lc
+from lmcascade.errors import AllWeightsZeroError
 from lmcascade.patterns.sandbox import calculator, python_tool
 
 SAMPLES = 6
@@ -24,22 +25,35 @@ PROBLEM = "Tom has 3 boxes of 12 eggs and eats 5 eggs. How many eggs are left?"
 TASK = "the sum of the squares of the numbers 1 to 5"
 
 
-def show(title: str, result: lc.Result, text_site: str, tool_site: str) -> None:
-    """One row per trace: what the model wrote, and the tool's result or error."""
+def run_and_show(title: str, program: lc.BoundProgram, text_site: str, tool_site: str) -> None:
+    """Samples ``program``; prints one row per trace (what the model wrote, and the tool's
+    result or error) and the distribution of the results that worked."""
+    try:
+        result = lc.infer(program, method="forward", num_samples=SAMPLES, seed=0)
+        traces = result.traces
+    except AllWeightsZeroError as err:  # every draw failed in the tool
+        result, traces = None, err.traces
     print(f"\n{title}")
-    print(f"  {'the model wrote':<44} {'the tool gave'}")
-    for trace in result.traces:
-        written = trace[text_site].value
+    print(f"  {'the model wrote':<56} {'the tool gave'}")
+    prefix = "print(" if text_site == "code" else ""
+    for trace in traces:
+        written = prefix + trace[text_site].value
         site = trace[tool_site] if tool_site in trace else None
         if site is None:
             outcome = "(not run)"
         elif site.error is not None:
-            outcome = f"error, weight 0: {str(site.error)[:60]}"
+            why = str(site.error)  # a SandboxError of reason "exit" ends with the error line
+            why = why.split(": ", 1)[-1] if getattr(site.error, "reason", "") == "exit" else why
+            outcome = f"weight 0: {why[:50]}"
         else:
             outcome = repr(site.value)
-        print(f"  {written[:42]!r:<44} {outcome}")
-    print(f"  tool errors: {result.stats.get('tool_errors', 0)} of {len(result.traces)}")
-    print(result.summary(top=3))
+        print(f"  {written[:54]!r:<56} {outcome}")
+    failed = sum(tool_site in t and t[tool_site].error is not None for t in traces)
+    print(f"  tool errors: {failed} of {len(traces)}")
+    if result is None:
+        print("  every draw failed: no result has positive probability")
+    else:
+        print(result.summary(top=3))
 
 
 def main() -> None:
@@ -64,19 +78,27 @@ def main() -> None:
         text = yield lc.gen(
             "code",
             lm,
-            lm.chat(f"Write one line of Python that prints {task}.") + "```python\n",
-            max_tokens=32,
+            # the reply starts with a code block and print( so that the line prints its value
+            lm.chat(f"Write one line of Python that prints {task}.") + "```python\nprint(",
+            max_tokens=20,
             stop=["\n", "```"],
             temperature=0.8,
         )
         run = python_tool(timeout=2.0, memory_mb=256, max_output=1000)
-        return (yield lc.call("python", run, text)).strip()
+        return (yield lc.call("python", run, "print(" + text)).strip()
 
-    calc = lc.infer(arithmetic(PROBLEM), method="forward", num_samples=SAMPLES, seed=0)
-    show(f"{PROBLEM}  (calculator; the answer is 31)", calc, "expression", "calculator")
-
-    code = lc.infer(python_line(TASK), method="forward", num_samples=SAMPLES, seed=0)
-    show(f"Python that prints {TASK}  (sandbox; the answer is 55)", code, "code", "python")
+    run_and_show(
+        f"{PROBLEM}  (calculator; the answer is 31)",
+        arithmetic(PROBLEM),
+        "expression",
+        "calculator",
+    )
+    run_and_show(
+        f"Python that prints {TASK}  (sandbox; the answer is 55)",
+        python_line(TASK),
+        "code",
+        "python",
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The model (SmolLM2-135M-Instruct) answers a question eight times. The same eight answers (same
 seed, same draws) are then weighed three ways:
 
-- ``model``: forward sampling alone, every answer weight one;
+- ``model``: the model alone, every answer weight one (its share of the eight draws);
 - ``predicate``: ``verify_with`` keeps the answers that name an Australian city (a lookup in a
   small gazetteer, as a downstream parser would need; ``lc.condition``);
 - ``judge``: ``lm_judge`` multiplies each answer's weight by the model's own P("Yes") when asked
@@ -68,7 +68,7 @@ def main() -> None:
         return text
 
     results = {}
-    for check in ["model", "predicate", "judge"]:
+    for check in ["predicate", "judge"]:
         program = checked(QUESTION, check)
         results[check] = lc.infer(program, method="forward", num_samples=SAMPLES, seed=0)
 
@@ -82,6 +82,9 @@ def main() -> None:
     print(f"{QUESTION}  ({SAMPLES} answers, each weighed three ways)\n")
     print(f"{'answer':<42} {'P(Yes)':>7} {'model':>7} {'predicate':>10} {'judge':>7}")
     dists = {check: r.distribution() for check, r in results.items()}
+    # the model alone: each answer's share of the draws (every program drew the same answers)
+    draws = [trace.value for trace in results["judge"].traces]
+    dists["model"] = {text: draws.count(text) / len(draws) for text in draws}
     for text in sorted(answers, key=lambda t: -dists["model"].get(t, 0.0)):
         row = [dists[c].get(text, 0.0) for c in ("model", "predicate", "judge")]
         print(

@@ -359,7 +359,9 @@ def _run(
         raise SiteError(f"code must be a string of Python source, got {type(code).__name__}")
     _check_limits(timeout, memory_mb, max_output)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **dict.fromkeys(_THREADS, "1")}
-    with tempfile.TemporaryDirectory(prefix="lmcascade-sandbox-") as workdir:
+    with tempfile.TemporaryDirectory(
+        prefix="lmcascade-sandbox-", ignore_cleanup_errors=True
+    ) as workdir:
         code_path = os.path.join(workdir, "code.py")
         with open(code_path, "w", encoding="utf-8") as f:
             f.write(code)

@@ -271,7 +271,8 @@ def lm_judge(
     of sampling one verdict (:func:`judge_vote`) and conditioning on it, with the verdict
     summed out exactly: the same posterior, no rejected traces, lower variance.  Under
     ``enumerate`` it is exact; under forward sampling each trace's weight is ``p(x)``; SMC
-    resamples on it like on any factor.
+    resamples on it like on any factor; rejection sampling needs ``max_log_weight=0.0``
+    (``log p <= 0``).
 
     >>> import lmcascade as lc
     >>> from lmcascade.models import ToyLM
@@ -386,6 +387,11 @@ def judge_compare(
 
 
 def _verifier_score(value: Any) -> float:
+    if hasattr(value, "item") and not isinstance(value, bool | int | float):
+        try:
+            value = value.item()  # a numpy or torch scalar
+        except (TypeError, ValueError, RuntimeError):
+            pass
     if isinstance(value, bool):
         return float(value)
     if isinstance(value, int | float) and 0.0 <= value <= 1.0:
