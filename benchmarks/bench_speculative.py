@@ -38,8 +38,10 @@ Target: our speedup over target-only at least HF's, and above 1 on (a) on a CPU.
 
 Run: ``.venv/bin/python benchmarks/bench_speculative.py [--device cpu|cuda] [--quick]
 [--repeats 3] [--seeds 3] [--lookaheads 4,8] [--max-tokens 64] [--threads T]
-[--parts copy,code]``; writes ``benchmarks/results/bench_speculative_<device>.json`` and
-prints a table.  ``--quick`` is a smoke test (32 tokens, one round, one seed, lookahead 8).
+[--parts copy,code] [--head-tokens 16384]``; writes
+``benchmarks/results/bench_speculative_<device>.json`` (one part alone:
+``bench_speculative_<device>_<part>.json``) and prints a table.  ``--quick`` is a smoke test
+(32 tokens, one round, one seed, lookahead 8).
 """
 
 from __future__ import annotations
@@ -441,7 +443,9 @@ def main() -> None:
         print_part("(b) code, draft model", report["code"])
     print(f"\ntotal {report['total_s']:.0f} s")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"bench_speculative_{device.type}.json"
+    # both parts: one file; one part alone gets its own (never overwriting the other's)
+    suffix = "" if parts >= {"copy", "code"} else "_" + "_".join(sorted(parts))
+    out = RESULTS / f"bench_speculative_{device.type}{suffix}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out.relative_to(Path(__file__).parent.parent)}")
 
