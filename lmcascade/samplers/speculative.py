@@ -215,6 +215,7 @@ class Speculative(TokenSampler):
         if rows.drafted is None:
             return base
         self.counters.target_calls += 1  # this target pass verified drafts
+        todo = []
         for i, run in enumerate(rows.runs):
             found = self._proposals.get(id(run))
             scored = rows.drafted[i]
@@ -223,7 +224,24 @@ class Speculative(TokenSampler):
             if run in rows.empty:  # nothing allowed here: drop the drafts, keep the stand-in
                 self._keep(run, run.ctx, [ctx for ctx, _ in scored], 0)
                 continue
-            base[i] = [self._verify(run, i, found, scored, rows)]
+            todo.append((i, run, found, scored))
+        if not todo:
+            return base
+        # every drafted row of every run shaped in one call (the site's density and proposal)
+        dists, positions, blocks = [], [], []
+        for _, run, _, scored in todo:
+            for _, block in scored:
+                dists += [run.dist] * len(block)
+                positions += [len(run.tokens) + 1 + m for m in range(len(block))]
+                blocks.append(block)
+        flat = torch.cat(blocks).to(rows.p.device)
+        density = shape_rows(flat, dists, positions, rows.runs[0].model.eos_id)
+        sizes = [len(b) for b in blocks]
+        proposals = proposal_rows(density, dists)
+        shaped = iter(zip(density.split(sizes), proposals.split(sizes), strict=True))
+        for i, run, found, scored in todo:
+            mine = [next(shaped) for _ in scored]
+            base[i] = [self._verify(run, i, found, scored, mine, rows)]
         return base
 
     def _keep(self, run: LMRun, chosen: Context, scored: list[Context], accepted: int) -> None:
@@ -249,21 +267,15 @@ class Speculative(TokenSampler):
         i: int,
         candidates: list[Draft],
         scored: list[tuple[Context, torch.Tensor]],
+        shaped: list[tuple[torch.Tensor, torch.Tensor]],
         rows: Rows,
     ) -> Choice:
-        """Accepts or corrects the drafts of row ``i`` against the target's rows."""
-        model = run.model
+        """Accepts or corrects the drafts of row ``i`` against the target's rows (``shaped``:
+        each draft's rows as the site's density and as its proposal)."""
         densities, targets, raws = [], [], []
-        for (tokens, _), (_, block) in zip(candidates, scored, strict=True):
-            n = len(tokens)
-            dists = [run.dist] * n
-            positions = [len(run.tokens) + 1 + m for m in range(n)]
-            block = block.to(rows.p.device)
-            more = shape_rows(block, dists, positions, model.eos_id)
+        for (_, block), (more, proposal) in zip(scored, shaped, strict=True):
             densities.append(torch.cat([rows.p[i : i + 1], more]))
-            targets.append(
-                torch.cat([rows.q[i : i + 1], proposal_rows(more, dists)]).to(torch.float64)
-            )
+            targets.append(torch.cat([rows.q[i : i + 1], proposal]).to(torch.float64))
             raws.append(torch.cat([block.new_full((1, block.shape[-1]), math.nan), block]))
         tokens, accepted, which, tested = self.accept(candidates, targets, rows.generator)
         index = torch.tensor(tokens, device=rows.p.device)
