@@ -49,13 +49,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-from timing import interleaved, timed  # benchmarks/timing.py
+from timing import interleaved, machine, timed  # benchmarks/timing.py
 
 import lmcascade as lc
 
@@ -449,12 +448,7 @@ def main() -> None:
         "benchmark": "search",
         "model": lm.name,
         "device": str(device),
-        "card": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **machine(device),
         "dtype": str(lm.dtype).removeprefix("torch."),
         "quick": quick,
     }

@@ -50,12 +50,11 @@ import argparse
 import contextlib
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
 import torch
-from timing import interleaved  # benchmarks/timing.py
+from timing import interleaved, machine  # benchmarks/timing.py
 
 import lmcascade as lc
 
@@ -420,12 +419,7 @@ def main() -> None:
     report: dict = {
         "benchmark": "speculative",
         "device": device.type,
-        "card": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **machine(device),
         "quick": quick,
         "repeats": args.repeats,
         "equal_lengths": "min_tokens = max_tokens (ours), min_new_tokens = max_new_tokens (HF)",

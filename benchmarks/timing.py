@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 import time
 
 import torch
@@ -32,3 +33,15 @@ def interleaved(fns: dict, device: torch.device, repeats: int) -> dict:
             t, out = timed(fn, device)
             best[name] = (min(best[name][0], t), out)
     return best
+
+
+def machine(device: torch.device) -> dict:
+    """What a results file records about where it ran: the card (or CPU), threads, torch."""
+    return {
+        "card": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
