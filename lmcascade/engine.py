@@ -18,7 +18,16 @@ branches: the engine adds a particle per extra alternative.
 **A particle's weight** is assembled in one place, :attr:`Particle.log_weight`: the trace's
 weight (``log p - log q`` of each finished sample site, plus every observe, factor and
 condition), plus the site in progress (its run's ``log p - log q`` so far and the potential's
-twist), plus ``log_offset`` (SMC's reset after resampling).
+twist), plus the twist carried from finished sites (``Particle.twist``), plus ``log_offset``
+(SMC's reset after resampling).
+
+**Carried twists.**  A potential anticipates a weight the program applies later (an observe
+or factor of the finished text).  When its site ends, the run's last twist is not dropped but
+carried in the particle's weight until the next weight-changing site — an observe, factor or
+condition, :data:`TWIST_ENDS` — is recorded, and is removed in the same moment that site's
+weight arrives; the program's end removes it too.  So no particle is ever seen (by a
+resampling point) between the two with neither weight, or with both; the final weights, and so
+every method's target and evidence, are unchanged.
 
 **Replay.**  Generators cannot be copied, so a cloned particle starts a fresh generator and
 *resumes*: its own recorded sites are sent back in order (tool calls and scores are not
@@ -76,7 +85,15 @@ from lmcascade.samplers import ANCESTRAL, TokenSampler
 from lmcascade.samplers.base import seeded_generator
 from lmcascade.trace import VALUE_KINDS, Site, Trace
 
-__all__ = ["Engine", "Particle", "Pending", "Policy", "Schedule"]
+__all__ = ["TWIST_ENDS", "Engine", "Particle", "Pending", "Policy", "Schedule"]
+
+TWIST_ENDS = ("observe", "factor", "condition")
+"""The site kinds whose recording ends the twist a particle carries from finished sites
+(their weight is what a potential anticipates); the program's end ends it too.
+
+>>> TWIST_ENDS
+('observe', 'factor', 'condition')
+"""
 
 
 class Particle:
@@ -86,6 +103,8 @@ class Particle:
     ``resolved`` a finished site not yet handed to the program; ``log_offset`` is added to the
     weight (SMC resets weights after resampling through it); ``replay`` is a trace whose
     values the particle takes by site name, rescored (importance proposals, MCMC moves).
+    ``twist`` is the twist of finished LM sites with a potential, carried in the weight until
+    the next observe, factor or condition (:data:`TWIST_ENDS`) or the program's end.
     ``tag`` is what an inference method keeps per particle (an arithmetic code, a beam's
     perturbed score): every LM run the particle starts gets it as ``run.tag``, so the token
     sampler can read it; a clone shares it (a method that needs its own copy replaces it).
@@ -99,6 +118,7 @@ class Particle:
         "resolved",
         "dead",
         "log_offset",
+        "twist",
         "tag",
         "_gen",
         "_cursor",
@@ -118,6 +138,7 @@ class Particle:
         self.resolved: Site | None = None
         self.dead = False
         self.log_offset = 0.0
+        self.twist = 0.0
         self.tag: Any = None
         self._gen: Any = None
         self._cursor = 0
@@ -132,8 +153,11 @@ class Particle:
 
     @property
     def log_weight(self) -> float:
-        """The particle's current log-weight: finished sites, the site in progress, offset."""
+        """The particle's current log-weight: finished sites, the site in progress, the
+        carried twist (until the program's end), offset."""
         lw = self.trace.log_weight + self.log_offset
+        if not self.trace.done:
+            lw += self.twist
         if self.waiting is not None:
             lw += sum(r.log_weight for r in self.waiting.runs)
         return lw
@@ -145,6 +169,7 @@ class Particle:
         twin = Particle(self.program, self.trace.copy(), self.replay)
         twin.dead = self.dead
         twin.log_offset = self.log_offset
+        twin.twist = self.twist
         twin.tag = self.tag
         twin.resolved = self.resolved
         if waiting is not None:
@@ -328,6 +353,7 @@ class Engine:
             if pending.ready:  # type: ignore[union-attr]
                 p.waiting = None
                 p.resolved = pending.finish(pending.runs)  # type: ignore[union-attr]
+                p.twist += sum(r.twist for r in pending.runs)  # type: ignore[union-attr]
         return born
 
     def advance(self, p: Particle) -> list[Particle]:
@@ -450,7 +476,9 @@ class Engine:
 
     def record(self, p: Particle, site: Site, eff: Effect | None = None) -> None:
         """Appends a new site to ``p``'s trace and sends its value (as ``eff`` asks for it)
-        to the program next."""
+        to the program next; an observe, factor or condition ends the carried twist."""
+        if site.kind in TWIST_ENDS:
+            p.twist = 0.0
         p.trace.add(site)
         p._cursor += 1
         p._send = sent_value(eff, site)

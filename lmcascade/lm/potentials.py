@@ -5,9 +5,10 @@ grows) or another :class:`~lmcascade.LM` sharing the tokenizer: the twist is the
 log-probability of the prefix, which grows by the expert's log-probability of each chosen
 token — one batched call per expert model per decoding step, made after the tokens are
 chosen and before they are fed.  Such an LM may not rule tokens out (``lc.LM`` refuses its
-temperature, top-k, top-p, min_tokens and constraints): a twist steers and is removed when
-the site ends, and an infinite one would drop particles the target keeps.  A probability
-that underflows to zero adds :data:`FLOOR`.
+temperature, top-k, top-p, min_tokens and constraints): a twist steers and is removed
+before the final weights (it is carried past the site's end until the next observe, factor
+or condition, :data:`~lmcascade.engine.TWIST_ENDS`), and an infinite one would drop
+particles the target keeps.  A probability that underflows to zero adds :data:`FLOOR`.
 """
 
 from __future__ import annotations

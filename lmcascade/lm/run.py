@@ -58,7 +58,9 @@ class LMRun:
     ``log_prob`` sums the tokens' log-probabilities under the site's distribution, ``log_q``
     under the distribution they were drawn from (the constraint-masked one), and ``twist`` is
     the site's potential at the current prefix: ``log_weight`` is the run's contribution to
-    its particle's weight while it is in progress.  ``token_log_probs`` and
+    its particle's weight while it is in progress.  A finished run keeps its last twist: the
+    engine carries it in the particle's weight until the weight it anticipates arrives (see
+    :data:`~lmcascade.engine.TWIST_ENDS`).  ``token_log_probs`` and
     ``token_log_qs`` keep the same per token, and ``token_model_log_probs`` each token's
     log-probability under the model itself (before any shaping or constraint; NaN where the
     step that chose the token did not provide it).  ``tag`` is what the inference method
@@ -119,7 +121,7 @@ class LMRun:
 
     def _potential(self, text: str) -> float:
         """The site's potential of a prefix: a finite number, or a SiteError saying why not.
-        A twist steers SMC and is removed when the site ends, so it cannot forbid a text
+        A twist steers SMC and is removed after the site, so it cannot forbid a text
         (a -inf twist would drop particles the target keeps, a biased result)."""
         raw = self.dist.potential(text)
         try:
@@ -130,8 +132,8 @@ class LMRun:
             shown = text if len(text) <= 60 else text[:57] + "..."
             raise SiteError(
                 f"the potential returned {safe_repr(raw, 60)} for {shown!r}; a log-potential "
-                "must be a finite number. A potential only steers SMC and is removed when the "
-                "site ends, so it cannot forbid a text: forbid with a constraint, or with a "
+                "must be a finite number. A potential only steers SMC and is removed before the "
+                "final weights, so it cannot forbid a text: forbid with a constraint, or with a "
                 "condition or factor after the site"
             )
         return value
@@ -305,7 +307,6 @@ class LMRun:
             end = "impossible"  # ended before the constraint was satisfied (an unfinished match)
         self.done = True
         self.end = end
-        self.twist = 0.0
         self.release()
         if end == "impossible":
             self.log_prob = -math.inf
