@@ -6,8 +6,11 @@ The modules: :mod:`~lmcascade.patterns.reasoning` (chain of thought, self-consis
 :mod:`~lmcascade.patterns.power` (power sampling), :mod:`~lmcascade.patterns.verify`
 (verifiers), :mod:`~lmcascade.patterns.sandbox` (a calculator and a sandboxed Python runner),
 :mod:`~lmcascade.patterns.deferral` (model cascades with deferral),
-:mod:`~lmcascade.patterns.crs` (reward-guided segment rejection) and
-:mod:`~lmcascade.patterns.intersection` (prompt intersection).
+:mod:`~lmcascade.patterns.crs` (reward-guided segment rejection),
+:mod:`~lmcascade.patterns.intersection` (prompt intersection),
+:mod:`~lmcascade.patterns.star` (STaR rationalisation),
+:mod:`~lmcascade.patterns.selection_inference` (selection-inference) and
+:mod:`~lmcascade.patterns.reprompting` (Reprompting: Gibbs sampling over recipes).
 """
 
 from lmcascade.patterns.crs import (
@@ -43,6 +46,14 @@ from lmcascade.patterns.reasoning import (
     self_consistency,
     weighted_answers,
 )
+from lmcascade.patterns.reprompting import (
+    DEMO_TEMPLATE,
+    Recipes,
+    demonstrations,
+    reprompting,
+    reprompting_recipes,
+    split_demo,
+)
 from lmcascade.patterns.sandbox import (
     MAX_DIGITS,
     CalculatorError,
@@ -65,6 +76,20 @@ from lmcascade.patterns.selection import (
     minimum_bayes_risk,
     token_f1,
 )
+from lmcascade.patterns.selection_inference import (
+    INFER_PROMPT,
+    SELECT_PROMPT,
+    SI_ANSWER_PROMPT,
+    selection_inference,
+    si_steps,
+)
+from lmcascade.patterns.star import (
+    HINT_PROMPT,
+    Rationale,
+    question_answer_pairs,
+    rationalise,
+    star_rationales,
+)
 from lmcascade.patterns.verify import (
     DEFAULT_COMPARE_TEMPLATE,
     DEFAULT_JUDGE_TEMPLATE,
@@ -83,10 +108,17 @@ __all__ = [
     "CalculatorError",
     "DEFAULT_COMPARE_TEMPLATE",
     "DEFAULT_JUDGE_TEMPLATE",
+    "DEMO_TEMPLATE",
     "Deferral",
     "DeferralPoint",
     "EMBEDDING_MODEL",
+    "HINT_PROMPT",
+    "INFER_PROMPT",
     "MAX_DIGITS",
+    "Rationale",
+    "Recipes",
+    "SELECT_PROMPT",
+    "SI_ANSWER_PROMPT",
     "SandboxError",
     "THINK_PROMPT",
     "TestReport",
@@ -102,6 +134,7 @@ __all__ = [
     "deferral_cascade",
     "deferral_curve",
     "deferral_record",
+    "demonstrations",
     "embedding_similarity",
     "exact_match",
     "judge_compare",
@@ -123,9 +156,17 @@ __all__ = [
     "prompt_intersection",
     "python_runner",
     "python_tool",
+    "question_answer_pairs",
+    "rationalise",
+    "reprompting",
+    "reprompting_recipes",
     "run_tests",
+    "selection_inference",
     "self_consistency",
     "sequence_prob",
+    "si_steps",
+    "split_demo",
+    "star_rationales",
     "threshold_schedule",
     "token_f1",
     "verification_at_k",

@@ -9,8 +9,9 @@ two prompts, or two models that share a vocabulary.
 While the text is written, the second prompt also *steers* it: the generation's potential is
 the second LM (``lc.LM(..., potential=second)``), so SMC's weights include the second
 prompt's probability of each prefix, token by token, and resampling drops prefixes it finds
-unlikely long before the text is done.  The potential is removed when the text is complete
-and the observe supplies the exact factor, so the target does not depend on the steering:
+unlikely long before the text is done.  The potential's last value is carried until the
+observe supplies the exact factor, which replaces it (so SMC never resamples finished and
+unfinished texts on unequal footing), and the target does not depend on the steering:
 every method targets the same product (forward and importance sampling weigh whole texts;
 ``method="smc"``, resampling every token, is the one the steering helps).
 
