@@ -22,12 +22,12 @@ twist), plus the twist carried from finished sites (``Particle.twist``), plus ``
 (SMC's reset after resampling).
 
 **Carried twists.**  A potential anticipates a weight the program applies later (an observe
-or factor of the finished text).  When its site ends, the run's last twist is not dropped but
-carried in the particle's weight until the next weight-changing site — an observe, factor or
-condition, :data:`TWIST_ENDS` — is recorded, and is removed in the same moment that site's
-weight arrives; the program's end removes it too.  So no particle is ever seen (by a
-resampling point) between the two with neither weight, or with both; the final weights, and so
-every method's target and evidence, are unchanged.
+or factor of the finished text).  When its site ends, the run's last twist (the potential of
+the finished text) is not dropped but carried in the particle's weight until the next
+weight-changing site — an observe, factor or condition, :data:`TWIST_ENDS` — is recorded,
+and is removed in the same moment that site's weight arrives; the program's end removes it
+too.  So no particle is ever seen (by a resampling point) between the two with neither weight,
+or with both; the final weights, and so every method's target and evidence, are unchanged.
 
 **Replay.**  Generators cannot be copied, so a cloned particle starts a fresh generator and
 *resumes*: its own recorded sites are sent back in order (tool calls and scores are not

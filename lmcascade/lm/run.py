@@ -58,13 +58,16 @@ class LMRun:
     ``log_prob`` sums the tokens' log-probabilities under the site's distribution, ``log_q``
     under the distribution they were drawn from (the constraint-masked one), and ``twist`` is
     the site's potential at the current prefix: ``log_weight`` is the run's contribution to
-    its particle's weight while it is in progress.  A finished run keeps its last twist: the
-    engine carries it in the particle's weight until the weight it anticipates arrives (see
-    :data:`~lmcascade.engine.TWIST_ENDS`).  ``token_log_probs`` and
-    ``token_log_qs`` keep the same per token, and ``token_model_log_probs`` each token's
-    log-probability under the model itself (before any shaping or constraint; NaN where the
-    step that chose the token did not provide it).  ``tag`` is what the inference method
-    keeps for the run's particle (see ``Particle.tag``): a token sampler reads it.
+    its particle's weight while it is in progress.  A finished run's twist is the potential of
+    its final text (a function potential is evaluated once more at a max_tokens or stop end,
+    on the text with its last token and cut before a stop string; an LM potential's twist
+    includes every token taken, eos too): the engine carries it in the particle's weight
+    until the weight it anticipates arrives (see :data:`~lmcascade.engine.TWIST_ENDS`).
+    ``token_log_probs`` and ``token_log_qs`` keep the same per token, and
+    ``token_model_log_probs`` each token's log-probability under the model itself (before any
+    shaping or constraint; NaN where the step that chose the token did not provide it).
+    ``tag`` is what the inference method keeps for the run's particle (see ``Particle.tag``):
+    a token sampler reads it.
     """
 
     __slots__ = (
@@ -317,6 +320,14 @@ class LMRun:
             if hits:
                 text = text[: min(hits)]
         self.value = text
+        pot = self.dist.potential
+        if self.forced is None and pot is not None and not getattr(pot, "is_lm", False):
+            # The twist a finished run leaves (carried until the weight it anticipates) is the
+            # potential of its final text: feed stops before the token that ends the run by
+            # max_tokens or a stop string, and a stop cuts the text.  An eos adds no text, so
+            # the twist of the text so far is already that (one call per finished run at most).
+            if end != "eos" or text != self._detok.text:
+                self.twist = self._potential(text)
 
     def fail(self) -> None:
         """Marks a forced run whose path does not end where it should (probability zero)."""
