@@ -37,10 +37,11 @@ def main() -> None:
           f"{result.stats['acceptance_rate']:.2f}, best log target {found.best_log_target:.2f}")  # fmt: skip
     print(f"  {'answer':>6}  {'probability':>11}  recipe")
     for j, ((_, answer), recipe) in enumerate(zip(EXAMPLES, found.best, strict=True)):
-        p = math.exp(best[f"reprompt[0]/fit[{j}]"].value)
+        recipe_lp = best["reprompt[0]/paths"].value[j]  # the few-shot recipe, as drawn
+        p = math.exp(recipe_lp + best[f"reprompt[0]/answer[{j}]"].value)
         print(f"  {answer:>6}  {p:11.2e}  {recipe[:64]!r}")
-    print("  (probability: the model's, of the recipe and then the answer line, shown the")
-    print("   other examples with their recipes first)")
+    print("  (probability: the model's, of writing the recipe as drawn, ending included, and")
+    print("   then the answer line, shown the other examples with their recipes first)")
     print("\nthe few-shot prompt the best recipes make, for a new question:")
     print(found.prompt("Max has 5 coins and loses 2. How many coins?"))
 

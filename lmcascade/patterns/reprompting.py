@@ -7,25 +7,34 @@ shown the *other* examples ``(x_i, z_i, y_i)`` as demonstrations, keeping recipe
 the right answer: Gibbs sampling over the recipes.
 
 :func:`reprompting` writes the joint as a program with one LM site per example
-(``reprompt[0]/recipe[j]``).  Its target is
+(``reprompt[0]/recipe[j]``).  Its target, over the recipe texts, is
 
-    ``pi(z_1..z_n)  ∝  prod_j P(z_j + answer line y_j | demonstrations D_-j(z), question x_j)``
+    ``pi(z_1..z_n)  ∝  prod_j P(recipe z_j | D_-j(z), x_j) · P(tail y_j | D_-j(z), x_j, z_j)``
 
 where ``D_-j(z)`` is the other examples' demonstrations (``demo`` filled with their question,
-recipe and answer, in order) and the probability is the model's, of writing example ``j``'s
-recipe and then its known answer line after them: a product over examples of the few-shot
-probability of a correct worked example.  Under ``pi`` the conditional of one recipe given the
-others is
+recipe and answer, in order), ``P(recipe z_j | ...)`` is the probability that a recipe
+generation — the recipe sites' own ``recipe_tokens`` and ``recipe_stop`` — from the few-shot
+prompt (``D_-j`` then example ``j``'s question) writes the text ``z_j``, every token path and
+every ending (end of text, a stop string, the length limit) summed, and ``P(tail y_j | ...)``
+is the probability that the rest of the demonstration, with the known answer ``y_j``,
+follows that text.  A product over examples of the few-shot probability of a correct worked
+example.  Under ``pi`` the conditional of one recipe given the others is
 
-    ``pi(z_j | z_-j)  ∝  P(z_j, y_j | D_-j, x_j) · prod_{k != j} P(z_k, y_k | D_-k, x_k)``:
+    ``pi(z_j | z_-j)  ∝  P(z_j | D_-j, x_j) · P(y_j | D_-j, x_j, z_j) · prod_{k != j} (...)_k``:
 
 Reprompting's own step — the few-shot model's recipe for ``x_j``, kept in proportion to the
 probability that it reaches ``y_j`` — times how well ``z_j``, used as a demonstration, makes
 the model reproduce the other examples (the paper's step leaves that factor out, so its
-chain has no stated stationary law; this one does).  Recipes range over what the zero-shot
-model can write (``recipe_tokens``, ``recipe_stop``): each recipe site draws from the
-zero-shot model, and a factor divides that density out again, so the zero-shot model is
-only the proposal.  :func:`reprompting_recipes` runs ``method="mcmc"`` on it — a site move
+chain has no stated stationary law; this one does).
+
+Each recipe site draws a token path from the zero-shot model (the head of ``demo`` with the
+question, nothing before it), and a factor weighs the path by its probability under the
+few-shot prompt over its zero-shot probability, both of the same tokens with the same
+ending: the drawn tokens teacher-forced, the end-of-text token or the tokens that write the
+stop string included.  Summed over the paths that write one text, these weights give the
+text's few-shot probability, so the target over texts is exact however the model spells or
+ends a recipe; the zero-shot model is only the proposal, and the recipes range over the
+texts it can write.  :func:`reprompting_recipes` runs ``method="mcmc"`` on it — a site move
 redraws one example's recipe and accepts by the ratio of ``pi`` — and returns the best and
 the last recipes.
 
@@ -34,8 +43,8 @@ the last recipes.
 >>> lm = ToyLM(["a", "b", "=", ";", "<eos>"], lambda ctx: [0.0, 0.0, -2.0, -2.0, 0.0])
 >>> prog = reprompting(lm, [("a", "a"), ("b", "b")], demo="{question}{recipe}={answer};",
 ...                    recipe_tokens=1, recipe_stop=None)
->>> lc.infer(prog, method="forward", num_samples=1, seed=0).traces[0].names[:3]
-['reprompt[0]/recipe[0]', 'reprompt[0]/recipe[1]', 'reprompt[0]/fit[0]']
+>>> lc.infer(prog, method="forward", num_samples=1, seed=0).traces[0].names[:4]
+['reprompt[0]/recipe[0]', 'reprompt[0]/recipe[1]', 'reprompt[0]/paths', 'reprompt[0]/answer[0]']
 """
 
 from __future__ import annotations
@@ -49,9 +58,16 @@ from typing import Any
 from lmcascade.distributions import LM
 from lmcascade.errors import OptionError, SiteError
 from lmcascade.generation import Generation
+from lmcascade.lm.run import LMRun
+from lmcascade.lm.scoring import path_log_prob, score_forced
 from lmcascade.models.base import LanguageModel
-from lmcascade.patterns.star import question_answer_pairs
-from lmcascade.program import BoundProgram, factor, gen, scope, score
+from lmcascade.patterns.star import (
+    _check_generation,
+    _check_model,
+    _check_scope,
+    question_answer_pairs,
+)
+from lmcascade.program import BoundProgram, call, factor, gen, scope, score
 from lmcascade.program import program as _program
 from lmcascade.result import Result
 
@@ -65,35 +81,35 @@ def _escape(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
-def split_demo(demo: Any) -> tuple[str, str]:
+def split_demo(demo: Any, what: str = "split_demo") -> tuple[str, str]:
     """A demonstration template cut at ``{recipe}``: the head (with ``{question}``) and the
     tail (with ``{answer}``).  Each field must appear once, in the order question, recipe,
-    answer.
+    answer (an :class:`~lmcascade.errors.OptionError` from ``what`` otherwise).
 
     >>> split_demo("Q: {question}\\nA: {recipe} So {answer}.\\n")
     ('Q: {question}\\nA: ', ' So {answer}.\\n')
     """
     if not isinstance(demo, str):
         raise OptionError(
-            f"reprompting: demo must be a format string with {{question}}, {{recipe}} and "
+            f"{what}: demo must be a format string with {{question}}, {{recipe}} and "
             f"{{answer}} in that order, got {type(demo).__name__}"
         )
     try:
         parts = list(string.Formatter().parse(demo))
     except ValueError as err:
         raise OptionError(
-            f"reprompting: demo: {err} in {demo!r}; write literal braces as '{{{{' and '}}}}'"
+            f"{what}: demo: {err} in {demo!r}; write literal braces as '{{{{' and '}}}}'"
         ) from None
     named = [f for _, f, _, _ in parts if f is not None]
     if named != list(_FIELDS):
         raise OptionError(
-            f"reprompting: demo must use {{question}}, {{recipe}} and {{answer}} once each, in "
+            f"{what}: demo must use {{question}}, {{recipe}} and {{answer}} once each, in "
             f"that order (and no other field), got fields {named} in {demo!r}"
         )
     head, tail, seen = "", "", False
     for literal, field, spec, conversion in parts:
         if spec or conversion:
-            raise OptionError(f"reprompting: demo: write {{{field}}} plain, without a format spec")
+            raise OptionError(f"{what}: demo: write {{{field}}} plain, without a format spec")
         if field == "recipe":
             head += _escape(literal)
             seen = True
@@ -121,14 +137,59 @@ def demonstrations(
     ]
 
 
-def _pairs(examples: Any) -> list[tuple[str, str]]:
-    out = question_answer_pairs(examples, "reprompting")
+def _pairs(examples: Any, what: str) -> list[tuple[str, str]]:
+    out = question_answer_pairs(examples, what)
     if len(out) < 2:
         raise OptionError(
-            f"reprompting: needs at least 2 examples (each one's demonstrations are the others), "
+            f"{what}: needs at least 2 examples (each one's demonstrations are the others), "
             f"got {len(out)}"
         )
     return out
+
+
+def path_log_probs(dists: Sequence[LM], paths: Sequence[Sequence[int]]) -> list[float]:
+    """The log-probability of each token path under its LM distribution, its ending included:
+    the tokens teacher-forced (one batched pass per model), ``-inf`` for a path that the
+    distribution ends elsewhere (earlier, later, or not at all).
+
+    >>> import lmcascade as lc
+    >>> from lmcascade.models import ToyLM
+    >>> lm = ToyLM(["a", "<eos>"], lambda ctx: [0.0, 0.0])
+    >>> [round(p, 4) for p in path_log_probs([lc.LM(lm, "a", max_tokens=2)] * 3,
+    ...                                      [[0, 1], [0, 0], [0]])]  # "a" then eos; "aa"; too short
+    [-1.3863, -1.3863, -inf]
+    """
+    runs = [LMRun(d, forced=p) for d, p in zip(dists, paths, strict=True)]
+    score_forced(runs)
+    return [path_log_prob(r) for r in runs]
+
+
+MEMO_SIZE = 1 << 16
+"""How many (prompt, token path) scores one :func:`reprompting` program keeps: a chain that
+comes back to a set of recipes, or many particles that hold the same ones, score it once."""
+
+
+class _PathScores:
+    """:func:`path_log_probs` with a memo of the scores already made (a prompt and a path
+    always score the same under one program's model and limits), as a recorded tool call; an
+    error comes back as the value, so that the program raises it (a tool that raises would
+    only give the trace weight zero)."""
+
+    def __init__(self) -> None:
+        self.memo: dict[tuple[str, tuple[int, ...]], float] = {}
+
+    def __call__(self, dists: list[LM], paths: list[tuple[int, ...]]) -> tuple | Exception:
+        keys = [(d.prompt, tuple(p)) for d, p in zip(dists, paths, strict=True)]
+        todo = [i for i, k in enumerate(keys) if k not in self.memo]
+        try:
+            new = path_log_probs([dists[i] for i in todo], [paths[i] for i in todo])
+        except Exception as err:  # noqa: BLE001 - re-raised by the program
+            return err
+        if len(self.memo) + len(todo) > MEMO_SIZE:
+            self.memo.clear()
+        found = {keys[i]: lp for i, lp in zip(todo, new, strict=True)}
+        self.memo.update(found)
+        return tuple(found[k] if k in found else self.memo[k] for k in keys)
 
 
 def reprompting(
@@ -146,15 +207,20 @@ def reprompting(
     Sites, under ``lc.scope(name)`` (``"reprompt[]"`` numbers each call):
     ``recipe[j]`` draws example ``j``'s recipe from the zero-shot model (the head of
     ``demo`` filled with its question, nothing before it; at most ``recipe_tokens``, ended
-    by ``recipe_stop`` or end of text).  Then for every ``j``, ``fit[j]`` scores
-    ``recipe_j + tail`` (the rest of ``demo``, with ``{answer}`` filled) after the other
-    examples' demonstrations and example ``j``'s head, and the factor ``few_shot[j]`` adds
-    that score minus the recipe's zero-shot log-probability.  The trace's log-joint is so
-    the sum of the ``fit`` scores: ``log pi(z)`` up to the constant ``log Z``.
+    by ``recipe_stop`` or end of text).  ``paths`` holds, for every ``j``, the
+    log-probability of recipe ``j``'s drawn tokens, ending included, under the few-shot prompt
+    (the other examples' demonstrations, then example ``j``'s head) and under the zero-shot
+    prompt (:func:`path_log_probs`): a recorded ``lc.call``, so one teacher-forced pass per
+    trace, not batched across particles as the engine batches its sites (pairs of prompt and
+    path already scored by the program are remembered, :data:`MEMO_SIZE`).  Then for
+    every ``j``, ``answer[j]`` scores the tail (the rest of ``demo``, ``{answer}`` filled)
+    after the few-shot prompt and the recipe's text, and the factor ``few_shot[j]`` adds the
+    few-shot path score plus ``answer[j]`` minus the zero-shot path score.  A trace's
+    log-joint is so ``sum_j (few-shot path score_j + answer[j])``: ``log pi`` of its recipe
+    paths up to the constant ``log Z``, and, summed over paths, of its recipe texts.
 
-    The recipes are drawn at temperature 1 with nothing cut (so their zero-shot density is
-    what the model gives their tokens); the model reads the prompts as they are, with no chat
-    format — few-shot demonstrations are a completion prompt.
+    The recipes are drawn at temperature 1 with nothing cut; the model reads the prompts as
+    they are, with no chat format — few-shot demonstrations are a completion prompt.
 
     >>> import lmcascade as lc
     >>> from lmcascade.models import ToyLM
@@ -167,24 +233,20 @@ def reprompting(
     >>> prog = reprompting(lm, [("a", "a"), ("b", "a")], demo="{question}{recipe}={answer};",
     ...                    recipe_tokens=1, recipe_stop=None)
     >>> post = lc.infer(prog, method="enumerate").distribution()
-    >>> next(iter(post)), round(post["a", "a"], 4)   # recipe "a" leads "b" to the answer "a"
+    >>> max(post, key=post.get), round(post["a", "a"], 4)   # recipe "a" leads "b" to "a"
     (('a', 'a'), 0.6814)
     """
-    if not isinstance(model, LanguageModel):
-        raise OptionError(
-            f"reprompting: model must be a LanguageModel (ToyLM, lc.models.load()...), got "
-            f"{type(model).__name__}"
-        )
-    pairs = _pairs(examples)
-    head, tail = split_demo(demo)
-    try:
-        LM(model, "", max_tokens=recipe_tokens, stop=recipe_stop)
-    except SiteError as err:
-        raise OptionError(f"reprompting (recipe_tokens / recipe_stop): {err}") from None
-    if not isinstance(name, str) or not name or "/" in name or name == "[]":
-        raise OptionError(
-            f"reprompting: name must be a scope name without '/' (like 'reprompt[]'), got {name!r}"
-        )
+    what = "reprompting"
+    _check_model(model, what)
+    pairs = _pairs(examples, what)
+    head, tail = split_demo(demo, what)
+    _check_generation(what, model, recipe_tokens, recipe_stop, {}, "recipe")
+    _check_scope(what, name, "reprompt[]")
+
+    def recipe_dist(prompt: str) -> LM:
+        return LM(model, prompt, max_tokens=recipe_tokens, stop=recipe_stop)
+
+    scorer = _PathScores()
 
     @_program
     def reprompting():
@@ -204,22 +266,32 @@ def reprompting(
                     )
                 )
             recipes = [g.text for g in drawn]
-            shown = demonstrations(demo, pairs, recipes)
-            for j, (question, answer) in enumerate(pairs):
-                if drawn[j].token_ids == () and recipes[j]:
+            for j, g in enumerate(drawn):
+                if not g.token_ids and g.text:
                     raise SiteError(
-                        f"reprompting: recipe[{j}] has no token record (it was scored as a text); "
+                        f"{what}: recipe[{j}] has no token record (it was scored as a text); "
                         "run this program with a method that draws its recipes from the model"
                     )
-                others = "".join(shown[i] for i in range(len(pairs)) if i != j)
+            shown = demonstrations(demo, pairs, recipes)
+            few_shot = [
+                "".join(shown[i] for i in range(len(pairs)) if i != j)
+                + head.format(question=question)
+                for j, (question, _) in enumerate(pairs)
+            ]
+            zero_shot = [head.format(question=question) for question, _ in pairs]
+            paths = [g.token_ids for g in drawn]
+            scored = yield call(
+                "paths", scorer, [recipe_dist(p) for p in few_shot + zero_shot], paths + paths
+            )
+            if isinstance(scored, Exception):
+                raise scored
+            n = len(pairs)
+            for j, (_, answer) in enumerate(pairs):
                 fit = yield score(
-                    f"fit[{j}]",
-                    model,
-                    others + head.format(question=question),
-                    recipes[j] + tail.format(answer=answer),
+                    f"answer[{j}]", model, few_shot[j] + recipes[j], tail.format(answer=answer)
                 )
-                zero_shot = math.fsum(drawn[j].token_log_probs)
-                yield factor(f"few_shot[{j}]", fit - zero_shot)
+                few, zero = scored[j], scored[n + j]
+                yield factor(f"few_shot[{j}]", few + fit - zero if zero > -math.inf else -math.inf)
         return tuple(recipes)
 
     return reprompting()
@@ -241,9 +313,24 @@ class Recipes:
 
     def prompt(self, question: str, recipes: Sequence[str] | None = None) -> str:
         """A few-shot prompt for ``question``: every example as a demonstration with its
-        recipe (``best`` unless ``recipes`` are given), then the question's head, ready for
-        the model to write a recipe and an answer."""
-        recipes = self.best if recipes is None else tuple(recipes)
+        recipe (``best`` unless ``recipes``, one string per example, are given), then the
+        question's head, ready for the model to write a recipe and an answer."""
+        if not isinstance(question, str):
+            raise OptionError(
+                f"Recipes.prompt: question must be a string, got {type(question).__name__}"
+            )
+        if recipes is None:
+            recipes = self.best
+        elif (
+            isinstance(recipes, str)
+            or not isinstance(recipes, Sequence)
+            or len(recipes) != len(self.examples)
+            or not all(isinstance(z, str) for z in recipes)
+        ):
+            raise OptionError(
+                f"Recipes.prompt: recipes must be {len(self.examples)} strings, one per example "
+                f"(in the order of examples), got {recipes!r}"
+            )
         shown = "".join(demonstrations(self.demo, self.examples, recipes))
         return shown + split_demo(self.demo)[0].format(question=question)
 
@@ -286,9 +373,13 @@ def reprompting_recipes(
     """
     from lmcascade.inference import infer
 
-    program = reprompting(
-        model, examples, demo=demo, recipe_tokens=recipe_tokens, recipe_stop=recipe_stop
-    )
+    what = "reprompting_recipes"
+    try:
+        program = reprompting(
+            model, examples, demo=demo, recipe_tokens=recipe_tokens, recipe_stop=recipe_stop
+        )
+    except OptionError as err:  # named after the function the user called
+        raise OptionError(what + str(err).removeprefix("reprompting")) from None
     result = infer(
         program,
         method="mcmc",
@@ -304,7 +395,7 @@ def reprompting_recipes(
         best=best.value,
         best_log_target=best.log_joint,
         last=result.chains[0].traces[-1].value,
-        examples=tuple(_pairs(examples)),
+        examples=tuple(_pairs(examples, what)),
         demo=demo,
         result=result,
     )
@@ -312,8 +403,10 @@ def reprompting_recipes(
 
 __all__ = [
     "DEMO_TEMPLATE",
+    "MEMO_SIZE",
     "Recipes",
     "demonstrations",
+    "path_log_probs",
     "reprompting",
     "reprompting_recipes",
     "split_demo",

@@ -34,11 +34,18 @@ from typing import Any
 import torch
 from pyro.distributions import Categorical
 
-from lmcascade.distributions import LM
 from lmcascade.errors import OptionError, SiteError
-from lmcascade.patterns.reasoning import Template, _check_template, _fill
+from lmcascade.patterns.reasoning import Template, _fill
+from lmcascade.patterns.star import (
+    _check_flag,
+    _check_generation,
+    _check_model,
+    _check_prompt,
+    _check_scope,
+)
 from lmcascade.program import BoundProgram, condition, gen, sample, scope, score
 from lmcascade.program import program as _program
+from lmcascade.trace import Trace
 
 SELECT_PROMPT = (
     "Facts:\n{facts}\nQuestion: {question}\nThe facts needed to answer the question:\n{selected}"
@@ -63,18 +70,34 @@ def _whole(value: Any, argument: str, least: int) -> int:
     return value
 
 
-def _check_options(model: Any, tokens: int, stop: Any, options: dict, argument: str) -> None:
-    try:  # every generation option checked now, not deep inside a run
-        LM(model, "", max_tokens=tokens, stop=stop, **options)
-    except TypeError as err:
+def _check_facts(facts: Any, sep: Any) -> list[str]:
+    """The facts, stripped: distinct non-empty strings none of which holds ``sep``."""
+    what = "selection_inference"
+    if not isinstance(sep, str) or not sep:
         raise OptionError(
-            f"selection_inference: {err}; generation options are those of lc.gen "
-            "(temperature, top_k, top_p, min_tokens...)"
-        ) from None
-    except SiteError as err:
-        raise OptionError(
-            f"selection_inference ({argument}_tokens / {argument}_stop): {err}"
-        ) from None
+            f"{what}: sep must be a non-empty string (what joins the facts in a prompt), got "
+            f"{sep!r}"
+        )
+    if isinstance(facts, str) or not isinstance(facts, Sequence) or not facts:
+        raise OptionError(f"{what}: facts must be a non-empty list of strings, got {facts!r}")
+    out: list[str] = []
+    for i, fact in enumerate(facts):
+        if not isinstance(fact, str) or not fact.strip():
+            raise OptionError(f"{what}: facts[{i}] must be a non-empty string, got {fact!r}")
+        fact = fact.strip()
+        if sep in fact:
+            raise OptionError(
+                f"{what}: facts[{i}] = {fact!r} holds the separator sep={sep!r}, so the prompts "
+                "would show it as several facts; split it into facts of its own, or pass a sep "
+                "that no fact holds"
+            )
+        if fact in out:
+            raise OptionError(
+                f"{what}: facts[{i}] = {fact!r} repeats facts[{out.index(fact)}]; give each "
+                "fact once (a repeated fact would be two candidates of one text)"
+            )
+        out.append(fact)
+    return out
 
 
 def selection_inference(
@@ -112,13 +135,17 @@ def selection_inference(
 
     The prompts are format strings or functions of their fields in order:
     ``select_prompt(facts, question, selected)``, ``infer_prompt(selection)``,
-    ``answer_prompt(facts, question, inferences)``; lists of facts are joined with ``sep``
-    (the selected ones also end with it).  With ``chat=True`` a model with a chat format
-    gets each prompt as a user turn.  ``options`` (``temperature``...) apply to the two
-    generations, not to the scores: the selection uses the model's own probabilities.  A
-    long fact scores lower than a short one for being long; a step where the model can
-    write none of the candidates gives the trace weight zero (``lc.condition``
-    ``selectable``).
+    ``answer_prompt(facts, question, inferences)``; lists of facts are joined with ``sep`` (the
+    selected ones also end with it).  So ``sep`` must be a non-empty string that no fact
+    holds, and the facts distinct (after stripping): an
+    :class:`~lmcascade.errors.OptionError` otherwise, since the model would read other facts
+    than the candidates.  An inference is one candidate whatever it holds; keep ``sep``
+    among the ``infer_stop`` strings (the defaults are both ``"\\n"``) so that no inference
+    holds it.  With ``chat=True`` a model with a chat format gets each prompt as a user
+    turn.  ``options`` (``temperature``...) apply to the two generations, not to the scores:
+    the selection uses the model's own probabilities.  A long fact scores lower than a short
+    one for being long; a step where the model can write none of the candidates gives the
+    trace weight zero (``lc.condition`` ``selectable``).
 
     >>> import lmcascade as lc
     >>> from lmcascade.models import ToyLM
@@ -133,12 +160,8 @@ def selection_inference(
     0.7311
     """
     what = "selection_inference"
-    if isinstance(facts, str) or not isinstance(facts, Sequence) or not facts:
-        raise OptionError(f"{what}: facts must be a non-empty list of strings, got {facts!r}")
-    for i, fact in enumerate(facts):
-        if not isinstance(fact, str) or not fact.strip():
-            raise OptionError(f"{what}: facts[{i}] must be a non-empty string, got {fact!r}")
-    facts = [f.strip() for f in facts]
+    _check_model(model, what)
+    facts = _check_facts(facts, sep)
     if not isinstance(question, str):
         raise OptionError(f"{what}: question must be a string, got {type(question).__name__}")
     steps = _whole(steps, "steps", 1)
@@ -147,19 +170,13 @@ def selection_inference(
         raise OptionError(
             f"{what}: select={select} facts per step, but only {len(facts)} facts are given"
         )
-    _check_template(select_prompt, "select_prompt", ("facts", "question", "selected"))
-    _check_template(infer_prompt, "infer_prompt", ("selection",))
-    _check_template(answer_prompt, "answer_prompt", ("facts", "question", "inferences"))
-    _check_options(model, infer_tokens, infer_stop, options, "infer")
-    _check_options(model, answer_tokens, answer_stop, options, "answer")
-    if not isinstance(sep, str):
-        raise OptionError(f"{what}: sep must be a string, got {type(sep).__name__}")
-    if not isinstance(chat, bool):
-        raise OptionError(f"{what}: chat must be True or False, got {chat!r}")
-    if not isinstance(name, str) or not name or "/" in name or name == "[]":
-        raise OptionError(
-            f"{what}: name must be a scope name without '/' (like 'si[]'), got {name!r}"
-        )
+    _check_prompt(what, select_prompt, "select_prompt", ("facts", "question", "selected"))
+    _check_prompt(what, infer_prompt, "infer_prompt", ("selection",))
+    _check_prompt(what, answer_prompt, "answer_prompt", ("facts", "question", "inferences"))
+    _check_generation(what, model, infer_tokens, infer_stop, options, "infer")
+    _check_generation(what, model, answer_tokens, answer_stop, options, "answer")
+    _check_flag(what, chat, "chat")
+    _check_scope(what, name, "si[]")
     wrap = getattr(model, "chat", None) if chat else None
 
     def prompt(text: str) -> str:
@@ -227,7 +244,9 @@ def si_steps(trace: Any, facts: Sequence[str], name: str = "si[0]") -> list[tupl
     """The reasoning a :func:`selection_inference` trace holds: for every step, the facts it
     selected (in the order picked) and the fact it inferred (stripped).  ``facts`` are the
     facts the program was given; ``name`` its scope in the trace (``"si[0]"`` for the first
-    call).
+    call).  Every candidate a selection scored is checked against ``facts`` (its score site
+    records the tokens it scored), so facts that are not the program's raise an
+    :class:`~lmcascade.errors.OptionError` rather than name the wrong facts.
 
     >>> import lmcascade as lc
     >>> from lmcascade.models import ToyLM
@@ -240,6 +259,22 @@ def si_steps(trace: Any, facts: Sequence[str], name: str = "si[0]") -> list[tupl
     >>> [(sorted(picked), new) for picked, new in si_steps(trace, ["a", "b"])]
     [(['a', 'b'], 'c')]
     """
+    what = "si_steps"
+    if not isinstance(trace, Trace):
+        raise OptionError(
+            f"{what}: trace must be a Trace (one of lc.infer(...).traces), got "
+            f"{type(trace).__name__}"
+        )
+    if (
+        isinstance(facts, str)
+        or not isinstance(facts, Sequence)
+        or not all(isinstance(f, str) for f in facts)
+    ):
+        raise OptionError(
+            f"{what}: facts must be the list of fact strings the program was given, got {facts!r}"
+        )
+    if not isinstance(name, str) or not name:
+        raise OptionError(f"{what}: name must be the program's scope (like 'si[0]'), got {name!r}")
     pool = [f.strip() for f in facts]
     out: list[tuple[list[str], str]] = []
     step = 0
@@ -248,9 +283,10 @@ def si_steps(trace: Any, facts: Sequence[str], name: str = "si[0]") -> list[tupl
         pick = 0
         while f"{name}/step[{step}]/pick[{pick}]/choice" in trace:
             prefix = f"{name}/step[{step}]/pick[{pick}]/fact["
-            scored = [int(s.name[len(prefix) : -1]) for s in trace if s.name.startswith(prefix)]
+            scored = [s for s in trace if s.name.startswith(prefix)]
+            texts = [_candidate(site, int(site.name[len(prefix) : -1]), pool) for site in scored]
             choice = trace[f"{name}/step[{step}]/pick[{pick}]/choice"].value
-            picked.append(pool[scored[int(choice)]])
+            picked.append(texts[int(choice)])
             pick += 1
         new = trace[f"{name}/step[{step}]/inference"].value.strip()
         out.append((picked, new))
@@ -259,10 +295,25 @@ def si_steps(trace: Any, facts: Sequence[str], name: str = "si[0]") -> list[tupl
         step += 1
     if not out:
         raise SiteError(
-            f"si_steps: the trace has no selection-inference step under {name!r}; its sites "
+            f"{what}: the trace has no selection-inference step under {name!r}; its sites "
             f"are {trace.names[:8]}"
         )
     return out
+
+
+def _candidate(site: Any, index: int, pool: list[str]) -> str:
+    """Candidate ``index`` of ``pool``, checked against the tokens its score site scored."""
+    model = getattr(site.dist, "model", None)
+    text = pool[index] if index < len(pool) else None
+    if text is not None and (model is None or tuple(model.encode(text)) == tuple(site.token_ids)):
+        return text
+    scored = repr(model.decode(list(site.token_ids))) if model is not None else "another text"
+    raise OptionError(
+        f"si_steps: facts do not match the trace: site {site.name!r} scored {scored}, but "
+        + (f"facts and inferences give {text!r}" if text is not None else
+           f"there are only {len(pool)} facts and inferences")
+        + "; pass the facts the program was given, in order"
+    )  # fmt: skip
 
 
 __all__ = ["INFER_PROMPT", "SELECT_PROMPT", "SI_ANSWER_PROMPT", "selection_inference", "si_steps"]

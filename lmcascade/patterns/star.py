@@ -16,7 +16,8 @@ weighted by the exact probability that the answer generation writes ``y`` (every
 end: end of text, a stop string, the length limit) — not a filter that rejects thoughts whose
 sampled answer happened to differ.  It runs under any method: ``enumerate`` gives the exact
 posterior on a small model, importance sampling and SMC weigh by that probability, rejection
-sampling needs ``max_log_weight=0.0``.  :func:`star_rationales` runs it over a dataset with
+sampling needs no option (an observed LM text has probability at most 1, so rejection knows
+its bound on the weights, 0).  :func:`star_rationales` runs it over a dataset with
 :func:`lc.infer_many <lmcascade.inference.many.infer_many>` and keeps each question's most
 probable rationale: STaR's data-collection step.
 
@@ -39,14 +40,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmcascade.distributions import LM
-from lmcascade.errors import InferenceError, OptionError
+from lmcascade.errors import InferenceError, OptionError, SiteError
+from lmcascade.models.base import LanguageModel
 from lmcascade.patterns.reasoning import (
     ANSWER_PROMPT,
     THINK_PROMPT,
     Template,
     _check_template,
     _fill,
-    chain_of_thought,
 )
 from lmcascade.program import BoundProgram, gen, observe, scope
 from lmcascade.program import program as _program
@@ -54,6 +55,53 @@ from lmcascade.result import Result
 
 HINT_PROMPT = "{question}\nHint: the answer is {answer}.\nThink it through step by step, briefly."
 """The default thought prompt with ``hint=True``: ``{question}`` and ``{answer}`` are filled in."""
+
+
+def _check_model(model: Any, what: str) -> None:
+    """An OptionError from ``what`` unless ``model`` is a language model."""
+    if not isinstance(model, LanguageModel):
+        raise OptionError(
+            f"{what}: model must be a LanguageModel (ToyLM, lc.models.load()...), got "
+            f"{type(model).__name__}"
+        )
+
+
+def _check_generation(
+    what: str, model: Any, tokens: Any, stop: Any, options: dict, argument: str
+) -> None:
+    """Every option of one of ``what``'s generations (``{argument}_tokens``,
+    ``{argument}_stop`` and the generation ``options``) checked now, not deep inside a run."""
+    try:
+        LM(model, "", max_tokens=tokens, stop=stop, **options)
+    except TypeError as err:
+        raise OptionError(
+            f"{what}: {err}; generation options are those of lc.gen (temperature, top_k, "
+            "top_p, min_tokens...)"
+        ) from None
+    except SiteError as err:
+        raise OptionError(
+            f"{what} ({argument}_tokens / {argument}_stop / options): {err}"
+        ) from None
+
+
+def _check_prompt(what: str, template: Any, argument: str, fields: tuple[str, ...]) -> None:
+    """A prompt template checked for its fields, the error naming ``what``."""
+    try:
+        _check_template(template, argument, fields)
+    except OptionError as err:
+        raise OptionError(f"{what}: {err}") from None
+
+
+def _check_scope(what: str, name: Any, example: str) -> None:
+    if not isinstance(name, str) or not name or "/" in name or name == "[]":
+        raise OptionError(
+            f"{what}: name must be a scope name without '/' (like {example!r}), got {name!r}"
+        )
+
+
+def _check_flag(what: str, value: Any, argument: str) -> None:
+    if not isinstance(value, bool):
+        raise OptionError(f"{what}: {argument} must be True or False, got {value!r}")
 
 
 def rationalise(
@@ -110,26 +158,20 @@ def rationalise(
     >>> lc.infer(why, method="forward", num_samples=1, seed=0).traces[0].names
     ['star[0]/thought', 'star[0]/answer']
     """
-    if not isinstance(answer, str):
-        raise OptionError(f"rationalise: answer must be a string, got {type(answer).__name__}")
-    if not isinstance(hint, bool):
-        raise OptionError(f"rationalise: hint must be True or False, got {hint!r}")
+    what = "rationalise"
+    _check_model(model, what)
+    for argument, value in (("question", question), ("answer", answer)):
+        if not isinstance(value, str):
+            raise OptionError(f"{what}: {argument} must be a string, got {type(value).__name__}")
+    _check_flag(what, hint, "hint")
     if hint and think is THINK_PROMPT:
         think = HINT_PROMPT
-    _check_template(think, "think", ("question", "answer") if hint else ("question",))
-    # chain_of_thought checks the rest (and builds nothing that runs)
-    chain_of_thought(
-        model,
-        question,
-        answer=answer_prompt,
-        think_tokens=think_tokens,
-        answer_tokens=answer_tokens,
-        think_stop=think_stop,
-        answer_stop=answer_stop,
-        chat=chat,
-        name=name,
-        **options,
-    )
+    _check_prompt(what, think, "think", ("question", "answer") if hint else ("question",))
+    _check_prompt(what, answer_prompt, "answer_prompt", ("question", "thought"))
+    _check_flag(what, chat, "chat")
+    _check_scope(what, name, "star[]")
+    _check_generation(what, model, think_tokens, think_stop, options, "think")
+    _check_generation(what, model, answer_tokens, answer_stop, options, "answer")
     wrap = getattr(model, "chat", None) if chat else None
 
     def prompt(text: str) -> str:
@@ -202,6 +244,10 @@ def question_answer_pairs(examples: Any, what: str) -> list[tuple[str, str]]:
     return out
 
 
+_OWN_OPTIONS = {"method", "seed", "progress", "on_error"}
+"""What :func:`star_rationales` passes to ``infer_many`` itself (not in ``method_options``)."""
+
+
 def star_rationales(
     model: Any,
     examples: Sequence[tuple[str, str]],
@@ -236,13 +282,22 @@ def star_rationales(
     """
     from lmcascade.inference.many import infer_many
 
-    pairs = question_answer_pairs(examples, "star_rationales")
+    what = "star_rationales"
+    _check_model(model, what)
+    pairs = question_answer_pairs(examples, what)
     if method_options is None:
         method_options = {}
     if not isinstance(method_options, dict):
         raise OptionError(
-            f"star_rationales: method_options must be a dict of the method's options (like "
+            f"{what}: method_options must be a dict of the method's options (like "
             f"{{'num_samples': 8}}), got {type(method_options).__name__}"
+        )
+    taken = sorted(set(method_options) & _OWN_OPTIONS, key=str)
+    if taken:
+        raise OptionError(
+            f"{what}: method_options cannot hold {taken}: give method and seed as "
+            f"{what}'s own arguments (method=..., seed=...); it sets progress and on_error "
+            "itself"
         )
     if (
         isinstance(min_answer_prob, bool)
@@ -250,10 +305,13 @@ def star_rationales(
         or not 0.0 <= min_answer_prob <= 1.0
     ):
         raise OptionError(
-            f"star_rationales: min_answer_prob must be a number in [0, 1], got {min_answer_prob!r}"
+            f"{what}: min_answer_prob must be a number in [0, 1], got {min_answer_prob!r}"
         )
     for question, answer in pairs[:1]:  # bad options fail here, before any model call
-        rationalise(model, question, answer, **options)
+        try:
+            rationalise(model, question, answer, **options)
+        except OptionError as err:  # named after the function the user called
+            raise OptionError(what + str(err).removeprefix("rationalise")) from None
 
     @_program
     def star_example(index: int, question: str, answer: str):
