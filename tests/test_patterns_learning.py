@@ -620,10 +620,11 @@ MP_LM = ToyLM(MP_VOCAB, mp_scores, name="paths")
 
 def test_reprompting_target_is_over_texts_whatever_the_paths_to_them():
     """A recipe text the zero-shot model writes along k token paths ("a" then eos, or "a"
-    then the stop ";"; "ab" as one token or two) counts once, with the few-shot probability
-    of the text: enumerate equals the documented target by hand.  The old program (each path
-    weighted by the text's score) fails it: run against it once, enumerate was TV 0.17 away.
-    A target over paths, not texts, is also far from this one."""
+    then the stop ";"; "aa" as one token or two, then an ending) counts once, with the
+    few-shot probability of the text: enumerate equals the documented target by hand.  The
+    old program (each path weighted by the text's score, no ending counted) fails it: run
+    against it once, its enumeration was TV 0.46 away.  A target over paths rather than texts
+    is TV 0.16 away, checked here."""
     examples = [("a", "a"), ("b", "b")]
     exact = reprompting_target(mp_scores, MP_VOCAB, examples, 2, ";")
     paths = generation_texts(mp_scores, MP_VOCAB, [0], 2, ";", count=True)
