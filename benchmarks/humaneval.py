@@ -445,18 +445,13 @@ def plot(rows: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, row in rows.items():
-        ax.scatter(row["tokens"], row["pass@1"], s=40)
-        ax.annotate(
-            name,
-            (row["tokens"], row["pass@1"]),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=8,
-        )
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    markers = "osD^vP*Xh"
+    for i, (name, row) in enumerate(rows.items()):
+        ax.scatter(row["tokens"], row["pass@1"], s=45, marker=markers[i % len(markers)], label=name)
     ax.set_xscale("log")
-    ax.margins(x=0.25, y=0.12)  # room for the labels
+    ax.margins(x=0.15, y=0.12)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xlabel("tokens generated per problem (log scale)")
     ax.set_ylabel("pass@1 (%)")
     ax.set_title(title, fontsize=10)
