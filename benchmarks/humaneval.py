@@ -461,6 +461,14 @@ def plot(rows: dict, path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -468,10 +476,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--large", default="qwen2.5-coder-1.5b", help="the deferral cascade's second model"
     )
     ap.add_argument(
-        "--limit", type=int, default=None, help="the first N problems (all 164 by default)"
+        "--limit", type=positive, default=None, help="the first N problems (all 164 by default)"
     )
-    ap.add_argument("--samples", type=int, default=8, help="N: draws, particles, MCMC draws kept")
-    ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument(
+        "--samples", type=positive, default=8, help="N: draws, particles, MCMC draws kept"
+    )
+    ap.add_argument("--max-tokens", type=positive, default=512)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--alpha", type=float, default=4.0, help="power sampling's exponent")
     ap.add_argument("--beta", type=float, default=5.0, help="the verifier factor's strength")
@@ -486,7 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--model-dir", default=None, help="load the model from this converted folder")
     ap.add_argument(
-        "--concurrency", type=int, default=64, help="problems decoded together (infer_many)"
+        "--concurrency", type=positive, default=64, help="problems decoded together (infer_many)"
     )
     ap.add_argument("--deadline", type=float, default=None, help="seconds: start no row after this")
     ap.add_argument("--plot", action="store_true")
