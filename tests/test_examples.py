@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 # What each example's output must contain (the summary's header by default).
 MARKERS = {"calculator_check.py": "log evidence"}
+# Examples that take over a minute on a 2-core CPU: marked, so `-m "not slow"` skips them
+SLOW = {"pattern_self_consistency.py"}
 
 
 @functools.cache
@@ -30,7 +32,11 @@ def run_example(name: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "example",
+    [pytest.param(p, marks=[pytest.mark.slow] if p.name in SLOW else []) for p in EXAMPLES],
+    ids=lambda p: p.name,
+)
 def test_example_runs(example):
     done = run_example(example.name)
     assert done.returncode == 0, done.stderr[-3000:]
