@@ -98,6 +98,24 @@ def _fill(template: Template, **fields: str) -> str:
     return template.format(**fields)
 
 
+def _check_generation(
+    what: str, model: Any, tokens: Any, stop: Any, options: dict, argument: str
+) -> None:
+    """Every option of one of ``what``'s generations (``{argument}_tokens``,
+    ``{argument}_stop`` and the generation ``options``) checked now, not deep inside a run."""
+    try:
+        LM(model, "", max_tokens=tokens, stop=stop, **options)
+    except TypeError as err:
+        raise OptionError(
+            f"{what}: {err}; generation options are those of lc.gen (temperature, top_k, "
+            "top_p, min_tokens, alpha...)"
+        ) from None
+    except SiteError as err:
+        raise OptionError(
+            f"{what} ({argument}_tokens / {argument}_stop / options): {err}"
+        ) from None
+
+
 def chain_of_thought(
     model: Any,
     question: str,
@@ -139,21 +157,8 @@ def chain_of_thought(
         raise OptionError(f"chat must be True or False, got {chat!r}")
     if not isinstance(name, str) or not name or "/" in name:
         raise OptionError(f"name must be a scope name without '/' (like 'cot[]'), got {name!r}")
-    for arg, tokens, stop in (
-        ("think", think_tokens, think_stop),
-        ("answer", answer_tokens, answer_stop),
-    ):
-        try:  # check every generation option now, not deep inside a run
-            LM(model, "", max_tokens=tokens, stop=stop, **options)
-        except TypeError as err:
-            raise OptionError(
-                f"chain_of_thought: {err}; generation options are those of lc.gen "
-                "(temperature, top_k, top_p, min_tokens, alpha...)"
-            ) from None
-        except SiteError as err:
-            raise OptionError(
-                f"chain_of_thought ({arg}_tokens / {arg}_stop / options): {err}"
-            ) from None
+    _check_generation("chain_of_thought", model, think_tokens, think_stop, options, "think")
+    _check_generation("chain_of_thought", model, answer_tokens, answer_stop, options, "answer")
     wrap = getattr(model, "chat", None) if chat else None
 
     def prompt(text: str) -> str:

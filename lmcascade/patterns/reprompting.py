@@ -61,8 +61,8 @@ from lmcascade.generation import Generation
 from lmcascade.lm.run import LMRun
 from lmcascade.lm.scoring import path_log_prob, score_forced
 from lmcascade.models.base import LanguageModel
+from lmcascade.patterns.reasoning import _check_generation
 from lmcascade.patterns.star import (
-    _check_generation,
     _check_model,
     _check_scope,
     question_answer_pairs,

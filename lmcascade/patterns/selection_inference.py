@@ -35,10 +35,9 @@ import torch
 from pyro.distributions import Categorical
 
 from lmcascade.errors import OptionError, SiteError
-from lmcascade.patterns.reasoning import Template, _fill
+from lmcascade.patterns.reasoning import Template, _check_generation, _fill
 from lmcascade.patterns.star import (
     _check_flag,
-    _check_generation,
     _check_model,
     _check_prompt,
     _check_scope,

@@ -40,12 +40,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmcascade.distributions import LM
-from lmcascade.errors import InferenceError, OptionError, SiteError
+from lmcascade.errors import InferenceError, OptionError
 from lmcascade.models.base import LanguageModel
 from lmcascade.patterns.reasoning import (
     ANSWER_PROMPT,
     THINK_PROMPT,
     Template,
+    _check_generation,
     _check_template,
     _fill,
 )
@@ -64,24 +65,6 @@ def _check_model(model: Any, what: str) -> None:
             f"{what}: model must be a LanguageModel (ToyLM, lc.models.load()...), got "
             f"{type(model).__name__}"
         )
-
-
-def _check_generation(
-    what: str, model: Any, tokens: Any, stop: Any, options: dict, argument: str
-) -> None:
-    """Every option of one of ``what``'s generations (``{argument}_tokens``,
-    ``{argument}_stop`` and the generation ``options``) checked now, not deep inside a run."""
-    try:
-        LM(model, "", max_tokens=tokens, stop=stop, **options)
-    except TypeError as err:
-        raise OptionError(
-            f"{what}: {err}; generation options are those of lc.gen (temperature, top_k, "
-            "top_p, min_tokens...)"
-        ) from None
-    except SiteError as err:
-        raise OptionError(
-            f"{what} ({argument}_tokens / {argument}_stop / options): {err}"
-        ) from None
 
 
 def _check_prompt(what: str, template: Any, argument: str, fields: tuple[str, ...]) -> None:
