@@ -348,12 +348,15 @@ def sampled_rows(prog, items, args):
 
 
 def weighted_row(results, items, wall):
-    """pass@1 of one draw from each result's weighted traces."""
-    total = 0.0
-    for it, r in zip(items, results, strict=True):
-        pairs = [(it["task"], full_code(PROBLEMS[it["task"]], v)) for v in r.values]
-        ok = in_parallel(passes, pairs)
-        total += float(sum(w * o for w, o in zip(r.weights, ok, strict=True)))
+    """pass@1 of one draw from each result's weighted traces (every trace scored in one
+    parallel batch)."""
+    pairs = [
+        (it["task"], full_code(PROBLEMS[it["task"]], v))
+        for it, r in zip(items, results, strict=True)
+        for v in r.values
+    ]
+    ok = iter(in_parallel(passes, pairs))
+    total = sum(float(w) * next(ok) for r in results for w in r.weights)
     return {"pass@1": 100 * total / len(items), "tokens": tokens(results), "wall_s": wall}
 
 
