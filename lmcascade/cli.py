@@ -200,6 +200,12 @@ def _run(args: argparse.Namespace) -> int:
         raise LMCascadeError("--out goes with --inputs (one result line per input)")
     if args.inputs and args.input:
         raise LMCascadeError("give --input NAME=VALUE or --inputs FILE.jsonl, not both")
+    if not args.inputs and (args.backend != "local" or args.workers or args.address):
+        raise LMCascadeError(
+            "--backend, --workers and --address go with --inputs (they spread many inputs)"
+        )
+    if args.backend != "ray" and (args.workers or args.address):
+        raise LMCascadeError("--workers and --address go with --backend ray")
     many = _read_inputs(args.inputs) if args.inputs else None  # read before loading models
     models = {}
     if args.model:
@@ -247,8 +253,11 @@ def _run_many(args: argparse.Namespace, program, inputs: list[dict], options: di
     import lmcascade as lc
 
     failed = 0
+    spread = {}
+    if args.backend == "ray":
+        spread = {"backend": "ray", "num_workers": args.workers, "address": args.address}
     runs = lc.infer_many(
-        program, inputs, method=args.method, seed=args.seed, out=args.out, **options
+        program, inputs, method=args.method, seed=args.seed, out=args.out, **spread, **options
     )
     try:
         with runs:
@@ -263,6 +272,8 @@ def _run_many(args: argparse.Namespace, program, inputs: list[dict], options: di
         print(f"lmcascade: {skipped} inputs already in {args.out} were skipped", file=sys.stderr)
     if failed:
         print(f"lmcascade: {failed} of {len(inputs)} inputs failed", file=sys.stderr)
+    if runs.stats["inputs_retried"] or runs.stats["workers_lost"]:
+        print(f"lmcascade: {runs.summary()}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -349,6 +360,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         metavar="FILE.jsonl",
         help="with --inputs: append each finished result here; a rerun skips those done",
+    )
+    run.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="with --inputs: run here (local, default) or spread over Ray workers (ray)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --backend ray: how many workers (default: one per GPU, else 2)",
+    )
+    run.add_argument(
+        "--address",
+        default=None,
+        help="with --backend ray: the Ray cluster to join ('auto', 'ray://head:10001'); "
+        "default: start a local Ray",
     )
     run.add_argument(
         "--method", default="smc", help="enumerate, forward, rejection, importance or smc (default)"

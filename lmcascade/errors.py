@@ -59,6 +59,10 @@ class ModelNotFoundError(ModelError):
     """A model name is unknown, or its weights are not installed (the message names the fix)."""
 
 
+class ModelTooLargeError(ModelError):
+    """A program's models need more memory than a worker has (``infer_many`` with Ray)."""
+
+
 class ModelIntegrityError(ModelError):
     """A model's weights do not match their pinned checksum."""
 
@@ -169,6 +173,16 @@ class NotEnumerableError(InferenceError):
     """A random choice has infinite or continuous support and cannot be enumerated."""
 
 
+class WorkerLostError(InferenceError):
+    """An input of ``lc.infer_many(..., backend="ray")`` whose worker died while running it,
+    more times than ``max_retries`` allows (the input itself may be the cause: memory)."""
+
+
+class RemoteError(InferenceError):
+    """What an input's run raised on a Ray worker, when the exception itself could not be
+    sent back (it holds something that does not pickle): its type's name and message."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped an inference run; ``progress`` says what was done by then (model calls,
     tokens generated, resampling steps, seconds).  A ``KeyboardInterrupt``, so code that
@@ -192,6 +206,7 @@ __all__ = [
     "TokenizationError",
     "ModelNotFoundError",
     "ModelIntegrityError",
+    "ModelTooLargeError",
     "DSLError",
     "DSLSyntaxError",
     "DSLCheckError",
@@ -203,5 +218,7 @@ __all__ = [
     "AllWeightsZeroError",
     "TooManyTracesError",
     "NotEnumerableError",
+    "WorkerLostError",
+    "RemoteError",
     "Interrupted",
 ]

@@ -1,20 +1,18 @@
 """Many inputs at once: ``lc.infer_many`` runs a program on every input of a dataset with
-the model calls of all inputs batched together.
+the model calls of all inputs batched together — in this process, or spread over Ray workers.
 
 Each input gets its own ``lc.infer`` run, with the same method, options and seed a separate
 call would get, so its result is the one ``lc.infer(program(**input), seed=seed)`` gives.
-The runs take turns on worker threads (one runs at a time: the library is not made
-thread-safe by this, it is made to wait).  When a run asks a model for next-token
-probabilities it parks; once every run in flight has parked or finished, the requests to
-each model are made as **one** batched call — across inputs as well as across particles —
-and every run resumes with its rows.  A prompt prefix the inputs share (a system prompt) is
-computed once, by the model's prefix cache.  Each run's random state (torch's, numpy's and
-Python's, and its own token generators) is its own: it is saved when the run parks and put
-back when it resumes, so how the runs interleave never changes what any of them draws.
+Locally (``backend="local"``, :mod:`lmcascade.inference.local_pool`) the runs take turns on
+threads and every decoding step makes one batched model call for all inputs in flight; a
+prompt prefix the inputs share (a system prompt) is computed once, by the model's prefix
+cache.  With ``backend="ray"`` (:mod:`lmcascade.inference.ray_pool`) the inputs are spread
+over Ray actors, each holding one replica of the program's models and running the local
+pool on its share; this process hands out the inputs and gathers the results.
 
 With ``out="results.jsonl"`` every finished input is appended to the file as one JSON line
-as soon as it finishes (flushed to disk); running again with the same file skips the inputs
-already there, so a run that was stopped picks up where it was.
+as soon as it finishes (flushed to disk, by this process only); running again with the same
+file skips the inputs already there, so a run that was stopped picks up where it was.
 
 >>> import lmcascade as lc
 >>> from lmcascade.models import ToyLM
@@ -29,6 +27,8 @@ already there, so a run that was stopped picks up where it was.
 True
 >>> runs.stats["inputs_done"], runs.stats["model_calls"] <= 3
 (3, True)
+>>> runs.summary()
+'3 done, 0 failed'
 """
 
 from __future__ import annotations
@@ -36,152 +36,36 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
-import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
-import torch
 
 from lmcascade.errors import LMCascadeError, OptionError, ProgramError
+from lmcascade.inference.local_pool import Finished, LocalPool, rng_state, set_rng_state
 from lmcascade.inference.progress import progress_bar
-from lmcascade.models.base import BATCHER, block_counts
 from lmcascade.program import BoundProgram, Program
 from lmcascade.result import Result
 from lmcascade.trace import jsonable, safe_repr
 
 __all__ = ["ManyRun", "infer_many"]
 
-
-class _Cancelled(BaseException):
-    """Raised inside a parked run when the whole ``infer_many`` is closed or interrupted."""
-
-
 STOPS = (KeyboardInterrupt, SystemExit)
 """Raised inside a run, these stop ``infer_many`` itself, as they stop ``lc.infer``."""
 
+BACKENDS = ("local", "ray")
 
-class _Turns:
-    """What the runs share with the coordinator (not the coordinator itself, so that an
-    unfinished ``ManyRun`` can be collected, and cancel its runs, once nothing holds it)."""
-
-    def __init__(self) -> None:
-        self.parked = threading.Semaphore(0)
-        self.closed = False
-
-
-class _Run(threading.Thread):
-    """One input's ``lc.infer`` on its own thread, parking at every model call."""
-
-    def __init__(self, turns: _Turns, index: int, item: Any, work: Any) -> None:
-        super().__init__(name=f"lmcascade-input-{index}", daemon=True)
-        self.turns, self.index, self.item, self.work = turns, index, item, work
-        self.go = threading.Semaphore(0)
-        self.request: tuple | None = None  # (model, name, fn, args, kwargs) while parked
-        self.reply: tuple[bool, Any] | None = None  # (ok, value or exception)
-        self.result: Result | None = None
-        self.error: BaseException | None = None
-        self.finished = False
-        self._rng: tuple | None = None
-
-    def run(self) -> None:
-        self.go.acquire()
-        BATCHER.set(self)
-        try:
-            if not self.turns.closed:
-                self.result = self.work()
-        except _Cancelled:
-            pass
-        except BaseException as err:  # noqa: BLE001 - recorded for this input; the rest go on
-            self.error = err
-        self.finished = True
-        self.turns.parked.release()
-
-    def submit(self, model: Any, name: str, fn: Any, args: tuple, kwargs: dict) -> Any:
-        """Parks this run with a model call; returns the call's rows once the batch ran.
-        A call from another thread that inherited the run's context (a tool with a timeout
-        runs on its own thread) goes straight to the model."""
-        if threading.current_thread() is not self:
-            return fn(model, *args, **kwargs)
-        if self.turns.closed:
-            raise _Cancelled
-        self._rng = _rng_state()
-        self.request, self.reply = (model, name, fn, args, kwargs), None
-        self.turns.parked.release()
-        self.go.acquire()
-        if self.turns.closed:
-            raise _Cancelled
-        _set_rng_state(self._rng)
-        ok, value = self.reply  # type: ignore[misc]
-        self.request = self.reply = None
-        if not ok:
-            raise value
-        return value
-
-
-def _rng_state() -> tuple:
-    """The global random state a run draws from: torch's (CPU), Python's and numpy's."""
-    return torch.get_rng_state(), random.getstate(), np.random.get_state()
-
-
-def _set_rng_state(state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    random.setstate(state[1])
-    np.random.set_state(state[2])
-
-
-def _rows(request: tuple) -> int:
-    """How many contexts a parked model call asks about."""
-    args, kwargs = request[3], request[4]
-    return len(kwargs["contexts"] if "contexts" in kwargs else args[0] if args else ())
-
-
-def _split_call(name: str, args: tuple, kwargs: dict) -> tuple[list, list | None]:
-    """A model call's contexts and per-context extra argument (paths, block counts)."""
-    params = dict(zip(("contexts", "extra"), args, strict=False))
-    contexts = list(kwargs.get("contexts", params.get("contexts", ())))
-    if name == "next_logprobs":
-        return contexts, None
-    extra = kwargs.get("paths" if name == "path_logprobs" else "counts", params.get("extra"))
-    if name == "block_logprobs":
-        return contexts, block_counts(contexts, extra)
-    return contexts, list(extra)
-
-
-def batched_call(requests: list[tuple]) -> list[tuple[bool, Any]]:
-    """Makes the same model call of several runs as one call; each run's rows, in order.
-
-    ``requests`` share a model and a method name.  If the joint call fails, each request is
-    made on its own, so only the run whose input caused the failure gets the error."""
-    model, name, fn = requests[0][:3]
-    if len(requests) == 1:
-        return [_one(requests[0])]
-    parts = [_split_call(name, r[3], r[4]) for r in requests]
-    contexts = [c for cs, _ in parts for c in cs]
-    try:
-        with torch.inference_mode():
-            if name == "next_logprobs":
-                out = fn(model, contexts)
-            else:
-                out = fn(model, contexts, [e for _, es in parts for e in es])  # type: ignore[union-attr]
-    except Exception:  # noqa: BLE001 - retried one by one to find whose input failed
-        return [_one(r) for r in requests]
-    replies, start = [], 0
-    for cs, _ in parts:
-        replies.append((True, out[start : start + len(cs)]))
-        start += len(cs)
-    return replies
-
-
-def _one(request: tuple) -> tuple[bool, Any]:
-    model, _, fn, args, kwargs = request
-    try:
-        with torch.inference_mode():
-            return True, fn(model, *args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - handed to the run that asked
-        return False, err
+STAT_NAMES = (
+    "inputs_done",
+    "inputs_failed",
+    "inputs_skipped",
+    "inputs_retried",
+    "workers_lost",
+    "model_calls",
+    "rows",
+)
 
 
 class ManyRun:
@@ -189,9 +73,11 @@ class ManyRun:
 
     An input whose run raised yields ``(input, error)`` — the exception instance — unless
     ``on_error="raise"``.  ``stats`` counts ``inputs_done``, ``inputs_failed``,
-    ``inputs_skipped`` (already in ``out``), ``model_calls`` (the batched calls actually
-    made) and ``rows`` (contexts computed in them).  Use it as a context manager, or call
-    :meth:`close`, to stop early: the runs in flight are cancelled.
+    ``inputs_skipped`` (already in ``out``), ``inputs_retried`` and ``workers_lost`` (Ray:
+    inputs run again because their worker died, and the workers that died), ``model_calls``
+    (the batched calls actually made) and ``rows`` (contexts computed in them); :meth:`summary`
+    says the same in words.  Use it as a context manager, or call :meth:`close`, to stop
+    early: the runs in flight are cancelled (Ray: the workers are stopped).
     """
 
     def __init__(
@@ -206,8 +92,12 @@ class ManyRun:
         progress: bool,
         on_error: str,
         save_traces: bool,
+        backend: str = "local",
+        backend_options: dict | None = None,
         options: dict,
     ) -> None:
+        self._pool: Any = None  # set last, once every check passed
+        self._closed = False
         if isinstance(program, BoundProgram):
             raise ProgramError(
                 f"infer_many takes the program itself, not a bound call: pass "
@@ -227,6 +117,11 @@ class ManyRun:
             raise OptionError(f"concurrency must be a positive integer, got {concurrency!r}")
         if on_error not in ("record", "raise"):
             raise OptionError(f"on_error must be 'record' or 'raise', got {on_error!r}")
+        if backend not in BACKENDS:
+            raise OptionError(
+                f"backend must be 'local' (this process) or 'ray' (Ray workers), got "
+                f"{safe_repr(backend, 100)}"
+            )
         for name, flag in (("progress", progress), ("save_traces", save_traces)):
             if not isinstance(flag, bool):
                 raise OptionError(f"{name} must be True or False, got {safe_repr(flag, 100)}")
@@ -243,6 +138,7 @@ class ManyRun:
         # (case, synonyms, defaults named or not), without the bar
         self.config = {k: v for k, v in config.items() if k != "progress"}
         self.concurrency, self.on_error, self.save_traces = concurrency, on_error, save_traces
+        self.backend = backend
         self.out = None if out is None else os.fspath(out)
         done = _read_done(self.out, self.method, seed, self.config) if self.out else None
         if seed is None:
@@ -251,16 +147,20 @@ class ManyRun:
         self._skip = done.keys if done else Counter()
         self._inputs = iter(inputs)
         self._total = len(inputs) if hasattr(inputs, "__len__") else None  # type: ignore[arg-type]
-        self._runs: list[_Run] = []
-        self._ready: list[_Run] = []  # finished, not yet handed out
-        self._turns = _Turns()
+        self._ready: list[Finished] = []  # finished, not yet handed out
         self._exhausted = False
         self._index = 0
-        self.stats: dict[str, int] = dict.fromkeys(
-            ("inputs_done", "inputs_failed", "inputs_skipped", "model_calls", "rows"), 0
-        )
+        self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
+        work = partial(run_input, method=self.method, seed=self.seed, options=options)
+        if backend == "ray":
+            from lmcascade.inference.ray_pool import RayPool
+
+            pool: Any = RayPool(program, work, concurrency, **(backend_options or {}))
+        else:
+            pool = LocalPool(work, concurrency)
         self._bar = progress_bar(f"infer_many {self.method}", progress, unit="input")
         self._bar.total = self._total
+        self._pool = pool
 
     # -- iteration -----------------------------------------------------------------------------
 
@@ -268,25 +168,27 @@ class ManyRun:
         return self
 
     def __next__(self) -> tuple[Any, Any]:
-        if self._turns.closed:
+        if self._closed:
             raise StopIteration
-        mine = _rng_state()  # the caller's random state, untouched by the runs
+        mine = rng_state()  # the caller's random state, untouched by the runs
         try:
             while not self._ready:
                 self._fill()
+                self._ready.extend(self._pool.finished())
                 if self._ready:
                     break
-                if not self._runs:
+                if not self._pool.busy():
                     self.close()
                     raise StopIteration
-                self._round()
-            run = self._ready.pop(0)
-            return run.item, self._finish(run)
+                self._pool.advance()
+                self._show()
+            done = self._ready.pop(0)
+            return done.item, self._finish(done)
         except BaseException:
             self.close()
             raise
         finally:
-            _set_rng_state(mine)
+            set_rng_state(mine)
 
     def __enter__(self) -> ManyRun:
         return self
@@ -295,30 +197,47 @@ class ManyRun:
         self.close()
 
     def close(self) -> None:
-        """Cancels the runs in flight (their inputs are not written), waits for their
-        threads to end, and closes the bar.  Iterating afterwards yields nothing."""
-        if self._turns.closed:
+        """Cancels the runs in flight (their inputs are not written), waits for them to end,
+        and closes the bar.  Iterating afterwards yields nothing."""
+        if self._closed or self._pool is None:
             return
-        mine = _rng_state()
-        self._turns.closed = True
-        for run in self._runs:
-            if not run.finished:
-                run.go.release()
-        for run in self._runs:
-            run.join(timeout=10.0)
-        self._runs.clear()
-        self._bar.close()
-        _set_rng_state(mine)  # the cancelled runs unwound their own seeding
+        self._closed = True
+        mine = rng_state()
+        try:
+            self._pool.close()
+        finally:
+            self._bar.close()
+            set_rng_state(mine)  # the cancelled runs unwound their own seeding
 
     def __del__(self) -> None:
-        if hasattr(self, "_bar"):
+        if getattr(self, "_pool", None) is not None:
             self.close()
+
+    @property
+    def workers(self) -> list[Any]:
+        """The Ray actor handles of the workers alive now (``backend="ray"``; empty
+        locally) — for Ray's own tools: ``ray.kill``, the dashboard, logs."""
+        return list(getattr(self._pool, "actors", []))
+
+    def summary(self) -> str:
+        """The run so far in words: inputs done and failed, and (when any) retried after a
+        worker died, workers lost, and inputs skipped because ``out`` had them."""
+        s = self.stats
+        parts = [f"{s['inputs_done']} done", f"{s['inputs_failed']} failed"]
+        if s["inputs_retried"] or s["workers_lost"]:
+            parts.append(
+                f"{s['inputs_retried']} retried after {s['workers_lost']} worker"
+                f"{'s' if s['workers_lost'] != 1 else ''} died"
+            )
+        if s["inputs_skipped"]:
+            parts.append(f"{s['inputs_skipped']} skipped (already in {self.out})")
+        return ", ".join(parts)
 
     # -- the rounds ----------------------------------------------------------------------------
 
     def _fill(self) -> None:
-        """Starts runs until ``concurrency`` are in flight (or the inputs are used up)."""
-        while not self._exhausted and len(self._runs) < self.concurrency:
+        """Hands inputs to the pool while it has room (or until the inputs are used up)."""
+        while not self._exhausted and self._pool.room() > 0:
             try:
                 item = next(self._inputs)
             except StopIteration:
@@ -334,63 +253,32 @@ class ManyRun:
             try:
                 bound = _bind(self.program, item)
             except LMCascadeError as err:
-                run = _Run(self._turns, index, item, None)
-                run.error, run.finished = err, True
-                self._ready.append(run)
+                self._ready.append(Finished(index, item, error=err))
                 continue
-            run = _Run(self._turns, index, item, self._work(bound))
-            run.start()
-            self._resume(run)
-            self._runs.append(run)
+            self._pool.start(index, item, bound)
 
-    def _resume(self, run: _Run) -> None:
-        """Lets ``run`` go until it parks on a model call or finishes."""
-        run.go.release()
-        self._turns.parked.acquire()
+    def _show(self) -> None:
+        """Copies the pool's counters into ``stats``; a pool that has words for the bar
+        (workers alive, inputs retried) shows them there."""
+        for name, value in self._pool.stats.items():
+            self.stats[name] = value
+        status = getattr(self._pool, "status", None)
+        if status is not None and not self._bar.disable:
+            self._bar.set_postfix_str(status(), refresh=False)
 
-    def _round(self) -> None:
-        """One batched call per (model, method) for every parked run; finished runs leave."""
-        for run in [r for r in self._runs if r.finished]:
-            self._runs.remove(run)
-            self._ready.append(run)
-        parked = [r for r in self._runs if r.request is not None and r.reply is None]
-        groups: dict[tuple[int, str], list[_Run]] = {}
-        for run in parked:
-            model, name = run.request[:2]  # type: ignore[index]
-            groups.setdefault((id(model), name), []).append(run)
-        for group in groups.values():
-            replies = batched_call([r.request for r in group])  # type: ignore[misc]
-            self.stats["model_calls"] += 1
-            self.stats["rows"] += sum(_rows(r.request) for r in group)  # type: ignore[arg-type]
-            for run, reply in zip(group, replies, strict=True):
-                run.reply = reply
-        for run in parked:
-            self._resume(run)
-
-    def _finish(self, run: _Run) -> Any:
+    def _finish(self, done: Finished) -> Any:
         """Records a finished input (in ``stats`` and ``out``); its result or its error."""
+        self._show()
         self._bar.update(1)
-        if run.error is None:
+        if done.error is None:
             self.stats["inputs_done"] += 1
-            self._write(run.item, run.result)
-            return run.result
+            self._write(done.item, done.result)
+            return done.result
         self.stats["inputs_failed"] += 1
-        if self.on_error == "raise" or isinstance(run.error, STOPS):
-            raise run.error
-        self._write(run.item, None, run.error)
-        return run.error
-
-    def _work(self, bound: BoundProgram) -> Any:
-        """What a run does: ``lc.infer`` of its input (one bar, over the inputs, instead of
-        one per run)."""
-        from lmcascade.inference.base import infer
-
-        method, seed, options = self.method, self.seed, self.options
-
-        def work() -> Result:
-            return infer(bound, method=method, seed=seed, progress=False, **options)
-
-        return work
+        if self.on_error == "raise" or isinstance(done.error, STOPS):
+            raise done.error
+        self._write(done.item, None, done.error)
+        return done.error
 
     def _write(self, item: Any, result: Result | None, error: BaseException | None = None) -> None:
         if self.out is None:
@@ -430,6 +318,11 @@ def infer_many(
     progress: bool = True,
     on_error: str = "record",
     save_traces: bool = False,
+    backend: str = "local",
+    num_workers: int | None = None,
+    address: str | None = None,
+    max_retries: int = 2,
+    worker_options: dict | None = None,
     **options: Any,
 ) -> ManyRun:
     """Runs ``program`` on every input, batching model calls across inputs; yields
@@ -446,6 +339,15 @@ def infer_many(
     seed, options and result without traces unless ``save_traces``; or its error), and a
     rerun with the same file skips the inputs that have a result there — inputs that failed
     run again.  A progress bar shows in a terminal on runs over two seconds.
+
+    ``backend="ray"`` spreads the inputs over ``num_workers`` Ray actors (default: one per
+    GPU, else 2), each with its own replica of the program's models, loaded once; results
+    are the same as ``"local"``'s for the same seed, and ``out`` is written by this process
+    only.  Ray is started here on demand, or joined at ``address`` (``"auto"``, or
+    ``"ray://head:10001"``).  A worker that dies has its inputs run again elsewhere, each at
+    most ``max_retries`` times; ``worker_options`` are Ray actor options (``num_cpus``,
+    ``num_gpus``, ``memory``, ``runtime_env``, ...).  Needs the ``ray`` extra; see
+    :mod:`lmcascade.inference.ray_pool`.
 
     >>> import lmcascade as lc
     >>> from pyro.distributions import Bernoulli
@@ -468,8 +370,50 @@ def infer_many(
         progress=progress,
         on_error=on_error,
         save_traces=save_traces,
+        backend=backend,
+        backend_options=_backend_options(
+            backend, num_workers, address, max_retries, worker_options
+        ),
         options=options,
     )
+
+
+def _backend_options(
+    backend: str,
+    num_workers: int | None,
+    address: str | None,
+    max_retries: int,
+    worker_options: dict | None,
+) -> dict:
+    """The Ray pool's settings, refused for the local backend (where they would do nothing)."""
+    given = {
+        "num_workers": num_workers,
+        "address": address,
+        "worker_options": worker_options,
+        "max_retries": None if max_retries == 2 else max_retries,
+    }
+    if backend != "ray":
+        named = [k for k, v in given.items() if v is not None]
+        if named:
+            raise OptionError(
+                f"{', '.join(named)} go{'es' if len(named) == 1 else ''} with backend='ray' "
+                "(the local backend runs in this process)"
+            )
+        return {}
+    return {
+        "num_workers": num_workers,
+        "address": address,
+        "max_retries": max_retries,
+        "worker_options": worker_options,
+    }
+
+
+def run_input(bound: BoundProgram, *, method: str, seed: int, options: dict) -> Result:
+    """What each input's run does: ``lc.infer`` of the bound program, without a bar of its
+    own (``infer_many`` shows one, over the inputs)."""
+    from lmcascade.inference.base import infer
+
+    return infer(bound, method=method, seed=seed, progress=False, **options)
 
 
 def _fresh_seed() -> int:

@@ -19,6 +19,7 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -118,12 +119,34 @@ def _route(cls: type) -> None:
             setattr(cls, name, routed(name, fn))
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How another process makes a model again: ``fn(*args, **kwargs)``.  A model loaded by
+    name or folder carries one (:func:`lmcascade.models.load` sets it), so it travels to a
+    Ray worker as these few words rather than its weights; ``args`` may hold other models
+    (a restricted head's base).
+
+    >>> from lmcascade.models import ToyLM
+    >>> Recipe(ToyLM, (["a", "<eos>"], lambda ids: [0.0, 0.0])).make()
+    ToyLM('toy', vocab=2)
+    """
+
+    fn: Callable[..., Any]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def make(self) -> Any:
+        """The model, made anew."""
+        return self.fn(*self.args, **self.kwargs)
+
+
 class LanguageModel(ABC):
     """Base class of every model: a tokenizer plus batched next-token log-probabilities.
 
     Subclasses implement :meth:`next_logprobs`; models with a cache also override
     :meth:`open`, :meth:`fork`, :meth:`release`, :meth:`crop` and
-    :meth:`block_logprobs`.
+    :meth:`block_logprobs`.  ``recipe`` says how another process makes the same model
+    (None: it is sent by value, as a ToyLM is).
     """
 
     name: str = "model"
@@ -131,6 +154,7 @@ class LanguageModel(ABC):
     max_context: int | None = None  # tokens a context may hold (prompt and generation); None: any
     min_prompt_tokens: int = 0  # a model that needs a token to condition on says 1
     cache_bytes_per_token: int = 0  # a cached model's memory per context token (0: none)
+    recipe: Recipe | None = None  # how another process makes this model again
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from lmcascade.errors import ModelError
-from lmcascade.models.base import Context, LanguageModel, block_counts, check_crop
+from lmcascade.models.base import Context, LanguageModel, Recipe, block_counts, check_crop
 from lmcascade.models.kv import Extension, KVBatch, PrefixIndex, gather, stack_prefixes
 
 
@@ -262,6 +262,8 @@ class TransformersLM(LanguageModel):
         twin.name = f"{self.name}[{len(ids)} tokens]"
         twin.prefix_index = PrefixIndex(max_bytes=self.prefix_index.max_bytes)
         twin.counters = {}
+        # made in another process from its base (which travels by its own recipe)
+        twin.recipe = Recipe(TransformersLM.restricted, (self, ids)) if self.recipe else None
         return twin
 
     def chat(self, user: str, *, system: str | None = None) -> str:

@@ -709,6 +709,26 @@ def load(
     rather than the current directory); ``allow_paths=False`` accepts registered names only,
     for references that come from untrusted files.
     """
+    from lmcascade.models.base import Recipe
+
+    lm = _load(name_or_path, device, dtype, allow_paths, relative_to, kwargs)
+    ref = os.fspath(name_or_path)
+    path = Path(ref) if relative_to is None else Path(relative_to) / ref
+    if allow_paths and path.is_dir():  # a folder, named so that any directory finds it
+        ref = str(path.resolve())
+    # how a Ray worker loads the same model (see lmcascade.inference.shipping)
+    lm.recipe = Recipe(load, (ref,), {"device": device, "dtype": dtype, **kwargs})
+    return lm
+
+
+def _load(
+    name_or_path: str | os.PathLike,
+    device: str,
+    dtype: Any,
+    allow_paths: bool,
+    relative_to: str | os.PathLike | None,
+    kwargs: dict,
+):
     ref = os.fspath(name_or_path)
     if not allow_paths:
         if ref not in MODELS:

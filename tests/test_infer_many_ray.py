@@ -1,0 +1,270 @@
+"""lc.infer_many(..., backend="ray") on a local Ray of 2 CPUs started here: the same results as
+the local backend for the same seed (ToyLM exactly; the default model token for token), no
+input lost when a worker is killed mid-run, resume from the out file, a raising input
+recorded while the rest complete, and a model too large for a worker refused before any
+input runs.
+
+Every comparison is exact equality against a local run of the same inputs, so a worker that
+ran an input with another seed, lost or duplicated an input, or sent back another input's
+result fails it."""
+
+import json
+import math
+
+import pytest
+import ray
+import torch
+from test_infer_many import QUESTIONS, _same, fragile, two_sites
+
+import lmcascade as lc
+from lmcascade.cli import main as cli_main
+from lmcascade.errors import ModelTooLargeError, OptionError, SiteError, WorkerLostError
+from lmcascade.inference import shipping
+from lmcascade.models import ToyLM
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    if ray.is_initialized():  # started by an earlier test or a docs page: start our own
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _delay_scores(ctx):
+    import os
+    import time
+
+    time.sleep(float(os.environ.get("LMCASCADE_TEST_DELAY", "0")))
+    n_a = sum(1 for t in ctx if t == 0)
+    return [0.3 * n_a - 0.2 * len(ctx), 0.1 * len(ctx), -3.0, -0.5]
+
+
+SLOW_LM = ToyLM(["a", "b", "?", "<eos>"], _delay_scores)
+
+
+@lc.program
+def slow_words(question):
+    return (yield lc.gen("w", SLOW_LM, question, max_tokens=4))
+
+
+SLOW_WORKERS = {"runtime_env": {"env_vars": {"LMCASCADE_TEST_DELAY": "0.02"}}}
+MANY = [format(i + 2, "b").replace("0", "a").replace("1", "b") for i in range(12)]
+
+
+def _kill_a_worker_after_the_first_result(runs) -> dict:
+    """Every (input, result) of ``runs``, killing its first worker once one input finished
+    — through Ray, as a node failure or the out-of-memory killer would."""
+    got = {}
+    with runs:
+        for item, result in runs:
+            if not got:
+                ray.kill(runs.workers[0])
+            got[item] = result
+    return got
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("smc", {"particles": 8}), ("forward", {"num_samples": 6}), ("enumerate", {})],
+)
+def test_same_results_as_local_for_the_same_seed(method, options):
+    program = two_sites if method != "enumerate" else fragile
+    inputs = QUESTIONS if method != "enumerate" else [1, 2, 5, 6]
+    local = dict(lc.infer_many(program, inputs, method=method, seed=5, **options))
+    runs = lc.infer_many(
+        program, inputs, method=method, seed=5, backend="ray", num_workers=2, **options
+    )
+    remote = dict(runs)
+    assert sorted(remote, key=str) == sorted(local, key=str)
+    for key in local:
+        _same(local[key], remote[key])
+    assert runs.stats["inputs_done"] == len(inputs) and runs.stats["model_calls"] >= (
+        0 if method == "enumerate" else 2
+    )
+
+
+def test_a_worker_killed_mid_run_loses_no_input(tmp_path):
+    out = tmp_path / "r.jsonl"
+    local = dict(lc.infer_many(slow_words, MANY, method="forward", seed=1, num_samples=3))
+    runs = lc.infer_many(
+        slow_words,
+        MANY,
+        method="forward",
+        seed=1,
+        num_samples=3,
+        out=out,
+        concurrency=2,
+        backend="ray",
+        num_workers=2,
+        worker_options=SLOW_WORKERS,
+    )
+    got = _kill_a_worker_after_the_first_result(runs)
+    assert runs.stats["workers_lost"] == 1 and runs.stats["inputs_retried"] >= 1
+    assert sorted(got) == sorted(MANY)
+    for item in MANY:
+        _same(local[item], got[item])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(line["input"] for line in lines) == sorted(MANY)  # each once, none lost
+    assert "retried after 1 worker died" in runs.summary()
+
+
+def test_past_max_retries_an_input_is_recorded_as_lost():
+    runs = lc.infer_many(
+        slow_words,
+        MANY[:6],
+        method="forward",
+        seed=1,
+        num_samples=2,
+        concurrency=1,
+        backend="ray",
+        num_workers=1,
+        max_retries=0,
+        worker_options=SLOW_WORKERS,
+    )
+    got = _kill_a_worker_after_the_first_result(runs)
+    lost = [r for r in got.values() if isinstance(r, WorkerLostError)]
+    assert sorted(got) == sorted(MANY[:6]) and lost and "max_retries=0" in str(lost[0])
+    assert runs.stats["inputs_failed"] == len(lost) and runs.stats["inputs_retried"] == 0
+
+
+def test_resume_skips_the_inputs_already_done(tmp_path):
+    out = tmp_path / "r.jsonl"
+    kwargs = dict(method="smc", seed=2, particles=4, out=out, backend="ray", num_workers=2)
+    first = lc.infer_many(two_sites, QUESTIONS, **kwargs)
+    with first:
+        done = [next(first)[0] for _ in range(3)]
+    rest = dict(lc.infer_many(two_sites, QUESTIONS, **kwargs))
+    assert sorted(rest) == sorted(set(QUESTIONS) - set(done))
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(line["input"] for line in lines) == sorted(QUESTIONS)
+    local = dict(lc.infer_many(two_sites, QUESTIONS, method="smc", seed=2, particles=4))
+    for line in lines:
+        want = local[line["input"]].to_dict()
+        assert line["result"]["distribution"] == want["distribution"]
+        assert line["result"]["log_evidence"] == want["log_evidence"]
+
+
+def test_a_raising_input_is_recorded_and_the_rest_complete(tmp_path):
+    out = tmp_path / "r.jsonl"
+    inputs = [1, 2, 3, 4, 5, {"m": 1}]
+    runs = lc.infer_many(fragile, inputs, method="enumerate", out=out, backend="ray")
+    got = {json.dumps(item): result for item, result in runs}
+    assert isinstance(got["3"], SiteError) and "factor needs a number" in str(got["3"])
+    assert "bad arguments" in str(got['{"m": 1}'])
+    assert got["1"].distribution() == {1: 0.5, 2: 0.5} and got["5"].best() in (5, 6)
+    assert runs.stats["inputs_done"] == 3 and runs.stats["inputs_failed"] == 3
+    errors = [json.loads(x) for x in out.read_text().splitlines() if '"error"' in x]
+    assert sorted(e["error"]["type"] for e in errors) == [
+        "AllWeightsZeroError",
+        "ProgramError",
+        "SiteError",
+    ]
+
+
+def test_an_unpicklable_result_comes_back_as_an_error_naming_it():
+    @lc.program
+    def handle(n):
+        yield lc.factor("f", 0.0)
+        return (x for x in range(n))  # a generator: cannot leave the worker
+
+    ((item, error),) = list(lc.infer_many(handle, [2], method="enumerate", backend="ray"))
+    assert item == 2 and "cannot be sent back" in str(error) and "plain values" in str(error)
+
+
+def test_a_model_too_large_is_refused_before_any_work(monkeypatch):
+    lm = lc.models.load()
+    names = lc.load(
+        source='model lm = "smollm2-135m"\nprogram p(q) { a ~ lm(q, max_tokens=2)\n return a }',
+        models={"lm": lm},
+    )
+    with pytest.raises(ModelTooLargeError, match=r"smollm2-135m \(513\.1 MiB\).*memory=9\.5 MiB"):
+        lc.infer_many(names.p, ["x"], backend="ray", worker_options={"memory": 10**7})
+    monkeypatch.setattr(shipping, "_sizes", lambda models, slots: [2**50 for _ in models])
+    with pytest.raises(ModelTooLargeError, match="any Ray node"):
+        lc.infer_many(names.p, ["x"], backend="ray")
+    assert not ray.util.list_named_actors()  # nothing was started
+
+
+def test_options_are_checked():
+    with pytest.raises(OptionError, match="num_workers goes with backend='ray'"):
+        lc.infer_many(fragile, [1], num_workers=2)
+    with pytest.raises(OptionError, match="backend must be 'local'"):
+        lc.infer_many(fragile, [1], backend="spark")
+    with pytest.raises(OptionError, match="num_workers must be a whole number"):
+        lc.infer_many(fragile, [1], backend="ray", num_workers=0)
+    with pytest.raises(OptionError, match="max_retries must be"):
+        lc.infer_many(fragile, [1], backend="ray", max_retries=-1)
+    with pytest.raises(OptionError, match="worker_options must be a dict"):
+        lc.infer_many(fragile, [1], backend="ray", worker_options=["num_cpus", 1])
+
+
+@lc.program
+def default_model_answer(question):
+    lm = DEFAULT["lm"]
+    answer = yield lc.gen("a", lm, lm.chat(question), max_tokens=6, temperature=0.8)
+    return answer
+
+
+DEFAULT: dict = {}
+
+
+def test_default_model_same_results_and_a_killed_worker(tmp_path):
+    DEFAULT["lm"] = lc.models.load()
+    questions = [f"Name a colour that starts with {c}." for c in "bgrpwy"]
+    # a worker of 1 CPU computes with 1 thread, and the thread count changes a transformer's
+    # logits in the last bits (enough to flip a draw now and then): compare like with like
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = dict(lc.infer_many(default_model_answer, questions, seed=4, num_samples=2))
+    finally:
+        torch.set_num_threads(threads)
+    runs = lc.infer_many(
+        default_model_answer,
+        questions,
+        seed=4,
+        num_samples=2,
+        concurrency=1,
+        out=tmp_path / "r.jsonl",
+        backend="ray",
+        num_workers=2,
+    )
+    assert all(info["devices"] == ["cpu"] and info["threads"] == 1 for info in runs._pool.info)
+    got = _kill_a_worker_after_the_first_result(runs)
+    assert sorted(got) == sorted(questions) and runs.stats["workers_lost"] == 1
+    assert all(isinstance(r, lc.Result) for r in got.values())
+    same = sum(local[q].values == got[q].values for q in questions)
+    assert same == len(questions), {q: (local[q].values, got[q].values) for q in questions}
+    for q in questions:
+        assert got[q].log_weights.tolist() == pytest.approx(local[q].log_weights.tolist())
+        assert not math.isnan(got[q].log_weights[0])
+
+
+def test_cli_runs_a_text_program_over_ray(tmp_path, capsys):
+    program = tmp_path / "colour.lmc"
+    program.write_text(
+        'model lm = "smollm2-135m"\n'
+        "program colour(c) {\n"
+        '  a ~ lm("Name a colour that starts with {c}:", max_tokens=4)\n'
+        "  return a\n"
+        "}\n"
+    )
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"c": c}) + "\n" for c in "bgr"))
+    out = tmp_path / "results.jsonl"
+    argv = [
+        "run", str(program), "--inputs", str(data), "--out", str(out), "--backend", "ray",
+        "--workers", "2", "--method", "forward", "--particles", "2", "--seed", "0", "--json",
+    ]  # fmt: skip
+    assert cli_main(argv) == 0
+    printed = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(x["input"]["c"] for x in printed) == sorted(x["input"]["c"] for x in lines)
+    assert sorted(x["input"]["c"] for x in lines) == ["b", "g", "r"]
+    assert cli_main(argv) == 0  # a rerun: everything is already there
+    assert "3 inputs already in" in capsys.readouterr().err
+    assert cli_main(["run", str(program), "--input", "c=b", "--backend", "ray"]) == 1
