@@ -239,8 +239,8 @@ class RayPool:
 
     @property
     def actors(self) -> list[Any]:
-        """The Ray actor handles of the workers alive now."""
-        return [s.actor for s in self.seats]
+        """The Ray actor handles of the workers alive now (none once closed)."""
+        return [] if self._closed else [s.actor for s in self.seats]
 
     # -- what ManyRun calls --------------------------------------------------------------------
 
@@ -289,7 +289,6 @@ class RayPool:
                 self.ray.kill(seat.actor)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        self.seats = []
 
     # -- the rounds ----------------------------------------------------------------------------
 
@@ -301,7 +300,12 @@ class RayPool:
     def _dispatch(self) -> None:
         """Gives every idle worker (no call in flight) new inputs up to its queue's size,
         and a call to answer."""
-        cap = QUEUE_FACTOR * self.concurrency
+        if not self.seats:
+            return
+        held = len(self._pending) + sum(len(s.assigned) for s in self.seats)
+        # an even share each (so the first worker asked does not take everything), at most
+        # a full queue
+        cap = min(QUEUE_FACTOR * self.concurrency, -(-held // len(self.seats)))
         for seat in sorted(self.seats, key=lambda s: len(s.assigned)):
             if seat.call is not None:
                 continue
