@@ -18,7 +18,13 @@ from test_infer_many import QUESTIONS, _same, fragile, two_sites
 
 import lmcascade as lc
 from lmcascade.cli import main as cli_main
-from lmcascade.errors import ModelTooLargeError, OptionError, SiteError, WorkerLostError
+from lmcascade.errors import (
+    ModelTooLargeError,
+    OptionError,
+    ProgramError,
+    SiteError,
+    WorkerLostError,
+)
 from lmcascade.inference import shipping
 from lmcascade.models import ToyLM
 
@@ -269,3 +275,41 @@ def test_cli_runs_a_text_program_over_ray(tmp_path, capsys):
     assert cli_main(argv) == 0  # a rerun: everything is already there
     assert "3 inputs already in" in capsys.readouterr().err
     assert cli_main(["run", str(program), "--input", "c=b", "--backend", "ray"]) == 1
+
+
+def test_what_cannot_travel_is_named():
+    import threading
+
+    lock = threading.Lock()
+
+    @lc.program
+    def holds_a_lock(n):
+        with lock:
+            yield lc.factor("f", 0.0)
+        return n
+
+    with pytest.raises(ProgramError, match="program 'holds_a_lock' cannot be sent.*lock"):
+        lc.infer_many(holds_a_lock, [1], method="enumerate", backend="ray")
+
+    @lc.program
+    def echo(x, model=None):
+        yield lc.factor("f", 0.0)
+        return x if model is None else (x, model.name)
+
+    # an input that does not pickle fails alone; a model in an input travels as the model
+    runs = lc.infer_many(
+        echo, [1, (threading.Lock(),), {"x": 2, "model": SLOW_LM}], method="enumerate",
+        backend="ray",
+    )  # fmt: skip
+    got = {repr(item): result for item, result in runs}
+    assert got["1"].best() == 1 and got[repr({"x": 2, "model": SLOW_LM})].best() == (2, "toy")
+    (error,) = [r for r in got.values() if isinstance(r, Exception)]
+    assert isinstance(error, ProgramError) and "input (<unlocked _thread.lock" in str(error)
+
+
+def test_without_ray_installed_the_error_says_how(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as when not installed
+    with pytest.raises(OptionError, match=r"pip install 'lmcascade\[ray\]'"):
+        lc.infer_many(fragile, [1], backend="ray")

@@ -35,6 +35,7 @@ from lmcascade.errors import (
     LMCascadeError,
     ModelTooLargeError,
     OptionError,
+    ProgramError,
     RemoteError,
     WorkerLostError,
 )
@@ -102,9 +103,9 @@ class Worker:
         devices = sorted({str(getattr(m, "device", "cpu")) for m in self.models}) or ["cpu"]
         return {"pid": os.getpid(), "devices": devices, "threads": torch.get_num_threads()}
 
-    def exchange(self, items: list[tuple[int, Any]], timeout: float) -> tuple[list, dict]:
-        """Takes new ``(index, input)`` pairs; returns the results finished since the last
-        call (waiting up to ``timeout`` seconds for one) and the pool's counters."""
+    def exchange(self, items: list[tuple[int, bytes]], timeout: float) -> tuple[list, dict]:
+        """Takes new ``(index, packed input)`` pairs; returns the results finished since the
+        last call (waiting up to ``timeout`` seconds for one) and the pool's counters."""
         with self.cond:
             self.inbox.extend(items)
             self.cond.notify_all()
@@ -123,7 +124,8 @@ class Worker:
                 with self.cond:
                     self.cond.wait_for(lambda: self.inbox or pool.busy())
                     take = [self.inbox.popleft() for _ in range(min(pool.room(), len(self.inbox)))]
-                for index, item in take:
+                for index, packed in take:
+                    item = loads(packed, self.models)
                     try:
                         bound = _bind(self.program, item)
                     except LMCascadeError as err:
@@ -193,7 +195,7 @@ class _Seat:
 
     actor: Any
     number: int
-    assigned: dict[int, Any] = field(default_factory=dict)
+    assigned: dict[int, bytes] = field(default_factory=dict)  # index -> packed input
     call: Any = None  # the ObjectRef of its exchange in flight
     stats: dict[str, int] = field(default_factory=dict)
 
@@ -217,14 +219,18 @@ class RayPool:
         ray = self.ray = _ray()
         _connect(ray, address)
         self.concurrency, self.max_retries = concurrency, max_retries
-        self.parcel = pack_program((program, work), program)
+        try:
+            self.parcel = pack_program((program, work), program)
+        except Exception as err:  # noqa: BLE001 - whatever pickling raises
+            raise _cannot_send(f"program {program.name!r}", err) from None
         self.num_workers, self.options = _actor_options(
             ray, num_workers, self.parcel, dict(worker_options or {})
         )
         self._parcel_ref = ray.put(self.parcel)
         self._class = ray.remote(Worker)
         self.stats = {"model_calls": 0, "rows": 0, "inputs_retried": 0, "workers_lost": 0}
-        self._pending: deque[tuple[int, Any]] = deque()
+        self._pending: deque[tuple[int, bytes]] = deque()  # (index, packed input)
+        self._items: dict[int, Any] = {}  # the inputs out there, by index
         self._done: list[Finished] = []
         self._attempts: dict[int, int] = {}
         self._retired = {"model_calls": 0, "rows": 0}  # counts of workers that died
@@ -252,7 +258,15 @@ class RayPool:
         return bool(self._pending or self._done or any(s.assigned for s in self.seats))
 
     def start(self, index: int, item: Any, bound: Any) -> None:
-        self._pending.append((index, item))
+        try:  # packed here, once: an input that cannot travel fails alone, now
+            packed = dumps(item, self.parcel.models)
+        except Exception as err:  # noqa: BLE001 - whatever pickling raises, for this input
+            self._done.append(
+                Finished(index, item, error=_cannot_send(f"input {safe_repr(item, 200)}", err))
+            )
+            return
+        self._items[index] = item
+        self._pending.append((index, packed))
 
     def finished(self) -> list[Finished]:
         done, self._done = self._done, []
@@ -330,7 +344,8 @@ class RayPool:
             raise _unwrapped(ray, err) from None
         seat.stats = stats
         for index, ok, data in out:
-            item = seat.assigned.pop(index)
+            seat.assigned.pop(index)
+            item = self._items.pop(index)
             value = loads(data, self.parcel.models)
             self._done.append(Finished(index, item, value if ok else None, None if ok else value))
 
@@ -341,9 +356,10 @@ class RayPool:
         for name in self._retired:
             self._retired[name] += seat.stats.get(name, 0)
         self.seats.remove(seat)
-        for index, item in sorted(seat.assigned.items(), reverse=True):
+        for index, packed in sorted(seat.assigned.items(), reverse=True):
             tries = self._attempts[index] = self._attempts.get(index, 0) + 1
             if tries > self.max_retries:
+                item = self._items.pop(index)
                 self._done.append(
                     Finished(
                         index,
@@ -357,7 +373,7 @@ class RayPool:
                 )
             else:
                 self.stats["inputs_retried"] += 1
-                self._pending.appendleft((index, item))
+                self._pending.appendleft((index, packed))
         if getattr(err, "actor_init_failed", False):
             raise _unwrapped(self.ray, err) from None
         if self._started < self.num_workers * (self.max_retries + 2):
@@ -372,6 +388,15 @@ class RayPool:
     def _count(self) -> None:
         for name in self._retired:
             self.stats[name] = self._retired[name] + sum(s.stats.get(name, 0) for s in self.seats)
+
+
+def _cannot_send(what: str, err: BaseException) -> ProgramError:
+    return ProgramError(
+        f"{what} cannot be sent to a Ray worker: {type(err).__name__}: "
+        f"{safe_repr(str(err), 300)}. Everything a program holds (its closure, its "
+        "options) and every input must pickle: make locks, open files and connections "
+        "inside the program, or give a model a recipe (see docs/models.md)"
+    )
 
 
 def _check_settings(num_workers: Any, address: Any, max_retries: Any, worker_options: Any) -> None:
