@@ -119,23 +119,55 @@ def test_a_worker_killed_mid_run_loses_no_input(tmp_path):
     assert "retried after 1 worker died" in runs.summary()
 
 
-def test_past_max_retries_an_input_is_recorded_as_lost():
+@lc.program
+def crashes_on_bbb(question):
+    if question == "bbb":
+        import os
+
+        os._exit(1)  # as a segfault in native code or the out-of-memory killer would
+    return (yield lc.gen("w", SLOW_LM, question, max_tokens=2))
+
+
+def test_an_input_that_kills_its_worker_is_isolated_and_recorded_as_lost():
+    """The input that kills every worker it runs on is found by running the dead worker's
+    inputs apart, halving the group at each death; only it is charged, and after
+    max_retries more deaths running alone it is recorded; the inputs that shared its worker
+    finish, each once."""
+    inputs = ["a", "bbb", "b", "ab", "ba", "aa"]
     runs = lc.infer_many(
-        slow_words,
-        MANY[:6],
-        method="forward",
-        seed=1,
-        num_samples=2,
-        concurrency=1,
-        backend="ray",
-        num_workers=1,
-        max_retries=0,
-        worker_options=SLOW_WORKERS,
+        crashes_on_bbb, inputs, method="forward", seed=1, num_samples=2, concurrency=2,
+        backend="ray", num_workers=2, max_retries=1,
+    )  # fmt: skip
+    got = dict(runs)
+    assert sorted(got) == sorted(inputs)
+    assert isinstance(got["bbb"], WorkerLostError) and "2 times while running it alone" in str(
+        got["bbb"]
     )
-    got = _kill_a_worker_after_the_first_result(runs)
-    lost = [r for r in got.values() if isinstance(r, WorkerLostError)]
-    assert sorted(got) == sorted(MANY[:6]) and lost and "max_retries=0" in str(lost[0])
-    assert runs.stats["inputs_failed"] == len(lost) and runs.stats["inputs_retried"] == 0
+    local = dict(
+        lc.infer_many(crashes_on_bbb, [q for q in inputs if q != "bbb"], seed=1, num_samples=2)
+    )
+    for q, result in local.items():
+        _same(result, got[q])
+    assert runs.stats["inputs_failed"] == 1 and runs.stats["inputs_done"] == 5
+    assert runs.stats["workers_lost"] >= 3  # at least: the first death, then twice alone
+
+
+def test_workers_ray_cannot_place_are_refused_not_waited_for():
+    with pytest.raises(OptionError, match="room for 2 of the 3 workers.*num_workers=2"):
+        lc.infer_many(fragile, [1], backend="ray", num_workers=3)
+    with pytest.raises(OptionError, match="has no GPU at all"):
+        lc.infer_many(fragile, [1], backend="ray", worker_options={"num_gpus": 1})
+    with pytest.raises(OptionError, match="num_cpus|CPU must be a number"):
+        lc.infer_many(fragile, [1], backend="ray", worker_options={"num_cpus": "x"})
+    with pytest.raises(OptionError, match="worker_options: .*bogus"):
+        lc.infer_many(fragile, [1], backend="ray", worker_options={"bogus": 1})
+    first = lc.infer_many(two_sites, QUESTIONS, seed=0, backend="ray", num_workers=2)
+    with first:
+        next(first)  # two workers hold both CPUs while `first` is open
+        with pytest.raises(OptionError, match="ManyRun still open"):
+            lc.infer_many(fragile, [1], backend="ray", num_workers=1)
+    again = lc.infer_many(fragile, [1], backend="ray", num_workers=1)  # closed: room again
+    assert len(list(again)) == 1
 
 
 def test_resume_skips_the_inputs_already_done(tmp_path):

@@ -23,9 +23,11 @@ program raises is recorded with its error, as locally.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +57,12 @@ POLL_SECONDS = 0.5
 QUEUE_FACTOR = 2
 """Inputs handed to an actor at once, as a multiple of its ``concurrency``: enough that it
 never waits for the driver to top it up."""
+
+ROOM_WAIT_SECONDS = 10.0
+"""How long after this process stopped workers to wait for Ray to free their resources
+before saying there is no room for new ones."""
+
+_LAST_CLOSE = [-math.inf]  # when this process last stopped workers (time.monotonic)
 
 MEMORY_HEADROOM = 1.5
 """Memory reserved per worker, as a multiple of the weights: activations, caches, Python."""
@@ -198,6 +206,7 @@ class _Seat:
     assigned: dict[int, bytes] = field(default_factory=dict)  # index -> packed input
     call: Any = None  # the ObjectRef of its exchange in flight
     stats: dict[str, int] = field(default_factory=dict)
+    suspect: bool = False  # running only inputs that were on a worker when it died
 
 
 class RayPool:
@@ -232,13 +241,22 @@ class RayPool:
         self._pending: deque[tuple[int, bytes]] = deque()  # (index, packed input)
         self._items: dict[int, Any] = {}  # the inputs out there, by index
         self._done: list[Finished] = []
+        self._suspects: deque[list[tuple[int, bytes]]] = deque()  # groups, run apart
         self._attempts: dict[int, int] = {}
         self._retired = {"model_calls": 0, "rows": 0}  # counts of workers that died
         self._started = 0
+        self._max_starts = self.num_workers * (max_retries + 2) + 2 * (
+            math.ceil(math.log2(QUEUE_FACTOR * concurrency)) + max_retries + 2
+        )
+        self._dead = False  # every worker died and no more may start
         self._closed = False
-        self.seats: list[_Seat] = [self._seat() for _ in range(self.num_workers)]
+        self.seats: list[_Seat] = []
         try:
+            self.seats = [self._seat() for _ in range(self.num_workers)]
             self.info = ray.get([s.actor.ready.remote() for s in self.seats])
+        except (ValueError, TypeError) as err:  # Ray refused an actor option
+            self.close()
+            raise OptionError(f"worker_options: {safe_repr(str(err), 300)}") from None
         except BaseException as err:
             self.close()
             raise _unwrapped(ray, err) from None
@@ -251,13 +269,19 @@ class RayPool:
     # -- what ManyRun calls --------------------------------------------------------------------
 
     def room(self) -> int:
-        held = len(self._pending) + sum(len(s.assigned) for s in self.seats)
+        if self._dead:
+            return 1  # so that start() hears of any input still to come, and says so
+        held = self._held() + sum(len(g) for g in self._suspects)
         return max(0, QUEUE_FACTOR * self.concurrency * len(self.seats) - held)
 
     def busy(self) -> bool:
-        return bool(self._pending or self._done or any(s.assigned for s in self.seats))
+        return bool(
+            self._pending or self._suspects or self._done or any(s.assigned for s in self.seats)
+        )
 
     def start(self, index: int, item: Any, bound: Any) -> None:
+        if self._dead:
+            raise self._all_died()
         try:  # packed here, once: an input that cannot travel fails alone, now
             packed = dumps(item, self.parcel.models)
         except Exception as err:  # noqa: BLE001 - whatever pickling raises, for this input
@@ -303,6 +327,7 @@ class RayPool:
                 self.ray.kill(seat.actor)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        _LAST_CLOSE[0] = time.monotonic()
 
     # -- the rounds ----------------------------------------------------------------------------
 
@@ -311,25 +336,38 @@ class RayPool:
         actor = self._class.options(**self.options).remote(self._parcel_ref, self.concurrency)
         return _Seat(actor, self._started)
 
+    def _held(self) -> int:
+        """Inputs waiting in line or on workers (not counting suspects)."""
+        return len(self._pending) + sum(len(s.assigned) for s in self.seats if not s.suspect)
+
     def _dispatch(self) -> None:
-        """Gives every idle worker (no call in flight) new inputs up to its queue's size,
-        and a call to answer."""
-        if not self.seats:
+        """Gives every idle worker (no call in flight) new inputs and a call to answer: a
+        group of suspects to an empty worker, alone; else an even share of the line (so the
+        first worker asked does not take everything), at most a full queue."""
+        for seat in self.seats:
+            if seat.call is not None:
+                continue
+            if seat.suspect:  # still running its suspects: only asked for news
+                self._give(seat, [])
+            elif self._suspects and not seat.assigned:
+                self._give(seat, self._suspects.popleft(), suspect=True)
+        open_seats = [s for s in self.seats if not s.suspect]
+        if not open_seats:
             return
-        held = len(self._pending) + sum(len(s.assigned) for s in self.seats)
-        # an even share each (so the first worker asked does not take everything), at most
-        # a full queue
-        cap = min(QUEUE_FACTOR * self.concurrency, -(-held // len(self.seats)))
-        for seat in sorted(self.seats, key=lambda s: len(s.assigned)):
+        cap = min(QUEUE_FACTOR * self.concurrency, -(-self._held() // len(open_seats)))
+        for seat in sorted(open_seats, key=lambda s: len(s.assigned)):
             if seat.call is not None:
                 continue
             give = []
             while self._pending and len(seat.assigned) + len(give) < cap:
                 give.append(self._pending.popleft())
-            if not give and not seat.assigned:
-                continue
-            seat.assigned.update(give)
-            seat.call = seat.actor.exchange.remote(give, POLL_SECONDS)
+            if give or seat.assigned:
+                self._give(seat, give)
+
+    def _give(self, seat: _Seat, items: list[tuple[int, bytes]], suspect: bool = False) -> None:
+        seat.suspect = seat.suspect or suspect
+        seat.assigned.update(items)
+        seat.call = seat.actor.exchange.remote(items, POLL_SECONDS)
 
     def _answer(self, seat: _Seat) -> None:
         """Takes a worker's answer: its finished inputs, or its death."""
@@ -348,42 +386,60 @@ class RayPool:
             item = self._items.pop(index)
             value = loads(data, self.parcel.models)
             self._done.append(Finished(index, item, value if ok else None, None if ok else value))
+        if not seat.assigned:
+            seat.suspect = False  # its suspects all finished: it takes any inputs again
 
     def _lost(self, seat: _Seat, err: BaseException) -> None:
-        """A worker died: its inputs go back in line (or fail, past ``max_retries``), and a
-        new worker takes its seat."""
+        """A worker died, and a new one takes its seat.  Which of its inputs killed it
+        cannot be told (one that crashes its worker never reports having started), so they
+        are run again as *suspects*, apart from other inputs: a group that kills its worker
+        again is split in two, and only an input that kills a worker running it alone is
+        charged a try — past ``max_retries`` it is recorded as lost.  Inputs that only
+        shared a worker with it are never charged."""
         self.stats["workers_lost"] += 1
         for name in self._retired:
             self._retired[name] += seat.stats.get(name, 0)
         self.seats.remove(seat)
-        for index, packed in sorted(seat.assigned.items(), reverse=True):
-            tries = self._attempts[index] = self._attempts.get(index, 0) + 1
-            if tries > self.max_retries:
-                item = self._items.pop(index)
-                self._done.append(
-                    Finished(
-                        index,
-                        item,
-                        error=WorkerLostError(
-                            f"input {safe_repr(item, 200)}: its Ray worker died {tries} times "
-                            f"while running it (max_retries={self.max_retries}); the input "
-                            "may be the cause (memory?) — the worker logs say more"
-                        ),
-                    )
-                )
-            else:
-                self.stats["inputs_retried"] += 1
-                self._pending.appendleft((index, packed))
+        lost = sorted(seat.assigned.items())
         if getattr(err, "actor_init_failed", False):
             raise _unwrapped(self.ray, err) from None
-        if self._started < self.num_workers * (self.max_retries + 2):
+        if seat.suspect and len(lost) == 1:
+            index = lost[0][0]
+            tries = self._attempts[index] = self._attempts.get(index, 0) + 1
+            if tries > self.max_retries:
+                lost = []
+                self._done.append(self._lost_input(index, tries))
+        if seat.suspect and len(lost) > 1:
+            half = (len(lost) + 1) // 2
+            self._suspects.extend([lost[:half], lost[half:]])
+        elif lost:
+            self._suspects.append(lost)
+        self.stats["inputs_retried"] += len(lost)
+        if self._started < self._max_starts:
             self.seats.append(self._seat())
-        elif not self.seats and self._pending:
-            raise InferenceError(
-                f"every Ray worker died ({self.stats['workers_lost']} in all); "
-                f"{len(self._pending)} inputs did not run. Rerun with the same out= file to "
-                "resume where it stopped"
-            )
+        elif not self.seats:
+            self._dead = True
+            if self._suspects or self._pending:
+                raise self._all_died()
+
+    def _lost_input(self, index: int, tries: int) -> Finished:
+        item = self._items.pop(index)
+        return Finished(
+            index,
+            item,
+            error=WorkerLostError(
+                f"input {safe_repr(item, 200)}: its Ray worker died {tries} times while "
+                f"running it alone (max_retries={self.max_retries}); the input is the likely "
+                "cause (memory? a crash in native code?) — the worker logs say more"
+            ),
+        )
+
+    def _all_died(self) -> InferenceError:
+        return InferenceError(
+            f"every Ray worker died ({self.stats['workers_lost']} in all, the most one run "
+            f"replaces); the inputs not yet finished did not run. Rerun with the same out= "
+            "file to resume where it stopped"
+        )
 
     def _count(self) -> None:
         for name in self._retired:
@@ -457,7 +513,63 @@ def _actor_options(
         runtime["env_vars"] = env
         options["runtime_env"] = runtime
     options.setdefault("max_concurrency", 2)
+    _check_room(ray, count, options, resources)
     return count, options
+
+
+def _free_resources(totals: list[dict]) -> list[dict]:
+    """Each node's resources free now (Ray's per-node view; the totals where this Ray
+    version does not offer it)."""
+    try:
+        from ray._private.state import available_resources_per_node
+
+        return list(available_resources_per_node().values())
+    except Exception:  # noqa: BLE001 - an older or newer Ray: the totals are the best guess
+        return totals
+
+
+def _check_room(ray: Any, count: int, options: dict, totals: list[dict]) -> None:
+    """Refuses, now, workers that Ray could not place (it would wait for room forever):
+    more than the free CPUs, GPUs, memory and custom resources of the nodes hold."""
+    want = {"CPU": options.get("num_cpus"), "GPU": options.get("num_gpus", 0)}
+    want.update(options.get("resources") or {})
+    want["memory"] = options.get("memory", 0)
+    for name, amount in want.items():
+        if amount is not None and (
+            not isinstance(amount, int | float) or isinstance(amount, bool) or amount < 0
+        ):
+            raise OptionError(
+                f"worker_options: {name} must be a number of at least 0, got {amount!r}"
+            )
+    want = {k: v for k, v in want.items() if v}
+    deadline = _LAST_CLOSE[0] + ROOM_WAIT_SECONDS  # only just after workers were stopped
+    while True:
+        free = _free_resources(totals)
+        fit = sum(min(int(node.get(k, 0) // v) for k, v in want.items()) for node in free)
+        if fit >= count:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)  # workers just stopped (ray.kill) free their resources a moment later
+    absent = [k for k in want if not sum(n.get(k, 0) for n in totals)]
+    if absent:
+        raise OptionError(
+            f"the Ray cluster has no {' and no '.join(absent)} at all, and each worker asks "
+            f"for {', '.join(str(want[k]) + ' ' + k for k in absent)}: drop it from "
+            "worker_options, or join a cluster that has it (address=...)"
+        )
+    ask = ", ".join(f"{size(v) if k == 'memory' else v} {k}" for k, v in want.items())
+    has = ", ".join(
+        f"{size(sum(n.get(k, 0) for n in free)) if k == 'memory' else sum(n.get(k, 0) for n in free)}"
+        f" {k}"
+        for k in want
+    )
+    raise OptionError(
+        f"Ray has room for {fit} of the {count} workers asked for: each needs {ask}, and the "
+        f"cluster has {has} free (a ManyRun still open, or other Ray work, holds the rest). "
+        f"{f'Use num_workers={fit}, a' if fit else 'A'}sk less per worker (worker_options), "
+        "or close what holds them"
+    )
 
 
 def _check_fit(count: int, need: int, each: Any, nodes: list[float], parcel: Parcel) -> None:
