@@ -200,11 +200,12 @@ def _run(args: argparse.Namespace) -> int:
         raise LMCascadeError("--out goes with --inputs (one result line per input)")
     if args.inputs and args.input:
         raise LMCascadeError("give --input NAME=VALUE or --inputs FILE.jsonl, not both")
-    if not args.inputs and (args.backend != "local" or args.workers or args.address):
+    spreading = args.workers is not None or args.address is not None
+    if not args.inputs and (args.backend != "local" or spreading):
         raise LMCascadeError(
             "--backend, --workers and --address go with --inputs (they spread many inputs)"
         )
-    if args.backend != "ray" and (args.workers or args.address):
+    if args.backend != "ray" and spreading:
         raise LMCascadeError("--workers and --address go with --backend ray")
     many = _read_inputs(args.inputs) if args.inputs else None  # read before loading models
     models = {}

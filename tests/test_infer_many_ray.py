@@ -19,14 +19,17 @@ from test_infer_many import QUESTIONS, _same, fragile, two_sites
 import lmcascade as lc
 from lmcascade.cli import main as cli_main
 from lmcascade.errors import (
+    ModelNotFoundError,
     ModelTooLargeError,
     OptionError,
     ProgramError,
+    RemoteError,
     SiteError,
     WorkerLostError,
 )
 from lmcascade.inference import shipping
 from lmcascade.models import ToyLM
+from lmcascade.models.base import Recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -237,6 +240,8 @@ def test_options_are_checked():
         lc.infer_many(fragile, [1], backend="ray", num_workers=0)
     with pytest.raises(OptionError, match="max_retries must be"):
         lc.infer_many(fragile, [1], backend="ray", max_retries=-1)
+    with pytest.raises(OptionError, match="already connected to a Ray"):
+        lc.infer_many(fragile, [1], backend="ray", address="ray://elsewhere:10001")
     with pytest.raises(OptionError, match="worker_options must be a dict"):
         lc.infer_many(fragile, [1], backend="ray", worker_options=["num_cpus", 1])
 
@@ -345,3 +350,54 @@ def test_without_ray_installed_the_error_says_how(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as when not installed
     with pytest.raises(OptionError, match=r"pip install 'lmcascade\[ray\]'"):
         lc.infer_many(fragile, [1], backend="ray")
+
+
+def _no_such_model():
+    raise ModelNotFoundError("model 'ghost' is not installed; try: lmcascade models fetch ghost")
+
+
+def _too_big_to_load():
+    raise MemoryError
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (_no_such_model, ModelNotFoundError, "model 'ghost' is not installed"),
+        (_too_big_to_load, ModelTooLargeError, "do not fit in this worker's memory"),
+    ],
+)
+def test_a_worker_that_cannot_load_its_model_says_why_before_any_input(make, error, message):
+    ghost = ToyLM(["a", "<eos>"], lambda ids: [0.0, 0.0], name="ghost")
+    ghost.recipe = Recipe(make)  # what a worker runs to make its replica
+
+    @lc.program
+    def uses_ghost(q):
+        return (yield lc.gen("w", ghost, q, max_tokens=1))
+
+    with pytest.raises(error, match=message) as caught:
+        lc.infer_many(uses_ghost, ["a"], backend="ray", num_workers=1)
+    assert "Traceback" not in str(caught.value) and "\x1b[" not in str(caught.value)
+
+
+class NeedsTwo(Exception):
+    """Pickles, but cannot be unpickled: its __init__ wants two arguments."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+@lc.program
+def returns_what_it_gets(x):
+    yield lc.factor("f", 0.0)
+    return NeedsTwo("value", 3) if x == "odd" else x
+
+
+def test_what_cannot_be_unpickled_fails_its_input_alone():
+    inputs = ["a", "odd", (NeedsTwo("input", 1),), "b"]
+    got = list(lc.infer_many(returns_what_it_gets, inputs, method="enumerate", backend="ray"))
+    results = {repr(item): r for item, r in got}
+    assert len(got) == 4 and results["'a'"].best() == "a" and results["'b'"].best() == "b"
+    errors = [r for r in results.values() if isinstance(r, RemoteError)]
+    assert len(errors) == 2 and all("cannot be unpickled" in str(e) for e in errors)

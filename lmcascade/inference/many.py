@@ -204,6 +204,7 @@ class ManyRun:
         self._closed = True
         mine = rng_state()
         try:
+            self._show()  # stats as they stand, also when the run stopped on an error
             self._pool.close()
         finally:
             self._bar.close()

@@ -86,6 +86,14 @@ class Worker:
     running the inputs it is given.  The driver talks to it only through :meth:`exchange`."""
 
     def __init__(self, parcel: Parcel, concurrency: int) -> None:
+        self.models: list[Any] = []
+        self.init_error: BaseException | None = None
+        try:  # a failure is kept, not raised: Ray would keep only its text, losing its type
+            self._make(parcel, concurrency)
+        except Exception as err:  # noqa: BLE001 - raised by ready() and exchange()
+            self.init_error = err
+
+    def _make(self, parcel: Parcel, concurrency: int) -> None:
         _check_memory(parcel)
         try:
             unpacked = Unpacked(parcel)
@@ -108,12 +116,16 @@ class Worker:
         """Where this worker runs: its process, devices and threads."""
         import torch
 
+        if self.init_error is not None:
+            raise self.init_error
         devices = sorted({str(getattr(m, "device", "cpu")) for m in self.models}) or ["cpu"]
         return {"pid": os.getpid(), "devices": devices, "threads": torch.get_num_threads()}
 
     def exchange(self, items: list[tuple[int, bytes]], timeout: float) -> tuple[list, dict]:
         """Takes new ``(index, packed input)`` pairs; returns the results finished since the
         last call (waiting up to ``timeout`` seconds for one) and the pool's counters."""
+        if self.init_error is not None:
+            raise self.init_error
         with self.cond:
             self.inbox.extend(items)
             self.cond.notify_all()
@@ -133,7 +145,11 @@ class Worker:
                     self.cond.wait_for(lambda: self.inbox or pool.busy())
                     take = [self.inbox.popleft() for _ in range(min(pool.room(), len(self.inbox)))]
                 for index, packed in take:
-                    item = loads(packed, self.models)
+                    try:
+                        item = loads(packed, self.models)
+                    except Exception as err:  # noqa: BLE001 - this input's error alone
+                        self._send(Finished(index, None, error=_cannot_receive("input", err)))
+                        continue
                     try:
                         bound = _bind(self.program, item)
                     except LMCascadeError as err:
@@ -384,7 +400,10 @@ class RayPool:
         for index, ok, data in out:
             seat.assigned.pop(index)
             item = self._items.pop(index)
-            value = loads(data, self.parcel.models)
+            try:
+                value = loads(data, self.parcel.models)
+            except Exception as err:  # noqa: BLE001 - this input's error alone
+                ok, value = False, _cannot_receive("result", err)
             self._done.append(Finished(index, item, value if ok else None, None if ok else value))
         if not seat.assigned:
             seat.suspect = False  # its suspects all finished: it takes any inputs again
@@ -446,6 +465,14 @@ class RayPool:
             self.stats[name] = self._retired[name] + sum(s.stats.get(name, 0) for s in self.seats)
 
 
+def _cannot_receive(what: str, err: BaseException) -> RemoteError:
+    return RemoteError(
+        f"the {what} was pickled but cannot be unpickled on the other side "
+        f"({type(err).__name__}: {safe_repr(str(err), 300)}); an exception class whose "
+        "__init__ takes other arguments than its message does this: use plain values"
+    )
+
+
 def _cannot_send(what: str, err: BaseException) -> ProgramError:
     return ProgramError(
         f"{what} cannot be sent to a Ray worker: {type(err).__name__}: "
@@ -472,12 +499,26 @@ def _check_settings(num_workers: Any, address: Any, max_retries: Any, worker_opt
             "worker_options must be a dict of Ray actor options (num_cpus, num_gpus, memory, "
             f"runtime_env, ...), got {type(worker_options).__name__}"
         )
+    runtime = (worker_options or {}).get("runtime_env")
+    if runtime is not None and (
+        not isinstance(runtime, dict) or not isinstance(runtime.get("env_vars", {}), dict)
+    ):
+        raise OptionError(
+            "worker_options runtime_env must be a dict (its env_vars a dict of texts), got "
+            f"{safe_repr(runtime, 100)}"
+        )
 
 
 def _connect(ray: Any, address: str | None) -> None:
     """Joins the Ray this process already has, the cluster at ``address``, or starts a
     local one (it stays up for later calls, as Ray's own libraries leave it)."""
     if ray.is_initialized():
+        if address not in (None, "auto"):
+            raise OptionError(
+                f"address={address!r}, but this process is already connected to a Ray "
+                f"({safe_repr(ray.get_runtime_context().gcs_address, 100)}), which it keeps: "
+                "call ray.shutdown() first to join another, or leave address out"
+            )
         return
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
@@ -613,10 +654,10 @@ def _unwrapped(ray: Any, err: BaseException) -> BaseException:
     """The lmcascade error inside a Ray error (a worker that failed to start), else a clear
     error of ours saying what Ray said."""
     cause = err
-    for _ in range(5):
-        if isinstance(cause, LMCascadeError):
-            return cause
+    for _ in range(5):  # Ray's wrapper (even one posing as the cause's class) holds the cause
         inner = getattr(cause, "cause", None) or cause.__cause__
+        if isinstance(cause, LMCascadeError) and not isinstance(inner, LMCascadeError):
+            return cause
         if inner is None or inner is cause:
             break
         cause = inner
