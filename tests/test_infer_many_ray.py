@@ -294,6 +294,7 @@ def test_cli_runs_a_text_program_over_ray(tmp_path, capsys):
         'model lm = "smollm2-135m"\n'
         "program colour(c) {\n"
         '  a ~ lm("Name a colour that starts with {c}:", max_tokens=4)\n'
+        '  if a == "" { factor -1 } else { factor 0 }\n'  # a site named by its AST node
         "  return a\n"
         "}\n"
     )
@@ -309,6 +310,7 @@ def test_cli_runs_a_text_program_over_ray(tmp_path, capsys):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(x["input"]["c"] for x in printed) == sorted(x["input"]["c"] for x in lines)
     assert sorted(x["input"]["c"] for x in lines) == ["b", "g", "r"]
+    assert all("result" in x for x in lines), [x.get("error") for x in lines]
     assert cli_main(argv) == 0  # a rerun: everything is already there
     assert "3 inputs already in" in capsys.readouterr().err
     assert cli_main(["run", str(program), "--input", "c=b", "--backend", "ray"]) == 1

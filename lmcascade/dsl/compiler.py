@@ -522,6 +522,13 @@ class Interpreter:
         self.potentials: dict[int, Callable[[str], float]] = {}  # potential= tools, by node
         self.peak_steps = 0  # the most steps any run has taken so far (for tests and tuning)
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled (sent to a Ray worker): the tables keyed by ``id(node)`` are built again,
+        for the nodes are new objects there."""
+        self.__dict__.update(state)
+        self.names = site_names(self.module)
+        self.potentials = {}
+
     def fail(self, node: ast.Node, message: str, *, fatal: bool = False) -> DSLRuntimeError:
         """The located error at ``node``; ``fatal`` ones (a budget spent) escape ``try``."""
         return (BudgetError if fatal else DSLRuntimeError)(
