@@ -45,6 +45,16 @@ class Constraint:
         # id(), which a later model can reuse).
         self._per_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+    def __getstate__(self) -> dict:
+        """Pickled (a result coming back from a Ray worker): the per-model caches stay."""
+        state = self.__dict__.copy()
+        state["_per_model"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._per_model = weakref.WeakKeyDictionary()
+
     def cache(self, model) -> dict:
         """This constraint's cache for ``model`` (masks by state, token texts, automata)."""
         found = self._per_model.get(model)

@@ -403,3 +403,23 @@ def test_what_cannot_be_unpickled_fails_its_input_alone():
     assert len(got) == 4 and results["'a'"].best() == "a" and results["'b'"].best() == "b"
     errors = [r for r in results.values() if isinstance(r, RemoteError)]
     assert len(errors) == 2 and all("cannot be unpickled" in str(e) for e in errors)
+
+
+@lc.program
+def no_b(question):
+    return (
+        yield lc.gen("w", SLOW_LM, question, max_tokens=3, constraint=lc.constraints.forbid("b"))
+    )
+
+
+def test_a_constrained_site_comes_back_whole():
+    """A result's sites hold their constraint, whose per-model caches (weak references)
+    do not pickle: they stay on the worker, and the result matches the local one."""
+    local = dict(lc.infer_many(no_b, QUESTIONS[:4], method="smc", seed=0, particles=4))
+    remote = dict(
+        lc.infer_many(no_b, QUESTIONS[:4], method="smc", seed=0, particles=4, backend="ray")
+    )
+    for q in QUESTIONS[:4]:
+        assert isinstance(remote[q], lc.Result), remote[q]
+        _same(local[q], remote[q])
+        assert all("b" not in v for v in remote[q].values)
