@@ -423,3 +423,33 @@ def test_a_constrained_site_comes_back_whole():
         assert isinstance(remote[q], lc.Result), remote[q]
         _same(local[q], remote[q])
         assert all("b" not in v for v in remote[q].values)
+
+
+def _tool_that_fails_oddly(x):
+    import threading
+
+    error = RuntimeError(f"no answer for {x}")
+    error.lock = threading.Lock()  # an exception holding something that does not pickle
+    raise error
+
+
+@lc.program
+def asks_a_tool(x):
+    from pyro.distributions import Bernoulli
+
+    if (yield lc.sample("ask", Bernoulli(0.5))):
+        return (yield lc.call("tool", _tool_that_fails_oddly, x))
+    return "no tool"
+
+
+def test_a_result_whose_sites_hold_unpicklable_things_still_comes_back():
+    """The failed tool call's trace (weight zero) keeps the error in its site; that error
+    does not pickle, so the result comes back with it as a RemoteError of the same text."""
+    ((item, result),) = list(
+        lc.infer_many(asks_a_tool, [3], method="importance", num_samples=8, seed=0, backend="ray")
+    )
+    assert isinstance(result, lc.Result), result
+    assert result.distribution() == {"no tool": 1.0}
+    failed = next(t for t in result.traces if "tool" in t)
+    assert isinstance(failed["tool"].error, RemoteError)
+    assert "RuntimeError: no answer for 3" in str(failed["tool"].error)

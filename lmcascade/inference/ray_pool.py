@@ -23,6 +23,8 @@ program raises is recorded with its error, as locally.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
 import sys
@@ -44,7 +46,7 @@ from lmcascade.errors import (
 from lmcascade.inference.local_pool import Finished, LocalPool
 from lmcascade.inference.shipping import Parcel, Unpacked, dumps, loads, pack_program
 from lmcascade.memory import available_memory, size
-from lmcascade.trace import safe_repr
+from lmcascade.trace import Trace, safe_repr
 
 __all__ = ["RayPool", "Worker"]
 
@@ -171,15 +173,18 @@ class Worker:
         if ok:
             try:
                 data = dumps(done.result, self.models)
-            except Exception as err:  # noqa: BLE001 - recorded as this input's error
-                ok, error = (
-                    False,
-                    RemoteError(
-                        f"its result cannot be sent back from the Ray worker ({type(err).__name__}: "
-                        f"{safe_repr(str(err), 300)}); return plain values (text, numbers, lists, "
-                        "dicts) from the program"
-                    ),
-                )
+            except Exception:  # noqa: BLE001 - tried again without what its sites hold
+                try:
+                    data = dumps(_plain(done.result), self.models)
+                except Exception as err:  # noqa: BLE001 - recorded as this input's error
+                    ok, error = (
+                        False,
+                        RemoteError(
+                            f"its result cannot be sent back from the Ray worker "
+                            f"({type(err).__name__}: {safe_repr(str(err), 300)}); return plain "
+                            "values (text, numbers, lists, dicts) from the program"
+                        ),
+                    )
         if not ok:
             try:
                 data = dumps(error, self.models)
@@ -463,6 +468,31 @@ class RayPool:
     def _count(self) -> None:
         for name in self._retired:
             self.stats[name] = self._retired[name] + sum(s.stats.get(name, 0) for s in self.seats)
+
+
+def _plain(result: Any) -> Any:
+    """``result`` without what its sites hold beyond their numbers and values — their
+    distribution objects, and tool errors as their type and message — for a result that
+    does not pickle as it is."""
+    plain = copy.copy(result)
+    plain.traces = []
+    for trace in result.traces:
+        copied = Trace()
+        copied.sites = [
+            dataclasses.replace(
+                site,
+                dist=None,
+                error=None
+                if site.error is None
+                else RemoteError(f"{type(site.error).__name__}: {site.error}"),
+            )
+            for site in trace.sites
+        ]
+        copied._index = dict(trace._index)
+        copied.log_weight, copied.log_joint = trace.log_weight, trace.log_joint
+        copied.value, copied.done = trace.value, trace.done
+        plain.traces.append(copied)
+    return plain
 
 
 def _cannot_receive(what: str, err: BaseException) -> RemoteError:
