@@ -322,7 +322,7 @@ def infer_many(
     backend: str = "local",
     num_workers: int | None = None,
     address: str | None = None,
-    max_retries: int = 2,
+    max_retries: int | None = None,
     worker_options: dict | None = None,
     **options: Any,
 ) -> ManyRun:
@@ -346,7 +346,7 @@ def infer_many(
     are the same as ``"local"``'s for the same seed, and ``out`` is written by this process
     only.  Ray is started here on demand, or joined at ``address`` (``"auto"``, or
     ``"ray://head:10001"``).  A worker that dies has its inputs run again elsewhere, each at
-    most ``max_retries`` times; ``worker_options`` are Ray actor options (``num_cpus``,
+    most ``max_retries`` times (default 2); ``worker_options`` are Ray actor options (``num_cpus``,
     ``num_gpus``, ``memory``, ``runtime_env``, ...).  Needs the ``ray`` extra; see
     :mod:`lmcascade.inference.ray_pool`.
 
@@ -383,7 +383,7 @@ def _backend_options(
     backend: str,
     num_workers: int | None,
     address: str | None,
-    max_retries: int,
+    max_retries: int | None,
     worker_options: dict | None,
 ) -> dict:
     """The Ray pool's settings, refused for the local backend (where they would do nothing)."""
@@ -391,7 +391,7 @@ def _backend_options(
         "num_workers": num_workers,
         "address": address,
         "worker_options": worker_options,
-        "max_retries": None if max_retries == 2 else max_retries,
+        "max_retries": max_retries,
     }
     if backend != "ray":
         named = [k for k, v in given.items() if v is not None]
@@ -404,7 +404,7 @@ def _backend_options(
     return {
         "num_workers": num_workers,
         "address": address,
-        "max_retries": max_retries,
+        "max_retries": 2 if max_retries is None else max_retries,
         "worker_options": worker_options,
     }
 

@@ -44,7 +44,14 @@ from lmcascade.errors import (
     WorkerLostError,
 )
 from lmcascade.inference.local_pool import Finished, LocalPool
-from lmcascade.inference.shipping import Parcel, Unpacked, dumps, loads, pack_program
+from lmcascade.inference.shipping import (
+    Parcel,
+    Unpacked,
+    dumps,
+    in_library,
+    loads,
+    pack_program,
+)
 from lmcascade.memory import available_memory, size
 from lmcascade.trace import Trace, safe_repr
 
@@ -223,7 +230,6 @@ class _Seat:
     """One actor as the driver sees it: the inputs it holds and its call in flight."""
 
     actor: Any
-    number: int
     assigned: dict[int, bytes] = field(default_factory=dict)  # index -> packed input
     call: Any = None  # the ObjectRef of its exchange in flight
     stats: dict[str, int] = field(default_factory=dict)
@@ -355,7 +361,7 @@ class RayPool:
     def _seat(self) -> _Seat:
         self._started += 1
         actor = self._class.options(**self.options).remote(self._parcel_ref, self.concurrency)
-        return _Seat(actor, self._started)
+        return _Seat(actor)
 
     def _held(self) -> int:
         """Inputs waiting in line or on workers (not counting suspects)."""
@@ -576,7 +582,7 @@ def _actor_options(
     if need:
         options.setdefault("memory", int(need * MEMORY_HEADROOM))
         _check_fit(count, need, options["memory"], [r.get("memory", 0) for r in resources], parcel)
-    paths = [p for p in _user_paths() if p]
+    paths = _user_paths()
     runtime = dict(options.get("runtime_env") or {})
     env = dict(runtime.get("env_vars") or {})
     if paths and "PYTHONPATH" not in env:  # the driver's own code folders, importable there
@@ -665,19 +671,8 @@ def _check_fit(count: int, need: int, each: Any, nodes: list[float], parcel: Par
 def _user_paths() -> list[str]:
     """The driver's import folders that are not Python's or installed packages' (the
     current directory, a tests folder): workers on this machine can import from them."""
-    import sysconfig
-
-    roots = {
-        os.path.realpath(p)
-        for key in ("stdlib", "platstdlib", "purelib", "platlib")
-        if (p := sysconfig.get_paths().get(key))
-    }
-    out = []
-    for entry in sys.path:
-        path = os.path.realpath(entry or os.getcwd())
-        if os.path.isdir(path) and not any(path == r or path.startswith(r + os.sep) for r in roots):
-            out.append(path)
-    return list(dict.fromkeys(out))
+    paths = (os.path.realpath(entry or os.getcwd()) for entry in sys.path)
+    return list(dict.fromkeys(p for p in paths if os.path.isdir(p) and not in_library(p)))
 
 
 def _unwrapped(ray: Any, err: BaseException) -> BaseException:

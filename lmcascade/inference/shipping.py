@@ -177,6 +177,13 @@ _LIBRARY_ROOTS = {
 }
 
 
+def in_library(path: str) -> bool:
+    """Whether ``path`` lies in Python's own folders or installed packages' (not the user's
+    code, which a worker may not be able to import)."""
+    real = os.path.realpath(path)
+    return any(real == root or real.startswith(root + os.sep) for root in _LIBRARY_ROOTS)
+
+
 def _user_module(name: str | None) -> Any:
     """The module ``name`` when it is the user's own code (not installed, not lmcascade):
     such a module may not be importable on a worker, so its functions travel by value."""
@@ -186,10 +193,7 @@ def _user_module(name: str | None) -> Any:
     path = getattr(module, "__file__", None)
     if module is None or path is None:
         return None
-    real = os.path.realpath(path)
-    if any(real.startswith(root + os.sep) for root in _LIBRARY_ROOTS):
-        return None
-    return module
+    return None if in_library(path) else module
 
 
 @contextmanager
