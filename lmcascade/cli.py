@@ -18,19 +18,27 @@ from lmcascade.errors import Interrupted, LMCascadeError
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    from lmcascade.models.registry import home, table
+    from lmcascade.models.registry import home, resolve_backend, table
 
     rows = table()
-    print(f"{'name':<20} {'size':>8}  {'installed':<9}  {'converted':<9}  description")
+    print(
+        f"{'name':<20} {'size':>8}  {'installed':<9}  {'converted':<9}  "
+        f"{'backends':<22}  description"
+    )
     for r in rows:
         mark = " (default)" if r["default"] else ""
         print(
             f"{r['name']:<20} {r['size_mb']:>6}MB  {str(r['installed']):<9}  "
-            f"{str(r['converted']):<9}  {r['description']}{mark}"
+            f"{str(r['converted']):<9}  {', '.join(r['backends']) or '-':<22}  "
+            f"{r['description']}{mark}"
         )
         if r.get("problem"):
             print(f"{'':<20} {r['problem']}")
     print(f"converted models live in {home()}")
+    print(
+        "transformers loads the converted copy; llamacpp reads the GGUF as installed; "
+        f"backend='auto' picks {resolve_backend('auto')} here"
+    )
     return 0
 
 

@@ -1,9 +1,11 @@
-"""TransformersLM on a tiny random-weight Llama: the batched KV path, checked exactly."""
+"""The tiny random-weight Llama through the batched KV path, checked exactly: on
+TransformersLM and, with the same weights in a GGUF, on LlamaCppLM (llama.cpp)."""
 
 import math
 
 import pytest
 import torch
+from tiny_gguf import BACKENDS, reference, tiny_model
 from tiny_hf import tiny_lm
 
 import lmcascade as lc
@@ -12,15 +14,15 @@ from stats import accepted_by_weight, assert_matches
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_lm(seed=0)
+@pytest.fixture(scope="module", params=BACKENDS)
+def lm(request):
+    return tiny_model(seed=0, backend=request.param)
 
 
 def recompute(lm, ids):
     """Next-token log-probs of ``ids`` by a full forward pass without any cache."""
     with torch.inference_mode():
-        logits = lm.hf(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        logits = reference(lm).hf(input_ids=torch.tensor([ids])).logits[0, -1].float()
     return torch.log_softmax(logits, -1)
 
 

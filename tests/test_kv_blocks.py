@@ -3,6 +3,7 @@ recomputes on the tiny random HF model and the default real model, and exactly o
 
 import pytest
 import torch
+from tiny_gguf import BACKENDS, reference, tiny_model
 from tiny_hf import tiny_lm
 
 import lmcascade as lc
@@ -13,15 +14,16 @@ pytest.importorskip("transformers")
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_lm(seed=1)
+@pytest.fixture(scope="module", params=BACKENDS)
+def lm(request):
+    return tiny_model(seed=1, backend=request.param)
 
 
 def recompute(lm, ids):
     """Log-probs after every prefix of ``ids`` (row j: after ids[: j + 1]), no cache."""
     with torch.inference_mode():
-        logits = lm.hf(input_ids=torch.tensor([ids], device=lm.device)).logits[0].float()
+        model = reference(lm)
+        logits = model.hf(input_ids=torch.tensor([ids], device=model.device)).logits[0].float()
     return torch.log_softmax(logits, -1)
 
 
@@ -178,6 +180,8 @@ def test_speculative_rounds(lm):
 
 
 def test_in_place_buffers_across_many_steps_and_forks(lm):
+    if not hasattr(lm, "hf"):
+        pytest.skip("transformers' in-place buffers")
     prompt = lm.encode_prompt("Q:abcd")
     ctxs = [lm.open(prompt) for _ in range(3)]
     lm.next_logprobs(ctxs)
@@ -292,13 +296,17 @@ def test_long_rollbacks_compact_the_time_axis(lm):
         for ctx in ctxs:
             ctx.append(1 + step % 7)
         lm.next_logprobs(ctxs)
-    wide = ctxs[0].state.batch.width
+    hf = hasattr(lm, "hf")  # transformers: one padded time axis; llama.cpp: cells per token
+    wide = ctxs[0].state.batch.width if hf else len(ctxs[0].state.slot.ids)
     lm.crop(ctxs[0], 6)
     lm.crop(ctxs[1], 10)
     for ctx in ctxs:
         ctx.append(3)
     out = lm.next_logprobs(ctxs)
-    assert ctxs[0].state.batch.width < wide - 30  # masked columns were squeezed out
+    if hf:
+        assert ctxs[0].state.batch.width < wide - 30  # masked columns were squeezed out
+    else:
+        assert len(ctxs[0].state.slot.ids) == 7 < wide  # the cropped cells left the slot
     assert_next(lm, ctxs, out)
     for ctx in ctxs:
         ctx.extend([4, 5])

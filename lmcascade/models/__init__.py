@@ -1,6 +1,7 @@
 """Language models: the protocol, the exact toy model, transformers models and the registry.
 
-``TransformersLM`` and ``load`` need the ``hf`` extra; they are imported on first use so that
+``TransformersLM`` and ``load`` need the ``hf`` extra, ``LlamaCppLM`` (``load(...,
+backend="llamacpp")``) the ``llamacpp`` extra; they are imported on first use so that
 ``import lmcascade`` stays light.
 
 >>> from lmcascade import models
@@ -20,6 +21,7 @@ __all__ = [
     "MODELS",
     "Context",
     "LanguageModel",
+    "LlamaCppLM",
     "RestrictedLM",
     "Tokenizer",
     "ToyLM",
@@ -37,4 +39,8 @@ def __getattr__(name: str) -> Any:
         from lmcascade.models.hf import TransformersLM
 
         return TransformersLM
+    if name == "LlamaCppLM":
+        from lmcascade.models.llamacpp import LlamaCppLM
+
+        return LlamaCppLM
     raise AttributeError(f"module 'lmcascade.models' has no attribute {name!r}")

@@ -464,6 +464,81 @@ def assemble(spec: ModelSpec, folder: Path) -> Path:
     return target
 
 
+def _stamp_matches(stamp: Path, target: Path, sha256: str) -> bool:
+    """Whether ``stamp`` records ``target`` as checked against ``sha256`` with its current
+    size and times (so it need not be hashed again)."""
+    try:
+        rec = json.loads(stamp.read_text(encoding="utf-8"))
+        st = target.stat()
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and rec == {
+        "sha256": sha256,
+        "path": str(target),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
+
+
+def gguf_file(name: str) -> Path:
+    """The registered model's GGUF as one file, checked, for the llama.cpp backend.
+
+    A model shipped whole is read where its package installed it; one shipped in parts is
+    joined once into ``$LMCASCADE_HOME/models/gguf/``.  The SHA-256 is computed the first
+    time and recorded with the file's size and times (a stamp beside it), so later loads
+    only ``stat`` it; a changed file is hashed again and, if it no longer matches, a
+    :class:`ModelIntegrityError` names the fix.  No conversion, no fp32 copy.
+    """
+    spec = spec_for(name)
+    parts = spec.part_paths()  # raises with the fetch command when not installed
+    root = home() / "gguf"
+    stamp = root / f"{spec.name}.json"
+    target = parts[0] if len(parts) == 1 else root / spec.gguf_name
+    if _stamp_matches(stamp, target, spec.sha256):
+        return target
+    if len(parts) == 1:
+        digest = _sha256_file(target)
+        if digest != spec.sha256:
+            raise ModelIntegrityError(
+                f"model {spec.name!r}: {target} has SHA-256 {digest[:12]}..., expected "
+                f"{spec.sha256[:12]}...; reinstall with: lmcascade models fetch {spec.name} --force"
+            )
+    else:
+        writable_home()
+        root.mkdir(exist_ok=True)
+        with _conversion_lock(root, spec.name):
+            if _stamp_matches(stamp, target, spec.sha256):
+                return target
+            print(
+                f"lmcascade: joining the parts of {spec.name} once into {target} ...",
+                file=sys.stderr,
+            )
+            try:
+                with tempfile.TemporaryDirectory(dir=root, prefix=f".{spec.name}.tmp-") as tmp:
+                    joined = assemble(spec, Path(tmp))
+                    os.replace(joined, target)
+            except OSError as err:
+                raise ModelError(
+                    f"joining {spec.name} under {root} failed: {err}; check the free space, and "
+                    f"that {HOME_VAR} names a folder you can write to"
+                ) from err
+    with contextlib.suppress(OSError):  # best effort: without a stamp it is hashed again
+        root.mkdir(parents=True, exist_ok=True)
+        st = target.stat()
+        record = {
+            "sha256": spec.sha256,
+            "path": str(target),
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns,
+        }
+        tmp_stamp = stamp.with_name(f".{stamp.name}.{uuid.uuid4().hex[:8]}")
+        tmp_stamp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        os.replace(tmp_stamp, stamp)
+    return target
+
+
 @contextlib.contextmanager
 def _conversion_lock(root: Path, name: str) -> Iterator[bool]:
     """Holds an exclusive ``flock`` on ``root/.NAME.lock`` while one process converts ``name``.
@@ -687,16 +762,47 @@ def _from_folder(folder: Path, name: str | None, **kwargs: Any):
         ) from err
 
 
+BACKENDS = ("transformers", "llamacpp", "auto")
+
+
+def resolve_backend(backend: str, device: str = "auto") -> str:
+    """``"auto"`` is llama.cpp on a machine without a CUDA GPU (and a device of ``"auto"`` or
+    ``"cpu"``) where llama-cpp-python is installed, transformers otherwise.
+
+    >>> resolve_backend("transformers")
+    'transformers'
+    """
+    if backend not in BACKENDS:
+        raise ModelError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    from lmcascade.models.llamacpp import is_available
+
+    if str(device) not in ("auto", "cpu") or not is_available():
+        return "transformers"
+    import torch
+
+    return "transformers" if torch.cuda.is_available() else "llamacpp"
+
+
 def load(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     *,
+    backend: str = "transformers",
     device: str = "auto",
     dtype: Any = None,
     allow_paths: bool = True,
     relative_to: str | os.PathLike | None = None,
     **kwargs: Any,
 ):
-    """A :class:`~lmcascade.models.hf.TransformersLM` for a registered name or a local folder.
+    """A model for a registered name or a local folder or GGUF file.
+
+    ``backend="transformers"`` (the default) gives a :class:`~lmcascade.models.hf.TransformersLM`;
+    ``backend="llamacpp"`` a :class:`~lmcascade.models.llamacpp.LlamaCppLM` reading the
+    registered GGUF directly (or the ``.gguf`` file given), on the CPU; ``"auto"`` picks
+    llama.cpp on a CPU-only machine where the ``llamacpp`` extra is installed, else
+    transformers.  Other keyword arguments go to the model class (``threads=``,
+    ``kv_type=``... for llama.cpp; ``memory_budget_gb=``... for transformers).
 
     A registered model that is installed but not yet converted (or converted by an older
     lmcascade, without per-file checksums) is converted first (20-90 s, once); one that is not
@@ -711,14 +817,59 @@ def load(
     """
     from lmcascade.models.base import Recipe
 
-    lm = _load(name_or_path, device, dtype, allow_paths, relative_to, kwargs)
     ref = os.fspath(name_or_path)
     path = Path(ref) if relative_to is None else Path(relative_to) / ref
-    if allow_paths and path.is_dir():  # a folder, named so that any directory finds it
+    is_file = allow_paths and path.is_file()
+    if backend == "auto" and is_file and path.suffix.lower() != ".gguf":
+        backend = "transformers"
+    chosen = resolve_backend(backend, device)
+    if chosen == "llamacpp":
+        lm = _load_llamacpp(ref, path if is_file else None, device, dtype, allow_paths, kwargs)
+    elif is_file:
+        raise ModelError(
+            f"{str(path)!r} is a file; the transformers backend loads model folders or "
+            "registered names. For a GGUF file use backend='llamacpp'"
+        )
+    else:
+        lm = _load(name_or_path, device, dtype, allow_paths, relative_to, kwargs)
+    if allow_paths and (path.is_dir() or is_file):  # named so that any directory finds it
         ref = str(path.resolve())
     # how a Ray worker loads the same model (see lmcascade.inference.shipping)
-    lm.recipe = Recipe(load, (ref,), {"device": device, "dtype": dtype, **kwargs})
+    options = {"device": device, "dtype": dtype, **kwargs}
+    if chosen != "transformers":
+        options["backend"] = chosen
+    lm.recipe = Recipe(load, (ref,), options)
     return lm
+
+
+def _load_llamacpp(
+    ref: str, file: Path | None, device: str, dtype: Any, allow_paths: bool, kwargs: dict
+):
+    """A LlamaCppLM for a registered name (its GGUF, checked) or a GGUF file."""
+    from lmcascade.models.llamacpp import LlamaCppLM
+
+    if str(device) not in ("auto", "cpu"):
+        raise ModelError(
+            f"the llama.cpp backend runs on the CPU; device {device!r} needs backend='transformers'"
+        )
+    if dtype is not None:
+        raise ModelError(
+            "dtype applies to the transformers backend; llama.cpp computes in the GGUF's own "
+            "types (choose the cache's with kv_type='f16'|'f32'|'q8_0')"
+        )
+    if file is not None:
+        return LlamaCppLM(file, **kwargs)
+    if not allow_paths and ref not in MODELS:
+        raise ModelNotFoundError(
+            f"{ref!r} is not a registered model ({', '.join(sorted(MODELS))}); model files "
+            "are refused here (registered models only)"
+        )
+    if ref not in MODELS and ("/" in ref or os.sep in ref or Path(ref).exists()):
+        raise ModelNotFoundError(
+            f"no GGUF file at {ref!r}, and it is not a registered model name "
+            f"({', '.join(sorted(MODELS))}); the llama.cpp backend needs a .gguf file"
+        )
+    return LlamaCppLM(gguf_file(ref), **{"name": ref, **kwargs})
 
 
 def _load(
@@ -779,13 +930,24 @@ def _load_registered(name: str, **kwargs: Any):
     return _from_folder(state.folder, name, **kwargs)
 
 
+def available_backends() -> list[str]:
+    """The backends installed here: ``transformers`` (the ``hf`` extra) and ``llamacpp``
+    (the ``llamacpp`` extra)."""
+    from lmcascade.models.llamacpp import is_available
+
+    found = ["transformers"] if importlib.util.find_spec("transformers") is not None else []
+    return found + (["llamacpp"] if is_available() else [])
+
+
 def table() -> list[dict]:
-    """One row per registered model: name, installed, converted, size, description.
+    """One row per registered model: name, installed, converted, size, the backends that
+    can run it here, description.
 
     ``converted`` is ``True`` only when the folder passes the per-load check; ``False`` when
     there is none; ``"corrupt"`` (damaged files, listed in ``problem``) or ``"outdated"``
     (converted by an older lmcascade or from other weights; the next load converts again).
     """
+    backends = available_backends()
     rows = []
     for s in MODELS.values():
         state = cache_state(s.name)
@@ -800,6 +962,7 @@ def table() -> list[dict]:
                 "converted": converted,
                 "problem": "; ".join(state.problems) or None,
                 "size_mb": round(s.size / 2**20),
+                "backends": backends,
                 "license": s.license,
                 "description": s.description,
             }

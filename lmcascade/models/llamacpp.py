@@ -1,0 +1,588 @@
+"""LlamaCppLM: a GGUF model run by llama.cpp, batched for populations on the CPU.
+
+One ``llama_decode`` per engine step serves every context waiting on the model.  Each context
+lives in a llama.cpp *sequence* (a slot): the KV cache is unified, so a sequence copy adds the
+copy's id to the same cells instead of copying keys and values.  That makes the protocol
+cheap:
+
+* **fork** shares the slot (nothing is called); the first of the sharers to advance past the
+  shared tokens gets a slot of its own by a sequence copy of what it keeps;
+* **crop** lowers the context's cached length; the cells past it are removed from the slot
+  (``llama_memory_seq_rm``) when the context next advances, and only if no one else uses them;
+* **release** parks the slot: its tokens stay cached for a later prompt that starts with them
+  (a prompt shared by many contexts, or an earlier site's context) until the slot or its cells
+  are needed;
+* a fresh prompt copies the longest cached prefix of any slot and computes only the rest;
+  identical fresh prompts in one step are computed once and share a slot.
+
+Logits are requested only for the positions that need them and read back once per decode;
+sampling, masks and constraints stay in lmcascade, on the host.  When the cells run out, parked
+slots are dropped first; then the cache is rebuilt twice as large (up to ``max_cache_gb``) and
+the contexts are computed again, so a step never fails for want of room below that cap.
+
+>>> from lmcascade.models.llamacpp import LlamaCppLM                # doctest: +SKIP
+>>> lm = LlamaCppLM("model.gguf")                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmcascade.errors import ModelError
+from lmcascade.models.base import Context, LanguageModel, block_counts, check_crop
+from lmcascade.models.llama_lanes import (
+    KV_TYPES,
+    MAX_SEQUENCES,
+    Handle,
+    Lane,
+    NoRoom,
+    PrefixIndex,
+    Slot,
+)
+
+
+def llama_cpp_module() -> Any:
+    """``llama_cpp`` (llama-cpp-python), with its log output silenced; a ModelError naming the
+    extra when it is not installed."""
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise ModelError(
+            "the llama.cpp backend needs llama-cpp-python: pip install 'lmcascade[llamacpp]' "
+            "(it compiles llama.cpp from source; see docs/models.md)"
+        ) from err
+    _silence(llama_cpp)
+    return llama_cpp
+
+
+@functools.cache
+def _silence(llama_cpp: Any) -> None:
+    """Routes llama.cpp's log lines into a short buffer instead of stderr (kept for errors)."""
+    logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
+
+    def keep(level: int, text: bytes, user_data: Any) -> None:
+        if level in (2, 3):  # warnings and errors: the tail explains a failed load
+            _LOG_TAIL.append(text.decode("utf-8", "replace").strip())
+            del _LOG_TAIL[:-8]
+
+    callback = llama_cpp.llama_log_callback(keep)
+    _CALLBACKS.append(callback)  # a ctypes callback must outlive its registration
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+
+
+_CALLBACKS: list[Any] = []
+_LOG_TAIL: list[str] = []
+
+
+def is_available() -> bool:
+    """Whether llama-cpp-python can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, counting each physical core once (hyperthreads share
+    one); llama.cpp is fastest with one thread per physical core."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return max(1, (os.cpu_count() or 2) // 2)
+    groups = set()
+    for cpu in cpus:
+        path = f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
+        try:
+            with open(path) as fh:
+                groups.add(fh.read().strip())
+        except OSError:
+            groups.add(str(cpu))
+    return max(1, len(groups))
+
+
+class LlamaCppTokenizer:
+    """llama.cpp's own tokenizer for the GGUF, seen through lmcascade's Tokenizer protocol.
+
+    ``encode`` adds no BOS/EOS but reads special tokens written in the text (as a Hugging Face
+    tokenizer does); ``encode_prompt`` also adds what the model puts at the start of a text.
+    """
+
+    def __init__(self, llama_cpp: Any, vocab: Any, size: int) -> None:
+        self._l = llama_cpp
+        self._vocab = vocab
+        self.size = size
+        self.eos_id = int(llama_cpp.llama_vocab_eos(vocab))
+        if not 0 <= self.eos_id < size:
+            self.eos_id = int(llama_cpp.llama_vocab_eot(vocab))
+        if not 0 <= self.eos_id < size:
+            raise ModelError("the GGUF's vocabulary has no end-of-sequence token")
+
+    def _tokenize(self, text: str, add_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        room = len(data) + 8
+        for _ in range(2):
+            buf = (self._l.llama_token * room)()
+            n = self._l.llama_tokenize(self._vocab, data, len(data), buf, room, add_special, True)
+            if n >= 0:
+                return list(buf[:n])
+            room = -n  # too small: llama.cpp says how many it needs
+        raise ModelError(f"llama.cpp could not tokenize a text of {len(data)} bytes")
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenize(text, False)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self._tokenize(text, True)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(t) for t in ids]
+        if not ids:
+            return ""
+        bad = [t for t in ids if not 0 <= t < self.size]
+        if bad:
+            raise ModelError(f"token id {bad[0]} is outside the vocabulary of {self.size}")
+        tokens = (self._l.llama_token * len(ids))(*ids)
+        room = 16 * len(ids) + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(room)
+            n = self._l.llama_detokenize(self._vocab, tokens, len(ids), buf, room, False, True)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            room = -n
+        raise ModelError("llama.cpp could not detokenize")  # pragma: no cover
+
+    def piece(self, token: int) -> bytes:
+        """The bytes token ``token`` adds to a text (special tokens: none)."""
+        buf = ctypes.create_string_buffer(256)
+        n = self._l.llama_token_to_piece(self._vocab, token, buf, 256, 0, False)
+        return buf.raw[: max(n, 0)]
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class LlamaCppLM(LanguageModel):
+    """A GGUF model on llama.cpp implementing the batched :class:`LanguageModel` protocol.
+
+    ``path`` is a GGUF file (``lc.models.load(name, backend="llamacpp")`` finds a registered
+    model's).  ``threads`` defaults to the physical cores; ``kv_type`` is the cache's element
+    type (``"f16"``, llama.cpp's default; ``"f32"`` for results within float rounding of
+    transformers; ``"q8_0"``); ``flash_attention`` None lets llama.cpp decide.  The cache
+    starts at ``n_ctx`` cells and grows as the population needs, up to ``max_cache_gb``;
+    ``batch_tokens`` is the most tokens one decode takes (longer steps are split).
+    """
+
+    min_prompt_tokens = 1
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        name: str | None = None,
+        threads: int | None = None,
+        n_ctx: int = 4096,
+        max_cache_gb: float = 4.0,
+        batch_tokens: int = 512,
+        kv_type: str = "f16",
+        flash_attention: bool | None = None,
+    ) -> None:
+        self._l = llama_cpp_module()
+        path = Path(os.fspath(path))
+        if not path.is_file():
+            raise ModelError(f"no GGUF file at {str(path)!r}")
+        if kv_type not in KV_TYPES:
+            raise ModelError(f"unknown kv_type {kv_type!r}; use one of {', '.join(KV_TYPES)}")
+        for key, value in (("n_ctx", n_ctx), ("batch_tokens", batch_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelError(f"{key} must be a whole number >= 1, got {value!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
+            raise ModelError(f"threads must be a whole number, got {threads!r}")
+        if not isinstance(max_cache_gb, (int, float)) or not max_cache_gb > 0:
+            raise ModelError(f"max_cache_gb must be a positive number, got {max_cache_gb!r}")
+        self.path = path
+        self.name = name or path.stem
+        self.threads = max(1, threads) if threads else physical_cores()
+        self.kv_type = kv_type
+        self.flash_attention = flash_attention
+        self.batch_tokens = batch_tokens
+        self.counters: dict[str, int] = {}
+        self._lock = threading.RLock()
+        params = self._l.llama_model_default_params()
+        params.n_gpu_layers = 0
+        del _LOG_TAIL[:]
+        self._model = self._l.llama_model_load_from_file(str(path).encode(), params)
+        if not self._model:
+            why = "; ".join(_LOG_TAIL[-2:]) or "llama.cpp refused it"
+            raise ModelError(f"llama.cpp cannot load {str(path)!r}: {why}")
+        self._vocab_ptr = self._l.llama_model_get_vocab(self._model)
+        self._vocab = int(self._l.llama_vocab_n_tokens(self._vocab_ptr))
+        self.tokenizer = LlamaCppTokenizer(self._l, self._vocab_ptr, self._vocab)
+        self._train_ctx = int(self._l.llama_model_n_ctx_train(self._model))
+        self.n_ctx = n_ctx
+        self.max_cells = max(n_ctx, int(max_cache_gb * 2**30) // max(1, self.cache_bytes_per_token))
+        self._lanes: list[Lane] = [Lane(self, n_ctx)]
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Frees the llama.cpp contexts and model (the object is unusable afterwards)."""
+        with self._lock:
+            for lane in self._lanes:
+                lane.close()
+            self._lanes = []
+            if getattr(self, "_model", None):
+                self._l.llama_model_free(self._model)
+                self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __getstate__(self) -> dict:
+        raise TypeError(
+            "a LlamaCppLM holds a native llama.cpp model and cannot be pickled; load it with "
+            "lc.models.load (whose recipe travels instead)"
+        )
+
+    # -- protocol -------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    @property
+    def max_context(self) -> int | None:  # type: ignore[override]
+        """The longest context the model was trained for."""
+        return self._train_ctx or None
+
+    @functools.cached_property
+    def cache_bytes_per_token(self) -> int:  # type: ignore[override]
+        """Bytes of keys and values one cached token holds."""
+        L = self._l
+        layers = int(L.llama_model_n_layer(self._model))
+        heads = max(1, int(L.llama_model_n_head(self._model)))
+        kv_heads = int(L.llama_model_n_head_kv(self._model)) or heads
+        head_dim = int(L.llama_model_n_embd(self._model)) // heads
+        width = {"f16": 2, "f32": 4, "q8_0": 1}[self.kv_type]
+        return 2 * layers * kv_heads * head_dim * width
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode_prompt(text)
+
+    def chat(self, user: str, *, system: str | None = None) -> str:
+        """A prompt in the model's chat format (the GGUF's template, rendered as transformers
+        renders it), ending where the assistant's reply begins; ``user`` unchanged when the
+        GGUF has no template."""
+        template = self._chat_template
+        if not template:
+            return user
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}
+        ]
+        piece = self.tokenizer.piece
+        return template.render(
+            messages=messages,
+            add_generation_prompt=True,
+            bos_token=piece(int(self._l.llama_vocab_bos(self._vocab_ptr)))
+            if int(self._l.llama_vocab_bos(self._vocab_ptr)) >= 0
+            else "",
+            eos_token=self.decode([self.eos_id]),
+        )
+
+    @functools.cached_property
+    def _chat_template(self) -> Any:
+        raw = self._l.llama_model_chat_template(self._model, None)
+        if not raw:
+            return None
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(raw.decode("utf-8", "replace"))
+
+    def token_bytes(self) -> list[bytes | None]:
+        """Each token's bytes (None for control and end-of-generation tokens)."""
+        L, v = self._l, self._vocab_ptr
+        out: list[bytes | None] = []
+        for i in range(self._vocab):
+            special = (
+                i == self.eos_id or L.llama_vocab_is_control(v, i) or L.llama_vocab_is_eog(v, i)
+            )
+            out.append(None if special else self.tokenizer.piece(i))
+        return out
+
+    def pop_counters(self) -> dict[str, int]:
+        out, self.counters = self.counters, {}
+        return out
+
+    def fork(self, context: Context) -> Context:
+        """A new context sharing this one's slot (nothing is copied until one advances)."""
+        with self._lock:
+            handle = self._handle(context)
+            if handle is None:
+                return Context(context.ids)
+            handle.slot.refs += 1
+            return Context(context.ids, Handle(handle.slot, handle.n))
+
+    def release(self, context: Context) -> None:
+        """Drops the context; a slot no context uses any more is parked for prefix reuse."""
+        with self._lock:
+            handle = self._handle(context)
+            context.state = None
+            if handle is not None:
+                self._unref(handle.slot)
+
+    def crop(self, context: Context, length: int) -> None:
+        """Keeps the first ``length`` ids; the cells past them leave the slot lazily."""
+        if not check_crop(context, length):
+            return
+        with self._lock:
+            context.ids = context.ids[:length]
+            handle = self._handle(context)
+            if handle is not None and length == 0:
+                context.state = None
+                self._unref(handle.slot)
+            elif handle is not None and handle.n > length:
+                handle.n = length
+
+    def clear_cache(self) -> None:
+        """Forgets every cached token (the memory stays reserved); contexts still open are
+        computed again when next used."""
+        with self._lock:
+            for lane in self._lanes:
+                lane.clear()
+
+    def next_logprobs(self, contexts: Sequence[Context]) -> torch.Tensor:
+        rows = self._run(contexts, [1] * len(contexts))
+        out = torch.from_numpy(np.concatenate(rows)) if rows else torch.empty(0, self._vocab)
+        return torch.log_softmax(out, dim=-1)
+
+    def block_logprobs(
+        self, contexts: Sequence[Context], counts: int | Sequence[int]
+    ) -> list[torch.Tensor]:
+        """The last ``counts[i]`` positions of every context in one decode (see
+        :meth:`LanguageModel.block_logprobs`)."""
+        counts = block_counts(contexts, counts)
+        rows = self._run(contexts, counts)
+        return [torch.log_softmax(torch.from_numpy(r), dim=-1) for r in rows]
+
+    def path_logprobs(
+        self, contexts: Sequence[Context], paths: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
+        """Teacher forcing in one decode: each context is forked, extended by its path and
+        scored; the contexts themselves are not changed."""
+        with self._lock:
+            forks = [self.fork(ctx) for ctx in contexts]
+            try:
+                for fork, path in zip(forks, paths, strict=True):
+                    fork.extend(list(path[:-1]))
+                out = self.block_logprobs(forks, [len(p) for p in paths])
+            finally:
+                for fork in forks:
+                    self.release(fork)
+        return out
+
+    # -- slots ----------------------------------------------------------------------------------
+
+    def _handle(self, context: Context) -> Handle | None:
+        """The context's live handle (None when fresh, or its slot was dropped)."""
+        h = context.state
+        return h if isinstance(h, Handle) and h.slot.live else None
+
+    def _unref(self, slot: Slot) -> None:
+        slot.refs -= 1
+        if slot.refs <= 0:
+            slot.lane.park(slot)
+
+    @property
+    def cached_cells(self) -> int:
+        """KV cells reserved by every lane together."""
+        return sum(lane.cells for lane in self._lanes)
+
+    def _place(
+        self,
+        ids: Sequence[int],
+        limit: int,
+        busy: set[int],
+        source: tuple[Slot, int] | None = None,
+        index: PrefixIndex | None = None,
+    ) -> tuple[Slot, int]:
+        """A new slot for ``ids`` and how many of its first tokens it already holds.
+
+        With ``source`` (a slot and a length) the slot is a copy of that prefix in the same
+        lane; otherwise, or when that lane has no sequence to spare, a copy of the longest
+        cached prefix (at most ``limit`` tokens) that ``index`` finds in a lane with room, or
+        an empty slot in any lane with room (a new lane when none has).
+        """
+        if source is not None and source[0].lane.has_room(busy, keep=source[0]):
+            slot, n = source
+            return slot.lane.copy(slot, n, busy), n
+        if index is not None:
+            for src, k in index.longest(ids, limit):
+                if src.live and src.lane.has_room(busy, keep=src):
+                    return src.lane.copy(src, k, busy), k
+        lane = next((la for la in self._lanes if la.free), None)
+        lane = lane or next((la for la in self._lanes if la.has_room(busy)), None)
+        return (lane or self._new_lane()).new_slot(busy), 0
+
+    def _new_lane(self) -> Lane:
+        if self.cached_cells + self.n_ctx > self.max_cells:
+            raise ModelError(
+                f"{self.name!r} holds {len(self._lanes) * MAX_SEQUENCES} sequences in "
+                f"{self.cached_cells} cached tokens and needs more; raise max_cache_gb (now "
+                f"{self.max_cells * self.cache_bytes_per_token / 2**30:.1f} GB) or use fewer "
+                "particles"
+            )
+        lane = Lane(self, self.n_ctx)
+        self._lanes.append(lane)
+        self._count("lanes_opened")
+        return lane
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _run(self, contexts: Sequence[Context], counts: Sequence[int]) -> list[np.ndarray]:
+        """Logits ``[counts[i], vocab]`` of the last ``counts[i]`` positions of each context,
+        after which every context (with a count) has all its ids cached."""
+        with self._lock:
+            for ctx in contexts:
+                if not ctx.ids:
+                    raise ModelError("a context needs at least one token; give the LM a prompt")
+                if self.max_context and len(ctx.ids) > self.max_context:
+                    raise ModelError(
+                        f"a context of {len(ctx.ids)} tokens is longer than {self.name!r} "
+                        f"holds ({self.max_context}); shorten the prompt or max_tokens"
+                    )
+            while True:
+                try:
+                    return self._step(contexts, counts)
+                except NoRoom as full:
+                    self._make_room(full.lane, contexts)
+
+    def _make_room(self, lane: Lane, contexts: Sequence[Context]) -> None:
+        """Drops the lane's parked slots; when it has none, rebuilds it twice as large."""
+        if lane.parked:
+            for slot in list(lane.parked.values()):
+                lane.drop(slot)
+            self._count("room_dropped_parked")
+            return
+        grow = min(lane.cells, self.max_cells - self.cached_cells)
+        if grow <= 0:
+            need = sum(len(ctx.ids) for ctx in contexts)
+            raise ModelError(
+                f"{self.name!r} needs more than {self.cached_cells} cached tokens "
+                f"({self.cached_cells * self.cache_bytes_per_token / 2**30:.1f} GB) for a step "
+                f"of {len(contexts)} contexts ({need} tokens in all); raise max_cache_gb, or "
+                "use fewer or shorter sequences"
+            )
+        lane.open(lane.cells + grow)
+        self._count("cache_rebuilds")
+
+    def _step(self, contexts: Sequence[Context], counts: Sequence[int]) -> list[np.ndarray]:
+        out = [np.empty((0, self._vocab), np.float32) for _ in contexts]
+        # 1. plan: which slot each context computes into, and from which position.  An entry
+        #    serves ``members`` (identical fresh prompts share one) and keeps ``m`` logit rows.
+        plan: list[tuple[list[int], Slot, int, int]] = []  # (members, slot, start, m)
+        fresh: dict[tuple[int, ...], list[int]] = {}
+        sharers: dict[int, list[int]] = {}  # id(slot) -> advancing context indices
+        busy: set[int] = set()  # ids of the slots this step uses
+        for i, (ctx, m) in enumerate(zip(contexts, counts, strict=True)):
+            if m == 0:
+                continue
+            h = self._handle(ctx)
+            if h is None:
+                fresh.setdefault(tuple(ctx.ids), []).append(i)
+            else:
+                sharers.setdefault(id(h.slot), []).append(i)
+                busy.add(id(h.slot))
+        for members in sharers.values():
+            slot = contexts[members[0]].state.slot
+            owner = members[0] if slot.refs == len(members) else None
+            for i in members:
+                if i == owner:
+                    continue
+                ids = contexts[i].ids
+                start = min(contexts[i].state.n, len(ids) - counts[i])
+                new, start = self._place(ids, len(ids) - counts[i], busy, (slot, start))
+                busy.add(id(new))
+                slot.refs -= 1
+                new.refs = 1
+                contexts[i].state = Handle(new, start)
+                plan.append(([i], new, start, counts[i]))
+            if owner is not None:  # the last user computes in place, past what it keeps
+                h = contexts[owner].state
+                start = min(h.n, len(contexts[owner].ids) - counts[owner])
+                slot.lane.truncate(slot, start)
+                h.n = start
+                plan.append(([owner], slot, start, counts[owner]))
+        index = (
+            PrefixIndex(s for lane in self._lanes for s in lane.slots.values()) if fresh else None
+        )
+        for key, members in fresh.items():
+            keep = max(counts[i] for i in members)
+            slot, k = self._place(key, len(key) - keep, busy, index=index)
+            busy.add(id(slot))
+            slot.refs = len(members)
+            for i in members:
+                contexts[i].state = Handle(slot, k)
+            plan.append((members, slot, k, keep))
+            self._count("reused_prompt_tokens", k)
+        # 2. per lane, one batch of every new token; logits where a context needs them
+        plan.sort(key=lambda entry: id(entry[1].lane))
+        logits = np.empty((sum(m for *_, m in plan), self._vocab), np.float32)
+        fresh_ids = {i for members in fresh.values() for i in members}
+        tally = {"prefill_tokens": 0, "decode_tokens": 0}
+        by_lane: dict[int, tuple[Lane, list]] = {}
+        for members, slot, start, m in plan:
+            ids = contexts[members[0]].ids
+            first_out = len(ids) - m
+            entries = by_lane.setdefault(id(slot.lane), (slot.lane, []))[1]
+            for pos in range(start, len(ids)):
+                entries.append((ids[pos], pos, slot.seq, pos >= first_out))
+            kind = "prefill_tokens" if members[0] in fresh_ids else "decode_tokens"
+            tally[kind] += len(ids) - start
+        row = 0
+        try:
+            for lane, entries in by_lane.values():
+                row = lane.decode(entries, logits, row)
+                self._count("forward_passes")
+        except NoRoom:
+            for _, slot, _, _ in plan:  # back to what each slot recorded, then retry
+                if slot.live:
+                    self._l.llama_memory_seq_rm(slot.lane.mem, slot.seq, len(slot.ids), -1)
+            raise
+        for key, n in tally.items():
+            if n:
+                self._count(key, n)
+        # 3. hand out the rows; record what each slot now holds
+        row = 0
+        for members, slot, _, m in plan:
+            ids = contexts[members[0]].ids
+            block = logits[row : row + m]
+            row += m
+            slot.ids.extend(ids[len(slot.ids) :])
+            for i in members:
+                out[i] = block[m - counts[i] :]
+                contexts[i].state.n = len(ids)
+        return out
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    def __repr__(self) -> str:
+        return f"LlamaCppLM({self.name!r}, threads={self.threads}, vocab={self._vocab})"
