@@ -358,12 +358,12 @@ def test_bad_options_name_the_option(method, options, named):
 # --- the tiny random-weight HF model, through the batched path ----------------------------
 
 
-@pytest.fixture(scope="module")
-def hf():
+@pytest.fixture(scope="module", params=["transformers", "llamacpp"])
+def hf(request):
     pytest.importorskip("transformers")
-    from tiny_hf import tiny_lm
+    from tiny_gguf import tiny_model
 
-    return tiny_lm(seed=0)
+    return tiny_model(seed=0, backend=request.param)
 
 
 @lc.program

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from pyro.distributions import Bernoulli, Categorical
-from tiny_hf import tiny_lm
+from tiny_gguf import BACKENDS, tiny_model
 
 import lmcascade as lc
 from lmcascade.errors import OptionError, ProgramError, SiteError
@@ -99,10 +99,12 @@ def test_concurrency_does_not_change_results():
     assert narrow.stats["inputs_done"] == 5
 
 
-def test_tiny_hf_model_batched_path():
-    """On a real (random-weight) transformer the joint batch pads prompts of different lengths;
-    the draws are the same and the weights agree to float precision."""
-    lm = tiny_lm(seed=0)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_hf_model_batched_path(backend):
+    """On a real (random-weight) transformer the joint batch pads prompts of different lengths
+    (on llama.cpp: sequences of different lengths in one decode); the draws are the same and
+    the weights agree to float precision."""
+    lm = tiny_model(seed=0, backend=backend)
 
     @lc.program
     def say(prompt):

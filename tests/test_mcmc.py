@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 from pyro.distributions import Bernoulli, Categorical, Normal
-from tiny_hf import tiny_lm
+from tiny_gguf import BACKENDS, tiny_model
 
 import lmcascade as lc
 from lmcascade.errors import AllWeightsZeroError, OptionError, ProgramError, SiteError
@@ -319,10 +319,10 @@ def test_programs_a_proposal_cannot_move():
 # -- the tiny random-weight HF model, through the batched path -----------------------------
 
 
-@pytest.fixture(scope="module")
-def hf():
+@pytest.fixture(scope="module", params=BACKENDS)
+def hf(request):
     pytest.importorskip("transformers")
-    return tiny_lm(seed=0)
+    return tiny_model(seed=0, backend=request.param)
 
 
 def test_power_target_on_the_batched_hf_path(hf):

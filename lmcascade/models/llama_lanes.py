@@ -129,8 +129,9 @@ class Lane:
         self.close()
         cp = L.llama_context_default_params()
         cp.n_ctx = cells
-        cp.n_batch = cp.n_ubatch = o.batch_tokens
+        cp.n_batch = cp.n_ubatch = o.batch_tokens  # (the model keeps cells >= batch_tokens)
         cp.n_seq_max = MAX_SEQUENCES
+        cp.n_outputs_max = max(o.batch_tokens, MAX_SEQUENCES)  # llama.cpp asserts on fewer
         cp.n_threads = cp.n_threads_batch = o.threads
         cp.kv_unified = True
         cp.type_k = cp.type_v = KV_TYPES[o.kv_type]
@@ -144,6 +145,9 @@ class Lane:
                 f"{cells * o.cache_bytes_per_token / 2**30:.1f} GB); lower max_cache_gb"
             )
         self.cells = cells
+        self.batch_size = min(
+            o.batch_tokens, int(L.llama_n_batch(self.ctx))
+        )  # as llama.cpp took it
         self.mem = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(o.batch_tokens, 0, 1)
         self.reset()
@@ -249,7 +253,7 @@ class Lane:
         ``batch_tokens``, writing the wanted logits into ``out`` from ``row`` on; returns the
         next free row.  Raises :class:`NoRoom` when the cells run out."""
         L, batch, vocab = self.owner._l, self.batch, self.owner.vocab_size
-        size = self.owner.batch_tokens
+        size = self.batch_size
         for lo in range(0, len(entries), size):
             chunk = entries[lo : lo + size]
             batch.n_tokens = len(chunk)

@@ -177,7 +177,8 @@ class LlamaCppLM(LanguageModel):
     ``path`` is a GGUF file (``lc.models.load(name, backend="llamacpp")`` finds a registered
     model's).  ``threads`` defaults to the physical cores; ``kv_type`` is the cache's element
     type (``"f16"``, llama.cpp's default; ``"f32"`` for results within float rounding of
-    transformers; ``"q8_0"``); ``flash_attention`` None lets llama.cpp decide.  The cache
+    transformers; ``"q8_0"``); ``flash_attention`` is off by default, as in llama-cpp-python
+    (None lets llama.cpp decide).  The cache
     starts at ``n_ctx`` cells and grows as the population needs, up to ``max_cache_gb``;
     ``batch_tokens`` is the most tokens one decode takes (longer steps are split).
     """
@@ -194,7 +195,7 @@ class LlamaCppLM(LanguageModel):
         max_cache_gb: float = 4.0,
         batch_tokens: int = 512,
         kv_type: str = "f16",
-        flash_attention: bool | None = None,
+        flash_attention: bool | None = False,
     ) -> None:
         self._l = llama_cpp_module()
         path = Path(os.fspath(path))
@@ -228,9 +229,9 @@ class LlamaCppLM(LanguageModel):
         self._vocab = int(self._l.llama_vocab_n_tokens(self._vocab_ptr))
         self.tokenizer = LlamaCppTokenizer(self._l, self._vocab_ptr, self._vocab)
         self._train_ctx = int(self._l.llama_model_n_ctx_train(self._model))
-        self.n_ctx = n_ctx
+        self.n_ctx = max(n_ctx, batch_tokens)  # llama.cpp caps a decode's tokens at the cells
         self.max_cells = max(n_ctx, int(max_cache_gb * 2**30) // max(1, self.cache_bytes_per_token))
-        self._lanes: list[Lane] = [Lane(self, n_ctx)]
+        self._lanes: list[Lane] = [Lane(self, self.n_ctx)]
 
     # -- lifetime -------------------------------------------------------------------------------
 

@@ -1,0 +1,374 @@
+"""LlamaCppLM (llama.cpp): its cache against fresh evaluation, the default model against
+llama.cpp's own generation and TransformersLM, the registry's GGUF, and bad input.
+
+The exactness of every inference method on this backend is checked where the tiny HF model's
+is: ``test_hf``, ``test_kv_blocks``, ``test_mcmc``, ``test_speculative``, ``test_diverse`` and
+``test_infer_many`` run their tiny-model tests on both backends (``tiny_gguf.BACKENDS``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import random
+
+import pytest
+import torch
+from tiny_gguf import _gguf_path, tiny_llama
+
+import lmcascade as lc
+from lmcascade.errors import ModelError, ModelIntegrityError, ModelNotFoundError
+from lmcascade.models import Context, registry
+from stats import assert_matches, one_draw_per_run
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from lmcascade.models.llamacpp import LlamaCppLM, physical_cores  # noqa: E402
+
+
+def fresh_logprobs(model: LlamaCppLM, ids: list[int]) -> torch.Tensor:
+    """The next-token log-probs of ``ids`` computed from nothing (an emptied cache)."""
+    model.clear_cache()
+    return model.next_logprobs([model.open(ids)])[0]
+
+
+def random_walk(lm, check, steps: int, seed: int, start: list[str], vocab: range) -> int:
+    """Drives ``lm`` through forks, crops, multi-token appends, releases and re-opened
+    prompts (recycling sequences), calling ``check(contexts, logprobs)`` after every step;
+    returns the number of contexts checked."""
+    rng = random.Random(seed)
+    ctxs = [lm.open(lm.encode_prompt(p)) for p in start]
+    checked = 0
+    for _ in range(steps):
+        op = rng.random()
+        if op < 0.25 and len(ctxs) < 24:
+            ctxs += [lm.fork(rng.choice(ctxs)) for _ in range(rng.randint(1, 3))]
+        elif op < 0.4:
+            c = rng.choice(ctxs)
+            lm.crop(c, max(1, len(c) - rng.randint(1, 5)))
+        elif op < 0.5 and len(ctxs) > 2:
+            gone = ctxs.pop(rng.randrange(len(ctxs)))
+            lm.release(gone)  # its sequence is parked; a prompt extending it reuses it
+            ctxs.append(lm.open(gone.ids + [rng.choice(vocab)]))
+        for c in ctxs:
+            c.extend([rng.choice(vocab) for _ in range(rng.choice([1, 1, 2, 4]))])
+        check(ctxs, lm.next_logprobs(ctxs))
+        checked += len(ctxs)
+    return checked
+
+
+# --- the cache, on the tiny GGUF -------------------------------------------------------------
+
+
+def test_cache_equals_fresh_evaluation_across_forks_crops_blocks_and_recycling():
+    """fp32 cache, no flash attention: llama.cpp's result for a token does not depend on the
+    batch it is computed in (measured: 6e-6), so any bookkeeping slip — a wrong cell, a stale
+    copy, a crop that left cells behind — shows up as an O(1) error.  A 64-cell start forces
+    the cache to be rebuilt larger mid-walk; 300 sequences at once spread over two lanes."""
+    lm = tiny_llama(0, n_ctx=64, batch_tokens=64)
+    fresh = tiny_llama(0)
+    worst = []
+
+    def check(ctxs, out):
+        for c, row in zip(ctxs, out, strict=True):
+            worst.append((row - fresh_logprobs(fresh, c.ids)).abs().max().item())
+
+    assert random_walk(lm, check, 60, seed=0, start=["Q:", "Q:ab", "abcd Q:"], vocab=range(1, 8))
+    counts = lm.pop_counters()
+    assert counts["cache_rebuilds"] >= 1 and counts["reused_prompt_tokens"] > 0
+    many = [lm.open([5, 6] + [1 + i // 7**k % 7 for k in range(3)]) for i in range(300)]
+    out = lm.next_logprobs(many)
+    assert len(lm._lanes) >= 2
+    check(many[::7], out[::7])
+    assert max(worst) < 1e-4, max(worst)
+
+
+def test_default_settings_stay_within_llama_cpps_own_spread():
+    """The default settings (f16 cache, no flash attention; what users get): a token's
+    result then depends slightly on the batch it is computed in, in llama.cpp itself.
+    Measured over this walk: at most 3.4e-4 in log-prob (with flash attention on, 6.4e-3 —
+    the same as llama.cpp's own spread between batch shapes with it, so the bound is 0.02);
+    a bookkeeping error would be O(1)."""
+    path = _gguf_path(0)
+    lm, fresh = LlamaCppLM(path, threads=1, n_ctx=64), LlamaCppLM(path, threads=1)
+    worst = []
+
+    def check(ctxs, out):
+        for c, row in zip(ctxs, out, strict=True):
+            worst.append((row - fresh_logprobs(fresh, c.ids)).abs().max().item())
+
+    random_walk(lm, check, 40, seed=1, start=["Q:", "abcd Q:"], vocab=range(1, 8))
+    assert max(worst) < 0.02, max(worst)
+
+
+def test_sequences_are_recycled_and_idle_ones_evicted():
+    lm = tiny_llama(0)
+    base = lm.encode_prompt("Q:ab")
+    for i in range(600):  # far more contexts than sequences, opened and released one by one
+        c = lm.open(base + [1 + i % 7])
+        lm.next_logprobs([c])
+        lm.release(c)
+    assert len(lm._lanes) == 1  # parked sequences were reused, no new lane
+    held = [lm.open(base + [1 + i // 7**k % 7 for k in range(3)]) for i in range(256)]
+    lm.next_logprobs(held)  # every sequence of the lane held (idle after this step)
+    newcomer = lm.open(lm.encode_prompt("dd:"))
+    row = lm.next_logprobs([newcomer])[0]
+    assert lm.pop_counters().get("evicted_sequences", 0) >= 1  # an idle one made room
+    fresh = tiny_llama(0)
+    assert (row - fresh_logprobs(fresh, newcomer.ids)).abs().max() < 1e-4
+    for c in held[:3]:  # evicted or not, every context still computes right
+        c.append(2)
+    for c, row in zip(held[:3], lm.next_logprobs(held[:3]), strict=True):
+        assert (row - fresh_logprobs(fresh, c.ids)).abs().max() < 1e-4
+
+
+def test_path_scoring_leaves_the_contexts_alone():
+    lm = tiny_llama(0)
+    ctx = lm.open(lm.encode_prompt("Q:ab"))
+    before = lm.next_logprobs([ctx])[0]
+    rows = lm.path_logprobs([ctx, ctx], [[1, 2, 3], [4]])
+    assert [r.shape[0] for r in rows] == [3, 1]
+    assert (rows[0][0] - before).abs().max() < 1e-5
+    assert (lm.next_logprobs([ctx])[0] - before).abs().max() < 1e-5
+    assert ctx.ids == lm.encode_prompt("Q:ab")
+
+
+def test_an_smc_population_on_the_tiny_gguf_matches_enumeration():
+    """SMC with resampling (forks of sequences every step) against exact enumeration: one
+    draw per run from 300 runs of 8 particles (i.i.d. draws from SMC's sampling distribution,
+    whose bias at N = 8 is far below what 300 draws detect).  Chi-square, false-alarm rate
+    <= 1e-3; detects TV >= 0.2 with probability 0.9.  Checked that it can fail: with the
+    condition dropped from the SMC program only, the test fails (TV 0.39)."""
+    lm = tiny_llama(0)
+
+    @lc.program
+    def constrained():
+        text = yield lc.gen("text", lm, "Q:", max_tokens=3)
+        yield lc.condition("has_c", "c" in text)
+        return text
+
+    exact = lc.infer(constrained(), method="enumerate").distribution()
+    runs = [
+        lc.infer(constrained(), method="smc", particles=8, seed=s, progress=False)
+        for s in range(300)
+    ]
+    result = assert_matches(one_draw_per_run(runs, seed=1), exact)
+    assert result.detectable_tv <= 0.25, str(result)
+
+
+def test_beam_search_on_the_tiny_gguf_is_the_exact_top_k():
+    lm = tiny_llama(0)
+
+    @lc.program
+    def text():
+        return (yield lc.gen("t", lm, "Q:", max_tokens=2))
+
+    exact = lc.infer(text(), method="enumerate")
+    beam = lc.infer(text(), method="beam", beam_width=len(exact.values), progress=False)
+    want = sorted(zip(exact.log_weights, exact.values, strict=True), reverse=True)
+    assert beam.values[:5] == [v for _, v in want[:5]]
+    for got, (lw, _) in zip(beam.log_weights, want, strict=True):
+        assert abs(got - lw) < 1e-5
+
+
+# --- the default model ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol():
+    if not registry.is_installed(registry.DEFAULT_MODEL):
+        pytest.skip("the default model is not installed")
+    return lc.models.load("smollm2-135m", backend="llamacpp")
+
+
+def test_greedy_equals_llama_cpps_own_greedy_generation(smol):
+    """lmcascade's greedy decoding on LlamaCppLM against llama-cpp-python's own generator
+    (``Llama.generate`` at temperature 0), token for token.  Both compute the prompt in one
+    decode and then one token per decode: with an f16 cache llama.cpp's numbers depend on
+    how tokens are batched (a prompt computed in two parts, or several sequences in one
+    batch, can flip a near-tie), so the model is loaded afresh (no cached prefixes)."""
+    lm = lc.models.load("smollm2-135m", backend="llamacpp")
+    own = llama_cpp.Llama(model_path=str(lm.path), n_ctx=512, n_threads=lm.threads, verbose=False)
+    prompt = lm.chat("Name three colours.")
+    want = []
+    for tok in own.generate(lm.encode_prompt(prompt), top_k=1, temp=0.0, repeat_penalty=1.0):
+        if tok == lm.eos_id or len(want) == 32:
+            break
+        want.append(tok)
+    del own
+
+    @lc.program
+    def greedy():
+        return (yield lc.gen("answer", lm, prompt, max_tokens=32, temperature=0))
+
+    one = lc.infer(greedy(), method="forward", num_samples=1, progress=False)
+    assert list(one.traces[0]["answer"].token_ids) == want
+    assert one.values[0] == lm.decode(want)
+
+
+def test_log_probs_agree_with_transformers_within_quantisation(smol):
+    """The same Q4_1 GGUF: transformers dequantises the weights to fp32; llama.cpp keeps them
+    quantised and quantises activations to 8 bits for its products.  Teacher-forced over a
+    greedy answer, measured: top-1 tokens agree at 15 of 16 positions (a near-tie flips),
+    total variation 0.083 at the first position and under 0.01 at the others, and |log p| differences at most 0.41 on tokens either model gives at
+    least 1e-3 (far-tail tokens differ by more, up to about 1.3)."""
+    hf = lc.models.load("smollm2-135m")
+    prompt = smol.chat("What is the capital of France?")
+    assert smol.encode_prompt(prompt) == hf.encode_prompt(prompt)
+    a, b = smol.open(smol.encode_prompt(prompt)), hf.open(hf.encode_prompt(prompt))
+    tvs, heads = [], []
+    agree = 0
+    for _ in range(16):
+        la, lb = smol.next_logprobs([a])[0], hf.next_logprobs([b])[0]
+        agree += int(la.argmax()) == int(lb.argmax())
+        tvs.append(0.5 * (la.exp() - lb.exp()).abs().sum().item())
+        likely = (la.exp() > 1e-3) | (lb.exp() > 1e-3)
+        heads.append((la - lb)[likely].abs().max().item())
+        a.append(int(lb.argmax()))
+        b.append(int(lb.argmax()))
+    assert agree >= 14 and max(tvs) < 0.12 and max(heads) < 0.6, (agree, max(tvs), max(heads))
+
+
+def test_tokenizer_and_chat_agree_with_transformers(smol):
+    hf = lc.models.load("smollm2-135m")
+    texts = ["Hello, world!", "  two spaces\nand a newline", "héllo ünïcode 🙂", "<|im_start|>x"]
+    for text in texts:
+        assert smol.encode(text) == hf.encode(text), text
+        assert smol.decode(smol.encode(text)) == hf.decode(hf.encode(text))
+    assert smol.chat("Hi", system="Be brief.") == hf.chat("Hi", system="Be brief.")
+    ours, theirs = smol.token_bytes(), hf.token_bytes()
+    differ = [i for i, (x, y) in enumerate(zip(ours, theirs, strict=True)) if x != y]
+    # llama.cpp marks the tokenizer's added control tokens (<file_sep>...) as control: no text
+    assert all(
+        ours[i] is None and smol._l.llama_vocab_is_control(smol._vocab_ptr, i) for i in differ
+    )
+    assert len(differ) < 20
+
+
+def test_threads_default_to_physical_cores_and_logs_are_silent(capfd):
+    lm = LlamaCppLM(_gguf_path(0))
+    lm.next_logprobs([lm.open(lm.encode_prompt("Q:"))])
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert lm.threads == physical_cores() >= 1
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def test_load_by_name_file_and_auto(smol, tmp_path):
+    assert smol.recipe.kwargs["backend"] == "llamacpp"
+    assert smol.path == registry.gguf_file("smollm2-135m")  # the installed file, no copy
+    tiny = _gguf_path(0)
+    by_path = lc.models.load(str(tiny), backend="llamacpp")
+    assert isinstance(by_path, LlamaCppLM) and by_path.recipe.args == (str(tiny.resolve()),)
+    auto = lc.models.load(str(tiny), backend="auto")  # a .gguf file: llama.cpp
+    assert isinstance(auto, LlamaCppLM)
+    want = "transformers" if torch.cuda.is_available() else "llamacpp"
+    assert registry.resolve_backend("auto") == want
+    assert registry.resolve_backend("auto", device="cuda") == "transformers"
+    twin = by_path.recipe.make()  # how a Ray worker makes it
+    ids = twin.encode_prompt("Q:ab")
+    assert torch.equal(
+        twin.next_logprobs([twin.open(ids)]), by_path.next_logprobs([by_path.open(ids)])
+    )
+
+
+def test_load_errors_name_the_fix(tmp_path):
+    tiny = _gguf_path(0)
+    with pytest.raises(ModelError, match="unknown backend"):
+        lc.models.load("smollm2-135m", backend="llama")
+    with pytest.raises(ModelError, match="runs on the CPU"):
+        lc.models.load(str(tiny), backend="llamacpp", device="cuda")
+    with pytest.raises(ModelError, match="dtype"):
+        lc.models.load(str(tiny), backend="llamacpp", dtype="bf16")
+    with pytest.raises(ModelError, match="backend='llamacpp'"):
+        lc.models.load(str(tiny))  # a file, on transformers
+    with pytest.raises(ModelNotFoundError, match="GGUF"):
+        lc.models.load(str(tmp_path), backend="llamacpp")  # a folder
+    with pytest.raises(ModelNotFoundError, match="registered"):
+        lc.models.load(str(tiny), backend="llamacpp", allow_paths=False)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 100)
+    with pytest.raises(ModelError, match="cannot load"):
+        LlamaCppLM(junk)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny.read_bytes()[:5000])
+    with pytest.raises(ModelError, match="cannot load"):
+        LlamaCppLM(cut)
+    with pytest.raises(ModelError, match="no GGUF file"):
+        LlamaCppLM(tmp_path / "missing.gguf")
+
+
+@pytest.mark.parametrize(
+    ("option", "match"),
+    [
+        ({"kv_type": "f8"}, "kv_type"),
+        ({"n_ctx": 0}, "n_ctx"),
+        ({"batch_tokens": 2.5}, "batch_tokens"),
+        ({"threads": "2"}, "threads"),
+        ({"max_cache_gb": float("nan")}, "max_cache_gb"),
+        ({"max_cache_gb": -1}, "max_cache_gb"),
+    ],
+)
+def test_bad_options(option, match):
+    with pytest.raises(ModelError, match=match):
+        LlamaCppLM(_gguf_path(0), **option)
+
+
+def test_bad_use_gets_clear_errors():
+    lm = tiny_llama(0)
+    with pytest.raises(TypeError, match="recipe"):
+        pickle.dumps(lm)
+    with pytest.raises(ModelError, match="at least one token"):
+        lm.next_logprobs([Context([])])
+    with pytest.raises(ModelError, match="longer than"):
+        lm.next_logprobs([lm.open([1] * 300)])  # the tiny model holds 256
+    with pytest.raises(ModelError, match="outside the vocabulary"):
+        lm.decode([99])
+    small = tiny_llama(0, n_ctx=256, max_cache_gb=1e-6)  # one lane of 512 cells, no more
+    long = [small.open([1 + (i + j) % 7 for i in range(200)]) for j in range(4)]
+    with pytest.raises(ModelError, match="max_cache_gb"):
+        small.next_logprobs(long)
+    assert small.next_logprobs(long[:2]).shape == (2, 8)  # a step that fits still runs
+
+
+def test_registered_gguf_is_checked_once_and_joined_from_parts(tmp_path, monkeypatch):
+    """A model shipped in parts is joined once (SHA-256 checked, a stamp recorded); later
+    loads only stat it; a damaged single-part file is refused with the fix."""
+    monkeypatch.setenv("LMCASCADE_HOME", str(tmp_path / "home"))
+    data = _gguf_path(0).read_bytes()
+    pkg = tmp_path / "site" / "tinyparts"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    half = len(data) // 2
+    (pkg / "data" / "part01.bin").write_bytes(data[:half])
+    (pkg / "data" / "part02.bin").write_bytes(data[half:])
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    spec = registry.ModelSpec(
+        name="tiny-parts",
+        description="test",
+        license="-",
+        packages=("tinyparts==0",),
+        parts=(("tinyparts", "data/part01.bin"), ("tinyparts", "data/part02.bin")),
+        gguf_name="tiny.gguf",
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+    )
+    monkeypatch.setitem(registry.MODELS, "tiny-parts", spec)
+    first = registry.gguf_file("tiny-parts")
+    assert first.read_bytes() == data and first.parent == tmp_path / "home" / "models" / "gguf"
+    stamp = json.loads((first.parent / "tiny-parts.json").read_text())
+    assert stamp["sha256"] == spec.sha256
+    mtime = first.stat().st_mtime_ns
+    lm = lc.models.load("tiny-parts", backend="llamacpp", threads=1)
+    assert lm.path == first and first.stat().st_mtime_ns == mtime  # not joined again
+    # one part: read in place; damage is refused with the fix
+    single = registry.ModelSpec(
+        **{**spec.__dict__, "name": "tiny-one", "parts": (("tinyparts", "data/one.bin"),)}
+    )
+    (pkg / "data" / "one.bin").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    monkeypatch.setitem(registry.MODELS, "tiny-one", single)
+    with pytest.raises(ModelIntegrityError, match="fetch tiny-one --force"):
+        registry.gguf_file("tiny-one")
