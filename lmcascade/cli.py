@@ -218,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
     many = _read_inputs(args.inputs) if args.inputs else None  # read before loading models
     models = {}
     if args.model:
-        model = lc.models.load(args.model, device=args.device)
+        model = lc.models.load(args.model, device=args.device, backend=args.model_backend)
         models = {m.name: model for m in module.models} or {"lm": model}
     programs = vars(
         lc.load(
@@ -227,6 +227,7 @@ def _run(args: argparse.Namespace) -> int:
             limits=_limits(args),
             allow_paths=not args.registry_only,
             device=args.device,
+            model_backend=args.model_backend,
         )
     )
     name = args.program or (module.programs[0].name if module.programs else None)
@@ -400,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--model", help="bind the file's models to this registry name or path")
     run.add_argument("--device", default="auto")
+    run.add_argument(
+        "--model-backend",
+        choices=["transformers", "llamacpp", "auto"],
+        default="transformers",
+        help="what runs the models: transformers, llama.cpp (CPU), or auto (llama.cpp on a "
+        "CPU-only machine where it is installed)",
+    )
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--json", action="store_true", help="print the full result as JSON")
     run.add_argument(

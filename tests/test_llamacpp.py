@@ -12,6 +12,7 @@ import hashlib
 import json
 import pickle
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -401,3 +402,21 @@ def test_registered_gguf_is_checked_once_and_joined_from_parts(tmp_path, monkeyp
     monkeypatch.setitem(registry.MODELS, "tiny-one", single)
     with pytest.raises(ModelIntegrityError, match="fetch tiny-one --force"):
         registry.gguf_file("tiny-one")
+
+
+def test_text_programs_and_the_cli_pick_the_backend(smol, capsys):
+    from lmcascade.cli import main
+
+    source = (
+        'model lm = "smollm2-135m"\nprogram one() {\n  a ~ lm("Hi", max_tokens=2)\n  return a\n}\n'
+    )
+    progs = lc.load(source=source, model_backend="llamacpp")
+    result = lc.infer(progs.one(), method="forward", num_samples=2, seed=0, progress=False)
+    assert len(result.values) == 2
+    args = ["run", "examples/lmc/verify.lmc", "--input", "a=1", "--input", "b=2"]
+    root = Path(__file__).parent.parent
+    args[1] = str(root / args[1])
+    code = main([*args, "--model-backend", "llamacpp", "--particles", "2", "--seed", "0"])
+    assert code == 0 and "forward_passes" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--model-backend", "llama"])

@@ -178,6 +178,7 @@ def load(
     limits: Limits | None = None,
     allow_paths: bool = True,
     device: str = "auto",
+    model_backend: str = "transformers",
 ) -> SimpleNamespace:
     """Reads, parses, checks and compiles a ``.lmc`` file or source text into its programs.
 
@@ -190,7 +191,9 @@ def load(
     for files from untrusted sources.  ``tools`` are the only functions the file may call;
     ``limits`` (a :class:`~lmcascade.dsl.limits.Limits`) is the per-trace budget of the
     interpreter; ``device`` is where declared models load (``"auto"``: a GPU when there is
-    one).  Returns a namespace with one attribute per program:
+    one) and ``model_backend`` with what (``"transformers"``, ``"llamacpp"`` or ``"auto"``,
+    as in :func:`lmcascade.models.load`).  Returns a namespace with one attribute per
+    program:
 
     >>> load(source="program one() { return 1 }").one
     <lmcascade program one()>
@@ -234,7 +237,9 @@ def load(
             from lmcascade.models.registry import load as load_model
 
             try:  # a name loads from the registry only, never from a folder of that name
-                loaded[ref] = load_model(ref, device=device, allow_paths=is_path)
+                loaded[ref] = load_model(
+                    ref, device=device, allow_paths=is_path, backend=model_backend
+                )
             except LMCascadeError as err:
                 raise DSLError(
                     str(err), filename=filename, line=decl.line, col=decl.col, source=module.source
