@@ -187,9 +187,17 @@ def rescore(eff: Effect, name: str, recorded: Site) -> Site | Pending | None:
 
 
 def same_vocabulary(a: Any, b: Any) -> bool:
-    """Whether two models share a vocabulary (so a token path means the same in both)."""
+    """Whether two models share a vocabulary (so a token path means the same in both).
+
+    Tokens with text must have the same bytes; a special token may have no text in one
+    model and its marker's text in the other (llama.cpp and transformers read the same GGUF's
+    control tokens differently).
+    """
     if a is b:
         return True
     if a.vocab_size != b.vocab_size or a.eos_id != b.eos_id:
         return False
-    return a.token_bytes() == b.token_bytes()
+    return all(
+        x == y or x is None or y is None
+        for x, y in zip(a.token_bytes(), b.token_bytes(), strict=True)
+    )

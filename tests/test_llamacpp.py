@@ -357,7 +357,10 @@ def test_bad_use_gets_clear_errors():
         lm.next_logprobs([lm.open([1] * 300)])  # the tiny model holds 256
     with pytest.raises(ModelError, match="outside the vocabulary"):
         lm.decode([99])
-    small = tiny_llama(0, n_ctx=256, max_cache_gb=1e-6)  # one lane of 512 cells, no more
+    with pytest.raises(ModelError, match="fewer than one cache"):
+        tiny_llama(0, max_cache_gb=1e-6)
+    per_token = 2 * 2 * 2 * 8 * 4  # layers, keys and values, kv heads, head size, fp32
+    small = tiny_llama(0, n_ctx=256, max_cache_gb=600 * per_token / 2**30)  # one 512-cell cache
     long = [small.open([1 + (i + j) % 7 for i in range(200)]) for j in range(4)]
     with pytest.raises(ModelError, match="max_cache_gb"):
         small.next_logprobs(long)
@@ -420,3 +423,74 @@ def test_text_programs_and_the_cli_pick_the_backend(smol, capsys):
     assert code == 0 and "forward_passes" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*args, "--model-backend", "llama"])
+
+
+# --- found by review: lifetimes, interruptions, abandoned contexts -----------------------------
+
+
+def test_tokenizer_outlives_model_and_closed_models_refuse_use():
+    tok = tiny_llama(0).tokenizer  # the model object is gone; the tokenizer keeps llama's
+    assert tok.decode(tok.encode("Q:ab")) == "Q:ab"
+    with pytest.raises(ModelError, match="outside the vocabulary"):
+        tok.piece(10**6)
+    lm = tiny_llama(0)
+    lm.close()
+    for use in (lambda: lm.encode("Q"), lambda: lm.next_logprobs([Context([1])])):
+        with pytest.raises(ModelError, match="closed"):
+            use()
+
+
+def test_an_interrupted_step_leaves_the_model_correct(monkeypatch):
+    """Ctrl-C (or any error) between two decodes of a step rolls every sequence back."""
+    lm, fresh = tiny_llama(0, batch_tokens=8), tiny_llama(0)
+    ctxs = [lm.open([5, 6, 1 + i % 7, 2]) for i in range(6)]
+    lm.next_logprobs(ctxs)
+    real, calls = llama_cpp.llama_decode, []
+
+    def flaky(ctx, batch):  # the second decode of the step is interrupted
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(ctx, batch)
+
+    for c in ctxs:
+        c.extend([3, 4, 1])
+    monkeypatch.setattr(llama_cpp, "llama_decode", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        lm.next_logprobs(ctxs + [lm.open([2, 2, 2, 2, 2, 2, 2, 2, 2])])
+    monkeypatch.setattr(llama_cpp, "llama_decode", real)
+    for c, row in zip(ctxs, lm.next_logprobs(ctxs), strict=True):
+        assert (row - fresh_logprobs(fresh, c.ids)).abs().max() < 1e-4
+    bad = lm.open([1, 2, 99])
+    with pytest.raises(ModelError, match="token id 99"):
+        lm.next_logprobs([ctxs[0], bad])
+    ctxs[0].append(2)
+    assert (lm.next_logprobs([ctxs[0]])[0] - fresh_logprobs(fresh, ctxs[0].ids)).abs().max() < 1e-4
+
+
+def test_abandoned_contexts_free_their_sequences():
+    """Contexts dropped without release (a run stopped by an error) give their sequences
+    back when they are garbage-collected; a full cache evicts idle ones before growing."""
+    lm = tiny_llama(0, n_ctx=512)
+    for i in range(40):  # 40 x 100 distinct tokens would not fit 512 cells if kept
+        ctx = lm.open([1 + (i + j) % 7 for j in range(100)])
+        lm.next_logprobs([ctx])
+        del ctx
+    assert lm.cached_cells == lm._lanes[0].cells == 512  # never grown
+    live = sum(1 for s in lm._lanes[0].slots.values() if s.refs > 0)
+    assert live <= 1
+
+
+def test_a_llama_cpp_draft_for_a_transformers_target(smol):
+    """The same GGUF on both backends shares one vocabulary (control tokens aside)."""
+    hf = lc.models.load("smollm2-135m")
+
+    @lc.program
+    def text():
+        return (yield lc.gen("t", hf, hf.chat("Say hi."), max_tokens=6, temperature=0))
+
+    fast = lc.infer(text(), method="speculative", draft=smol, num_samples=1, progress=False)
+    plain = lc.infer(text(), method="forward", num_samples=1, progress=False)
+    assert fast.values == plain.values
+    with pytest.raises(ModelError, match="no option 'memory_budget_gb'"):
+        lc.models.load("smollm2-135m", backend="llamacpp", memory_budget_gb=1)

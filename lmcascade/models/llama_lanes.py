@@ -13,7 +13,7 @@ model's memory cap.
 >>> slot = Slot(lane=None, seq=3)
 >>> handle = Handle(slot, 0)
 >>> handle.n, slot.refs
-(0, 0)
+(0, 1)
 """
 
 from __future__ import annotations
@@ -51,13 +51,22 @@ class Slot:
 
 
 class Handle:
-    """A context's state: its first ``n`` ids are cached in ``slot``."""
+    """A context's state: its first ``n`` ids are cached in ``slot``.  Making one counts a
+    user of the slot; when it is dropped (the context released, cropped to nothing, given a
+    slot of its own, or garbage-collected) the slot is queued on its model, which parks it
+    once no handle uses it."""
 
     __slots__ = ("slot", "n")
 
     def __init__(self, slot: Slot, n: int) -> None:
         self.slot = slot
         self.n = n
+        slot.refs += 1
+
+    def __del__(self) -> None:
+        lane = self.slot.lane
+        if lane is not None:
+            lane.owner._dropped.append(self.slot)  # settled under the model's lock
 
 
 class NoRoom(Exception):
@@ -124,9 +133,10 @@ class Lane:
         self.open(cells)
 
     def open(self, cells: int) -> None:
-        """(Re)creates the context with ``cells`` cells; every slot starts empty."""
+        """(Re)creates the context with at least ``cells`` cells; every slot starts empty.
+        The new context is made before the old one is freed, so a failure (or Ctrl-C) leaves
+        the lane as it was."""
         o, L = self.owner, self.owner._l
-        self.close()
         cp = L.llama_context_default_params()
         cp.n_ctx = cells
         cp.n_batch = cp.n_ubatch = o.batch_tokens  # (the model keeps cells >= batch_tokens)
@@ -138,18 +148,18 @@ class Lane:
         if o.flash_attention is not None:
             cp.flash_attn_type = int(bool(o.flash_attention))
         cp.no_perf = True
-        self.ctx = L.llama_init_from_model(o._model, cp)
-        if not self.ctx:
+        ctx = L.llama_init_from_model(o._model, cp)
+        if not ctx:
             raise ModelError(
                 f"llama.cpp could not make a context of {cells} cells for {o.name!r} (about "
-                f"{cells * o.cache_bytes_per_token / 2**30:.1f} GB); lower max_cache_gb"
+                f"{cells * o.cache_bytes_per_token / 2**30:.1f} GB); lower n_ctx or max_cache_gb"
             )
-        self.cells = cells
-        self.batch_size = min(
-            o.batch_tokens, int(L.llama_n_batch(self.ctx))
-        )  # as llama.cpp took it
-        self.mem = L.llama_get_memory(self.ctx)
-        self.batch = L.llama_batch_init(o.batch_tokens, 0, 1)
+        batch = L.llama_batch_init(o.batch_tokens, 0, 1)
+        self.close()
+        self.ctx, self.batch = ctx, batch
+        self.cells = int(L.llama_n_ctx(ctx))  # llama.cpp rounds the size up
+        self.batch_size = min(o.batch_tokens, int(L.llama_n_batch(ctx)))  # and may cap this
+        self.mem = L.llama_get_memory(ctx)
         self.reset()
 
     def reset(self) -> None:

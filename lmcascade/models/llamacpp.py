@@ -31,6 +31,7 @@ import functools
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,11 @@ def llama_cpp_module() -> Any:
             "the llama.cpp backend needs llama-cpp-python: pip install 'lmcascade[llamacpp]' "
             "(it compiles llama.cpp from source; see docs/models.md)"
         ) from err
+    except Exception as err:  # installed, but its shared library does not load
+        raise ModelError(
+            f"llama-cpp-python is installed but does not load ({type(err).__name__}: {err}); "
+            "reinstall it (see docs/models.md) or use backend='transformers'"
+        ) from err
     _silence(llama_cpp)
     return llama_cpp
 
@@ -71,7 +77,8 @@ def _silence(llama_cpp: Any) -> None:
     logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
 
     def keep(level: int, text: bytes, user_data: Any) -> None:
-        if level in (2, 3):  # warnings and errors: the tail explains a failed load
+        if level in (3, 4, 5):  # warnings, errors and their continued lines: the tail
+            # explains a failed load (ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 cont)
             _LOG_TAIL.append(text.decode("utf-8", "replace").strip())
             del _LOG_TAIL[:-8]
 
@@ -86,15 +93,29 @@ _LOG_TAIL: list[str] = []
 
 
 def is_available() -> bool:
-    """Whether llama-cpp-python can be imported."""
+    """Whether llama-cpp-python is installed and loads.
+
+    >>> isinstance(is_available(), bool)
+    True
+    """
     import importlib.util
 
-    return importlib.util.find_spec("llama_cpp") is not None
+    if importlib.util.find_spec("llama_cpp") is None:
+        return False
+    try:
+        llama_cpp_module()
+    except ModelError:
+        return False
+    return True
 
 
 def physical_cores() -> int:
     """Cores this process may run on, counting each physical core once (hyperthreads share
-    one); llama.cpp is fastest with one thread per physical core."""
+    one); llama.cpp is fastest with one thread per physical core.
+
+    >>> physical_cores() >= 1
+    True
+    """
     try:
         cpus = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -110,17 +131,60 @@ def physical_cores() -> int:
     return max(1, len(groups))
 
 
+class NativeModel:
+    """A loaded llama.cpp model, freed when the last object using it (the LlamaCppLM, its
+    tokenizer) is gone, or when closed; a closed one refuses use with a ModelError."""
+
+    def __init__(self, llama_cpp: Any, path: Path, name: str) -> None:
+        self._l, self.name, self.ptr = llama_cpp, name, None
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        del _LOG_TAIL[:]
+        ptr = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+        if not ptr:
+            why = "; ".join(_LOG_TAIL[-3:]) or "llama.cpp refused it"
+            raise ModelError(f"llama.cpp cannot load {str(path)!r}: {why}")
+        self.ptr = ptr
+        self._vocab = llama_cpp.llama_model_get_vocab(ptr)
+
+    def model(self) -> Any:
+        if self.ptr is None:
+            raise ModelError(f"model {self.name!r} was closed; load it again to use it")
+        return self.ptr
+
+    def vocab(self) -> Any:
+        self.model()
+        return self._vocab
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            self._l.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
 class LlamaCppTokenizer:
     """llama.cpp's own tokenizer for the GGUF, seen through lmcascade's Tokenizer protocol.
 
     ``encode`` adds no BOS/EOS but reads special tokens written in the text (as a Hugging Face
     tokenizer does); ``encode_prompt`` also adds what the model puts at the start of a text.
+    It keeps the native model alive (a tokenizer may outlive its LlamaCppLM).
+
+    >>> from lmcascade.models.llamacpp import LlamaCppLM           # doctest: +SKIP
+    >>> LlamaCppLM("model.gguf").tokenizer.encode("Hello")          # doctest: +SKIP
+    [19556]
     """
 
-    def __init__(self, llama_cpp: Any, vocab: Any, size: int) -> None:
+    def __init__(self, llama_cpp: Any, native: NativeModel) -> None:
         self._l = llama_cpp
-        self._vocab = vocab
-        self.size = size
+        self._native = native
+        vocab = native.vocab()
+        self.size = size = int(llama_cpp.llama_vocab_n_tokens(vocab))
         self.eos_id = int(llama_cpp.llama_vocab_eos(vocab))
         if not 0 <= self.eos_id < size:
             self.eos_id = int(llama_cpp.llama_vocab_eot(vocab))
@@ -132,7 +196,8 @@ class LlamaCppTokenizer:
         room = len(data) + 8
         for _ in range(2):
             buf = (self._l.llama_token * room)()
-            n = self._l.llama_tokenize(self._vocab, data, len(data), buf, room, add_special, True)
+            vocab = self._native.vocab()
+            n = self._l.llama_tokenize(vocab, data, len(data), buf, room, add_special, True)
             if n >= 0:
                 return list(buf[:n])
             room = -n  # too small: llama.cpp says how many it needs
@@ -145,7 +210,10 @@ class LlamaCppTokenizer:
         return self._tokenize(text, True)
 
     def decode(self, ids: Sequence[int]) -> str:
-        ids = [int(t) for t in ids]
+        try:
+            ids = [int(t) for t in ids]
+        except (TypeError, ValueError) as err:
+            raise ModelError(f"token ids must be whole numbers: {err}") from None
         if not ids:
             return ""
         bad = [t for t in ids if not 0 <= t < self.size]
@@ -155,7 +223,8 @@ class LlamaCppTokenizer:
         room = 16 * len(ids) + 16
         for _ in range(2):
             buf = ctypes.create_string_buffer(room)
-            n = self._l.llama_detokenize(self._vocab, tokens, len(ids), buf, room, False, True)
+            vocab = self._native.vocab()
+            n = self._l.llama_detokenize(vocab, tokens, len(ids), buf, room, False, True)
             if n >= 0:
                 return buf.raw[:n].decode("utf-8", "replace")
             room = -n
@@ -163,8 +232,10 @@ class LlamaCppTokenizer:
 
     def piece(self, token: int) -> bytes:
         """The bytes token ``token`` adds to a text (special tokens: none)."""
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.size:
+            raise ModelError(f"token id {token!r} is outside the vocabulary of {self.size}")
         buf = ctypes.create_string_buffer(256)
-        n = self._l.llama_token_to_piece(self._vocab, token, buf, 256, 0, False)
+        n = self._l.llama_token_to_piece(self._native.vocab(), token, buf, 256, 0, False)
         return buf.raw[: max(n, 0)]
 
     def __len__(self) -> int:
@@ -197,57 +268,77 @@ class LlamaCppLM(LanguageModel):
         kv_type: str = "f16",
         flash_attention: bool | None = False,
     ) -> None:
+        self._lanes: list[Lane] = []
         self._l = llama_cpp_module()
         path = Path(os.fspath(path))
         if not path.is_file():
             raise ModelError(f"no GGUF file at {str(path)!r}")
-        if kv_type not in KV_TYPES:
+        if not isinstance(kv_type, str) or kv_type not in KV_TYPES:
             raise ModelError(f"unknown kv_type {kv_type!r}; use one of {', '.join(KV_TYPES)}")
-        for key, value in (("n_ctx", n_ctx), ("batch_tokens", batch_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ModelError(f"{key} must be a whole number >= 1, got {value!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
-            raise ModelError(f"threads must be a whole number, got {threads!r}")
-        if not isinstance(max_cache_gb, (int, float)) or not max_cache_gb > 0:
-            raise ModelError(f"max_cache_gb must be a positive number, got {max_cache_gb!r}")
+        for key, value, top in (
+            ("n_ctx", n_ctx, 1 << 24),
+            ("batch_tokens", batch_tokens, 1 << 16),
+            ("threads", 1 if threads is None else threads, 1024),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+                raise ModelError(f"{key} must be a whole number from 1 to {top}, got {value!r}")
+        if (
+            isinstance(max_cache_gb, bool)
+            or not isinstance(max_cache_gb, (int, float))
+            or not 0 < max_cache_gb < 1 << 20
+        ):
+            raise ModelError(f"max_cache_gb must be a positive number of GB, got {max_cache_gb!r}")
+        if flash_attention not in (None, True, False):
+            raise ModelError(
+                f"flash_attention must be True, False or None, got {flash_attention!r}"
+            )
         self.path = path
         self.name = name or path.stem
-        self.threads = max(1, threads) if threads else physical_cores()
+        self.threads = threads or physical_cores()
         self.kv_type = kv_type
         self.flash_attention = flash_attention
         self.batch_tokens = batch_tokens
         self.counters: dict[str, int] = {}
         self._lock = threading.RLock()
-        params = self._l.llama_model_default_params()
-        params.n_gpu_layers = 0
-        del _LOG_TAIL[:]
-        self._model = self._l.llama_model_load_from_file(str(path).encode(), params)
-        if not self._model:
-            why = "; ".join(_LOG_TAIL[-2:]) or "llama.cpp refused it"
-            raise ModelError(f"llama.cpp cannot load {str(path)!r}: {why}")
-        self._vocab_ptr = self._l.llama_model_get_vocab(self._model)
-        self._vocab = int(self._l.llama_vocab_n_tokens(self._vocab_ptr))
-        self.tokenizer = LlamaCppTokenizer(self._l, self._vocab_ptr, self._vocab)
+        self._dropped: deque[Slot] = deque()  # slots of handles gone since the last call
+        self._native = NativeModel(self._l, path, self.name)
+        self.tokenizer = LlamaCppTokenizer(self._l, self._native)
+        self._vocab = self.tokenizer.size
         self._train_ctx = int(self._l.llama_model_n_ctx_train(self._model))
         self.n_ctx = max(n_ctx, batch_tokens)  # llama.cpp caps a decode's tokens at the cells
-        self.max_cells = max(n_ctx, int(max_cache_gb * 2**30) // max(1, self.cache_bytes_per_token))
-        self._lanes: list[Lane] = [Lane(self, self.n_ctx)]
+        budget = int(max_cache_gb * 2**30) // max(1, self.cache_bytes_per_token)
+        if budget < self.n_ctx:
+            raise ModelError(
+                f"max_cache_gb={max_cache_gb} holds {budget} tokens of {self.name!r}, fewer than "
+                f"one cache of n_ctx={self.n_ctx}; raise max_cache_gb or lower n_ctx"
+            )
+        self.max_cells = budget
+        self._lanes = [Lane(self, self.n_ctx)]
+
+    @property
+    def _model(self) -> Any:
+        return self._native.model()
+
+    @property
+    def _vocab_ptr(self) -> Any:
+        return self._native.vocab()
 
     # -- lifetime -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Frees the llama.cpp contexts and model (the object is unusable afterwards)."""
+        """Frees the llama.cpp contexts and model now (later use raises a ModelError)."""
         with self._lock:
             for lane in self._lanes:
                 lane.close()
             self._lanes = []
-            if getattr(self, "_model", None):
-                self._l.llama_model_free(self._model)
-                self._model = None
+            native = getattr(self, "_native", None)
+            if native is not None:
+                native.free()
 
     def __del__(self) -> None:
         try:
-            self.close()
+            for lane in self._lanes:  # the model itself goes with the last user of it
+                lane.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
@@ -335,19 +426,17 @@ class LlamaCppLM(LanguageModel):
     def fork(self, context: Context) -> Context:
         """A new context sharing this one's slot (nothing is copied until one advances)."""
         with self._lock:
+            self._settle()
             handle = self._handle(context)
             if handle is None:
                 return Context(context.ids)
-            handle.slot.refs += 1
             return Context(context.ids, Handle(handle.slot, handle.n))
 
     def release(self, context: Context) -> None:
         """Drops the context; a slot no context uses any more is parked for prefix reuse."""
         with self._lock:
-            handle = self._handle(context)
-            context.state = None
-            if handle is not None:
-                self._unref(handle.slot)
+            context.state = None  # its handle is dropped: the slot is queued
+            self._settle()
 
     def crop(self, context: Context, length: int) -> None:
         """Keeps the first ``length`` ids; the cells past them leave the slot lazily."""
@@ -357,8 +446,8 @@ class LlamaCppLM(LanguageModel):
             context.ids = context.ids[:length]
             handle = self._handle(context)
             if handle is not None and length == 0:
-                context.state = None
-                self._unref(handle.slot)
+                context.state = handle = None
+                self._settle()
             elif handle is not None and handle.n > length:
                 handle.n = length
 
@@ -402,14 +491,21 @@ class LlamaCppLM(LanguageModel):
     # -- slots ----------------------------------------------------------------------------------
 
     def _handle(self, context: Context) -> Handle | None:
-        """The context's live handle (None when fresh, or its slot was dropped)."""
+        """The context's live handle (None when fresh, its slot was dropped, or it belongs to
+        another model)."""
         h = context.state
-        return h if isinstance(h, Handle) and h.slot.live else None
+        if isinstance(h, Handle) and h.slot.live and h.slot.lane.owner is self:
+            return h
+        return None
 
-    def _unref(self, slot: Slot) -> None:
-        slot.refs -= 1
-        if slot.refs <= 0:
-            slot.lane.park(slot)
+    def _settle(self) -> None:
+        """Counts the handles dropped since the last call out of their slots; a slot no
+        handle uses is parked (its tokens kept for prefix reuse until the room is needed)."""
+        while self._dropped:
+            slot = self._dropped.popleft()
+            slot.refs -= 1
+            if slot.refs <= 0:
+                slot.lane.park(slot)
 
     @property
     def cached_cells(self) -> int:
@@ -461,6 +557,9 @@ class LlamaCppLM(LanguageModel):
         """Logits ``[counts[i], vocab]`` of the last ``counts[i]`` positions of each context,
         after which every context (with a count) has all its ids cached."""
         with self._lock:
+            if not self._lanes:
+                self._native.model()  # closed: a ModelError saying so
+            self._settle()
             for ctx in contexts:
                 if not ctx.ids:
                     raise ModelError("a context needs at least one token; give the LM a prompt")
@@ -481,6 +580,13 @@ class LlamaCppLM(LanguageModel):
             for slot in list(lane.parked.values()):
                 lane.drop(slot)
             self._count("room_dropped_parked")
+            return
+        busy = {id(h.slot) for ctx in contexts if (h := self._handle(ctx)) is not None}
+        idle = [slot for slot in lane.slots.values() if id(slot) not in busy]
+        if idle:  # contexts not in this step (perhaps abandoned): computed again if used
+            for slot in idle:
+                lane.drop(slot)
+            self._count("evicted_sequences", len(idle))
             return
         grow = min(lane.cells, self.max_cells - self.cached_cells)
         if grow <= 0:
@@ -521,8 +627,6 @@ class LlamaCppLM(LanguageModel):
                 start = min(contexts[i].state.n, len(ids) - counts[i])
                 new, start = self._place(ids, len(ids) - counts[i], busy, (slot, start))
                 busy.add(id(new))
-                slot.refs -= 1
-                new.refs = 1
                 contexts[i].state = Handle(new, start)
                 plan.append(([i], new, start, counts[i]))
             if owner is not None:  # the last user computes in place, past what it keeps
@@ -538,7 +642,6 @@ class LlamaCppLM(LanguageModel):
             keep = max(counts[i] for i in members)
             slot, k = self._place(key, len(key) - keep, busy, index=index)
             busy.add(id(slot))
-            slot.refs = len(members)
             for i in members:
                 contexts[i].state = Handle(slot, k)
             plan.append((members, slot, k, keep))
@@ -554,7 +657,7 @@ class LlamaCppLM(LanguageModel):
             first_out = len(ids) - m
             entries = by_lane.setdefault(id(slot.lane), (slot.lane, []))[1]
             for pos in range(start, len(ids)):
-                entries.append((ids[pos], pos, slot.seq, pos >= first_out))
+                entries.append((self._token(ids[pos]), pos, slot.seq, pos >= first_out))
             kind = "prefill_tokens" if members[0] in fresh_ids else "decode_tokens"
             tally[kind] += len(ids) - start
         row = 0
@@ -562,11 +665,14 @@ class LlamaCppLM(LanguageModel):
             for lane, entries in by_lane.values():
                 row = lane.decode(entries, logits, row)
                 self._count("forward_passes")
-        except NoRoom:
-            for _, slot, _, _ in plan:  # back to what each slot recorded, then retry
+        except BaseException:  # no room (retried), an error, Ctrl-C: back to what was recorded
+            for _, slot, _, _ in plan:
                 if slot.live:
                     self._l.llama_memory_seq_rm(slot.lane.mem, slot.seq, len(slot.ids), -1)
             raise
+        if not np.isfinite(logits).all():  # a NaN in shared cells would reach every sequence
+            for lane, _ in by_lane.values():
+                lane.clear()
         for key, n in tally.items():
             if n:
                 self._count(key, n)
@@ -581,6 +687,18 @@ class LlamaCppLM(LanguageModel):
                 out[i] = block[m - counts[i] :]
                 contexts[i].state.n = len(ids)
         return out
+
+    def _token(self, tok: Any) -> int:
+        """``tok`` checked as a token id of this vocabulary."""
+        try:
+            if 0 <= tok < self._vocab and int(tok) == tok:
+                return int(tok)
+        except TypeError:
+            pass
+        raise ModelError(
+            f"token id {tok!r} in a context is outside the vocabulary of {self.name!r} "
+            f"(0 to {self._vocab - 1})"
+        )
 
     def _count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n

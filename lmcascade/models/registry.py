@@ -26,6 +26,7 @@ import contextlib
 import errno
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -498,7 +499,10 @@ def gguf_file(name: str) -> Path:
     if _stamp_matches(stamp, target, spec.sha256):
         return target
     if len(parts) == 1:
-        digest = _sha256_file(target)
+        try:
+            digest = _sha256_file(target)
+        except OSError as err:
+            raise ModelError(f"model {spec.name!r}: cannot read {target}: {err}") from None
         if digest != spec.sha256:
             raise ModelIntegrityError(
                 f"model {spec.name!r}: {target} has SHA-256 {digest[:12]}..., expected "
@@ -506,7 +510,10 @@ def gguf_file(name: str) -> Path:
             )
     else:
         writable_home()
-        root.mkdir(exist_ok=True)
+        try:
+            root.mkdir(exist_ok=True)
+        except OSError as err:
+            raise _home_error(root, err) from None
         with _conversion_lock(root, spec.name):
             if _stamp_matches(stamp, target, spec.sha256):
                 return target
@@ -856,6 +863,12 @@ def _load_llamacpp(
         raise ModelError(
             "dtype applies to the transformers backend; llama.cpp computes in the GGUF's own "
             "types (choose the cache's with kv_type='f16'|'f32'|'q8_0')"
+        )
+    options = ", ".join(p for p in inspect.signature(LlamaCppLM).parameters if p != "path")
+    unknown = sorted(set(kwargs) - set(options.split(", ")))
+    if unknown:
+        raise ModelError(
+            f"the llama.cpp backend has no option {unknown[0]!r}; its options: {options}"
         )
     if file is not None:
         return LlamaCppLM(file, **kwargs)
