@@ -186,10 +186,17 @@ class Lane:
     # -- sequences ------------------------------------------------------------------------------
 
     def park(self, slot: Slot) -> None:
-        """``slot`` has no users: keep its tokens for a later prompt that starts with them."""
+        """``slot`` has no users: keep its tokens for a later prompt that starts with them.
+
+        Parked tokens are kept to an eighth of the cells (the oldest go first): every decode
+        attends over all the cells in use, masked or not, so a cache full of parked
+        sequences would slow every step of the live ones."""
         if slot.live and slot.seq in self.slots:
             slot.refs = 0
             self.parked[slot.seq] = slot
+            budget = self.cells // 8
+            while len(self.parked) > 1 and sum(len(s.ids) for s in self.parked.values()) > budget:
+                self.drop(next(iter(self.parked.values())))
 
     def drop(self, slot: Slot) -> None:
         """Frees a slot's sequence (its cells go when no other sequence holds them)."""
