@@ -15,6 +15,13 @@ within 1.3x of (c); prompt tokens computed = the prompt's length, not N times it
 
 Run: ``.venv/bin/python benchmarks/bench_decode.py [--device cpu|cuda] [--sizes 1,8,32,128]
 [--repeats 3]`` (``--repeats`` keeps the best of several timings of the engine, (b) and (c)).
+
+``--backend llamacpp`` measures the engine on :class:`~lmcascade.models.llamacpp.LlamaCppLM`
+instead (default sizes 1, 8, 32), against its floor — a bare llama.cpp loop on a context with
+LlamaCppLM's settings: the prompt decoded once into sequence 0, copied to sequences 1..N-1,
+then 31 decodes of N tokens with logits for each, arg-max on numpy — and against the engine on
+TransformersLM in the same run, taking turns in each of the ``--repeats`` rounds.  Targets:
+within 1.2x of the floor at every N; at least 3x TransformersLM's engine at N = 1.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from timing import interleaved, machine  # benchmarks/timing.py
 
 import lmcascade as lc
 
@@ -144,6 +153,156 @@ def floor_loop(lm, ids: torch.Tensor, n: int):
         logits.argmax(-1)
 
 
+class BareLlama:
+    """The llama.cpp backend's floor: its own model and context (LlamaCppLM's settings), fed
+    directly through llama-cpp-python's low-level API, no lmcascade in between."""
+
+    def __init__(self, lm) -> None:
+        from lmcascade.models.llama_lanes import KV_TYPES, MAX_SEQUENCES
+        from lmcascade.models.llamacpp import llama_cpp_module
+
+        L = self.L = llama_cpp_module()  # llama_cpp, its logs silenced
+        params = L.llama_model_default_params()
+        params.n_gpu_layers = 0
+        self.model = L.llama_model_load_from_file(str(lm.path).encode(), params)
+        cp = L.llama_context_default_params()
+        cp.n_ctx = lm.n_ctx
+        cp.n_batch = cp.n_ubatch = lm.batch_tokens
+        cp.n_seq_max = MAX_SEQUENCES
+        cp.n_outputs_max = max(lm.batch_tokens, MAX_SEQUENCES)
+        cp.n_threads = cp.n_threads_batch = lm.threads
+        cp.kv_unified = True
+        cp.type_k = cp.type_v = KV_TYPES[lm.kv_type]
+        if lm.flash_attention is not None:
+            cp.flash_attn_type = int(bool(lm.flash_attention))
+        cp.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        self.mem = L.llama_get_memory(self.ctx)
+        self.batch = L.llama_batch_init(lm.batch_tokens, 0, 1)
+        self.vocab = lm.vocab_size
+
+    def decode(self, tokens, positions, seqs, logits_from: int) -> np.ndarray:
+        """One llama_decode; the logits of entries ``logits_from`` on."""
+        b = self.batch
+        b.n_tokens = len(tokens)
+        for j, (tok, pos, seq) in enumerate(zip(tokens, positions, seqs, strict=True)):
+            b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = tok, pos, 1, j >= logits_from
+            b.seq_id[j][0] = seq
+        if self.L.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        rows = len(tokens) - logits_from
+        return np.ctypeslib.as_array(self.L.llama_get_logits(self.ctx), shape=(rows, self.vocab))
+
+    def prefill(self, ids: list[int], n: int) -> np.ndarray:
+        """A fresh cache: the prompt in sequence 0, copied to 1..n-1; the first tokens."""
+        self.L.llama_memory_clear(self.mem, True)
+        logits = self.decode(ids, range(len(ids)), [0] * len(ids), len(ids) - 1)
+        for seq in range(1, n):
+            self.L.llama_memory_seq_cp(self.mem, 0, seq, 0, len(ids))
+        return np.repeat(logits.argmax(-1), n)
+
+    def step(self, tokens: np.ndarray, position: int) -> np.ndarray:
+        """One token for each of the sequences 0..n-1 at ``position``; the next tokens."""
+        n = len(tokens)
+        return self.decode(tokens.tolist(), [position] * n, range(n), 0).argmax(-1)
+
+    def close(self) -> None:
+        self.L.llama_batch_free(self.batch)
+        self.L.llama_free(self.ctx)
+        self.L.llama_model_free(self.model)
+
+    def loop(self, ids: list[int], n: int) -> None:
+        """Prefill, then TOKENS - 1 steps: TOKENS tokens per sequence, as the engine makes."""
+        tokens = self.prefill(ids, n)
+        for k in range(TOKENS - 1):
+            tokens = self.step(tokens, len(ids) + k)
+
+
+def llamacpp_main(args) -> None:
+    """The engine on LlamaCppLM against its bare loop and against TransformersLM's engine."""
+    import llama_cpp
+
+    sizes = [int(s) for s in (args.sizes or "1,8,32").split(",")]
+    lm = lc.models.load(args.model, backend="llamacpp")
+    hf = lc.models.load(args.model, device="cpu")
+    question = "Write a long story about a lighthouse keeper and the sea."
+    prompt, hf_prompt = lm.chat(question), hf.chat(question)
+    ids = lm.encode_prompt(prompt)
+    bare = BareLlama(lm)
+    cpu = torch.device("cpu")
+    print(
+        f"model {lm.name}: llama.cpp ({lm.threads} threads, llama-cpp-python "
+        f"{llama_cpp.__version__}) against transformers ({torch.get_num_threads()} threads), "
+        f"prompt {len(ids)} tokens, {TOKENS} new tokens per sample"
+    )
+    print(
+        f"{'N':>4} {'engine s':>9} {'floor s':>8} {'hf eng s':>9} {'/ floor':>8} {'vs hf':>7} "
+        f"{'tok/s':>7} {'floor':>7} {'hf':>7}"
+    )
+    rows = []
+    for n in sizes:
+        fns = {
+            "engine": lambda n=n: engine_run(lm, prompt, n),
+            "floor": lambda n=n: bare.loop(ids, n),
+            "transformers": lambda n=n: engine_run(hf, hf_prompt, n),
+        }
+        for fn in fns.values():  # warm-up at this size
+            fn()
+        best = interleaved(fns, cpu, args.repeats)
+        (t_engine, result), (t_floor, _), (t_hf, _) = best.values()
+        tokens = result.stats["tokens_generated"]
+        row = {
+            "n": n,
+            "engine_s": t_engine,
+            "floor_s": t_floor,
+            "transformers_engine_s": t_hf,
+            "ratio_to_floor": t_engine / t_floor,
+            "speedup_vs_transformers": t_hf / t_engine,
+            "tokens_generated": tokens,
+            "model_calls": result.stats["model_calls"],
+            "prefill_tokens": result.stats.get("prefill_tokens"),
+            "tokens_per_s": tokens / t_engine,
+            "floor_tokens_per_s": n * TOKENS / t_floor,
+            "transformers_tokens_per_s": n * TOKENS / t_hf,
+        }
+        rows.append(row)
+        print(
+            f"{n:>4} {t_engine:>9.2f} {t_floor:>8.2f} {t_hf:>9.2f} {row['ratio_to_floor']:>8.2f} "
+            f"{row['speedup_vs_transformers']:>6.2f}x {row['tokens_per_s']:>7.0f} "
+            f"{row['floor_tokens_per_s']:>7.0f} {row['transformers_tokens_per_s']:>7.0f}"
+        )
+    by_n = {row["n"]: row for row in rows}
+    targets = {
+        "ratio_to_floor_at_most": 1.2,
+        "within_floor": all(row["ratio_to_floor"] <= 1.2 for row in rows),
+        "speedup_vs_transformers_at_n1_at_least": 3.0,
+        "faster_than_transformers": by_n[1]["speedup_vs_transformers"] >= 3.0
+        if 1 in by_n
+        else None,
+    }
+    print(f"targets: {targets}")
+    report = {
+        "benchmark": "decode",
+        "backend": "llamacpp",
+        "model": lm.name,
+        "device": "cpu",
+        **machine(cpu),
+        "llama_cpp_python": llama_cpp.__version__,
+        "llama_threads": lm.threads,
+        "kv_type": lm.kv_type,
+        "repeats": args.repeats,
+        "prompt_tokens": len(ids),
+        "transformers_prompt_tokens": len(hf.encode_prompt(hf_prompt)),
+        "new_tokens": TOKENS,
+        "rows": rows,
+        "targets": targets,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "bench_decode_cpu_llamacpp.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def memory_probe(lm, prompt: str, n: int) -> None:
     """Runs the engine once at ``n`` in this (fresh) process and prints its peak memory."""
     if lm.device.type == "cuda":
@@ -165,7 +324,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=lc.models.DEFAULT_MODEL)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--sizes", default="1,8,32,128")
+    parser.add_argument(
+        "--backend",
+        choices=("transformers", "llamacpp"),
+        default="transformers",
+        help="llamacpp: the engine on LlamaCppLM against a bare llama.cpp loop and "
+        "TransformersLM's engine",
+    )
+    parser.add_argument(
+        "--sizes", default=None, help="default 1,8,32,128 (transformers), 1,8,32 (llamacpp)"
+    )
     parser.add_argument(
         "--sequential-cap",
         type=int,
@@ -181,7 +349,10 @@ def main() -> None:
     )
     parser.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.backend == "llamacpp":
+        llamacpp_main(args)
+        return
+    sizes = [int(s) for s in (args.sizes or "1,8,32,128").split(",")]
     lm = lc.models.load(args.model, device=args.device)
     device = lm.device
     prompt = lm.chat("Write a long story about a lighthouse keeper and the sea.")

@@ -12,7 +12,14 @@ LLaMPPL is never a dependency of lmcascade: ``bash benchmarks/llamppl_env.sh`` b
 virtual environment (``benchmarks/.venv-llamppl``), and this script runs
 ``benchmarks/llamppl_no_e.py`` there in a subprocess.
 
-Run: ``.venv/bin/python benchmarks/bench_smc.py [--device cpu|cuda] [--sizes 8,32]``
+``--backend llamacpp`` runs lmcascade's side on :class:`~lmcascade.models.llamacpp.LlamaCppLM`
+(the registered GGUF on llama.cpp; LLaMPPL stays on transformers, as it has no other backend
+on the CPU), its bare step being one llama.cpp decode of N tokens (``bench_decode.BareLlama``);
+results go to ``bench_smc_cpu_llamacpp.json``.  Target there: at least 5x LLaMPPL in wall time
+at N = 32.
+
+Run: ``.venv/bin/python benchmarks/bench_smc.py [--device cpu|cuda] [--sizes 8,32]
+[--backend transformers|llamacpp]``
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import time
 from pathlib import Path
 
 import torch
+from bench_decode import BareLlama  # benchmarks/bench_decode.py
+from timing import machine  # benchmarks/timing.py
 
 import lmcascade as lc
 from lmcascade.constraints import forbid
@@ -74,6 +83,22 @@ def bare_step_time(lm, prompt: str, n: int, steps: int = 12) -> float:
         return (time.perf_counter() - start) / steps
 
 
+def bare_llama_step_time(lm, prompt: str, n: int, steps: int = 12) -> float:
+    """Seconds per bare llama.cpp decode of n tokens (one per sequence), arg-max on numpy."""
+    bare = BareLlama(lm)
+    try:
+        ids = lm.encode_prompt(prompt)
+        tokens = bare.prefill(ids, n)
+        start = None
+        for i in range(steps + 2):
+            if i == 2:
+                start = time.perf_counter()
+            tokens = bare.step(tokens, len(ids) + i)
+        return (time.perf_counter() - start) / steps
+    finally:
+        bare.close()
+
+
 def run_llamppl(model_dir: Path, n: int) -> dict | None:
     if not LLAMPPL_PY.exists():
         return None
@@ -105,8 +130,11 @@ def main() -> None:
     parser.add_argument("--model", default=lc.models.DEFAULT_MODEL)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--sizes", default="8,32")
+    parser.add_argument("--backend", choices=("transformers", "llamacpp"), default="transformers")
     args = parser.parse_args()
-    lm = lc.models.load(args.model, device=args.device)
+    llama = args.backend == "llamacpp"
+    lm = lc.models.load(args.model, device=args.device, backend=args.backend)
+    bare_step = bare_llama_step_time if llama else bare_step_time
     prompt = lm.chat(QUESTION)
     smc_run(lm, prompt, 4)  # warm-up
     rows = []
@@ -121,7 +149,7 @@ def main() -> None:
         wall = time.perf_counter() - start
         tokens = r.stats["tokens_generated"] - r.stats.get("eos_generated", 0)  # as LLaMPPL
         steps = r.stats["steps"]
-        bare = bare_step_time(lm, prompt, n)
+        bare = bare_step(lm, prompt, n)
         row = {
             "n": n,
             "system": "lmcascade",
@@ -156,15 +184,25 @@ def main() -> None:
             )
             row["speedup_vs_llamppl"] = row["tokens_per_s"] / theirs["tokens_per_s"]
             print(f"     tokens/s vs LLaMPPL: {row['speedup_vs_llamppl']:.1f}x")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"bench_smc_{lm.device.type}.json"
-    out.write_text(
-        json.dumps(
-            {"benchmark": "smc_no_e", "model": lm.name, "device": str(lm.device), "rows": rows},
-            indent=2,
+            if llama:
+                row["wall_speedup_vs_llamppl"] = theirs["wall_s"] / wall
+                print(f"     wall time vs LLaMPPL: {row['wall_speedup_vs_llamppl']:.1f}x")
+    report = {"benchmark": "smc_no_e", "model": lm.name, "device": str(lm.device), "rows": rows}
+    suffix = ""
+    if llama:
+        import llama_cpp
+
+        suffix = "_llamacpp"
+        report.update(
+            backend="llamacpp",
+            **machine(lm.device),
+            llama_cpp_python=llama_cpp.__version__,
+            llama_threads=lm.threads,
+            kv_type=lm.kv_type,
         )
-        + "\n"
-    )
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"bench_smc_{lm.device.type}{suffix}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
 
