@@ -404,7 +404,10 @@ def test_a_model_path_is_relative_to_the_lmc_file(tmp_path, monkeypatch, registr
     monkeypatch.chdir(elsewhere)
     lc.load(path)
     assert registry_calls == [
-        (str(tmp_path / "project" / "weights"), {"device": "auto", "allow_paths": True})
+        (
+            str(tmp_path / "project" / "weights"),
+            {"device": "auto", "allow_paths": True, "backend": "transformers"},
+        )
     ]
 
 
@@ -422,7 +425,9 @@ def test_a_nested_and_a_parent_model_path(tmp_path, monkeypatch, registry_calls)
 def test_a_registered_name_is_loaded_from_the_registry_only(tmp_path, registry_calls):
     path = _project(tmp_path, 'model lm = "smollm2-135m"', "smollm2-135m")
     lc.load(path)
-    assert registry_calls == [("smollm2-135m", {"device": "auto", "allow_paths": False})]
+    assert registry_calls == [
+        ("smollm2-135m", {"device": "auto", "allow_paths": False, "backend": "transformers"})
+    ]
 
 
 def test_the_same_model_declared_under_two_names_loads_once(tmp_path, registry_calls):
@@ -460,7 +465,9 @@ def test_allow_paths_false_refuses_a_model_path_at_its_declaration(tmp_path, reg
 def test_allow_paths_false_still_loads_registered_and_bound_models(tmp_path, registry_calls):
     path = _project(tmp_path, 'model lm = "./w"\nmodel reg = "smollm2-135m"', "w")
     lc.load(path, allow_paths=False, models={"lm": LM})
-    assert registry_calls == [("smollm2-135m", {"device": "auto", "allow_paths": False})]
+    assert registry_calls == [
+        ("smollm2-135m", {"device": "auto", "allow_paths": False, "backend": "transformers"})
+    ]
 
 
 def test_a_real_model_folder_next_to_the_file_loads_and_runs(tmp_path, monkeypatch):
