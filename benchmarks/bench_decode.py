@@ -158,24 +158,14 @@ class BareLlama:
     directly through llama-cpp-python's low-level API, no lmcascade in between."""
 
     def __init__(self, lm) -> None:
-        from lmcascade.models.llama_lanes import KV_TYPES, MAX_SEQUENCES
+        from lmcascade.models.llama_lanes import context_params
         from lmcascade.models.llamacpp import llama_cpp_module
 
         L = self.L = llama_cpp_module()  # llama_cpp, its logs silenced
         params = L.llama_model_default_params()
         params.n_gpu_layers = 0
         self.model = L.llama_model_load_from_file(str(lm.path).encode(), params)
-        cp = L.llama_context_default_params()
-        cp.n_ctx = lm.n_ctx
-        cp.n_batch = cp.n_ubatch = lm.batch_tokens
-        cp.n_seq_max = MAX_SEQUENCES
-        cp.n_outputs_max = max(lm.batch_tokens, MAX_SEQUENCES)
-        cp.n_threads = cp.n_threads_batch = lm.threads
-        cp.kv_unified = True
-        cp.type_k = cp.type_v = KV_TYPES[lm.kv_type]
-        if lm.flash_attention is not None:
-            cp.flash_attn_type = int(bool(lm.flash_attention))
-        cp.no_perf = True
+        cp = context_params(lm, lm.n_ctx)  # the same settings as LlamaCppLM
         self.ctx = L.llama_init_from_model(self.model, cp)
         self.mem = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(lm.batch_tokens, 0, 1)

@@ -121,6 +121,24 @@ def _first2(row: tuple) -> tuple:
     return row[:2]
 
 
+def context_params(model: Any, cells: int) -> Any:
+    """llama.cpp context parameters for ``model`` (a LlamaCppLM's settings) and ``cells``
+    KV cells: the one place they are set (the benchmark's bare loop uses them too)."""
+    o, L = model, model._l
+    cp = L.llama_context_default_params()
+    cp.n_ctx = cells
+    cp.n_batch = cp.n_ubatch = o.batch_tokens  # (the model keeps cells >= batch_tokens)
+    cp.n_seq_max = MAX_SEQUENCES
+    cp.n_outputs_max = max(o.batch_tokens, MAX_SEQUENCES)  # llama.cpp asserts on fewer
+    cp.n_threads = cp.n_threads_batch = o.threads
+    cp.kv_unified = True
+    cp.type_k = cp.type_v = KV_TYPES[o.kv_type]
+    if o.flash_attention is not None:
+        cp.flash_attn_type = int(bool(o.flash_attention))
+    cp.no_perf = True
+    return cp
+
+
 class Lane:
     """One llama.cpp context: a unified KV cache of ``cells`` cells and its sequences."""
 
@@ -137,17 +155,7 @@ class Lane:
         The new context is made before the old one is freed, so a failure (or Ctrl-C) leaves
         the lane as it was."""
         o, L = self.owner, self.owner._l
-        cp = L.llama_context_default_params()
-        cp.n_ctx = cells
-        cp.n_batch = cp.n_ubatch = o.batch_tokens  # (the model keeps cells >= batch_tokens)
-        cp.n_seq_max = MAX_SEQUENCES
-        cp.n_outputs_max = max(o.batch_tokens, MAX_SEQUENCES)  # llama.cpp asserts on fewer
-        cp.n_threads = cp.n_threads_batch = o.threads
-        cp.kv_unified = True
-        cp.type_k = cp.type_v = KV_TYPES[o.kv_type]
-        if o.flash_attention is not None:
-            cp.flash_attn_type = int(bool(o.flash_attention))
-        cp.no_perf = True
+        cp = context_params(o, cells)
         ctx = L.llama_init_from_model(o._model, cp)
         if not ctx:
             raise ModelError(
