@@ -17,22 +17,54 @@ import torch
 from lmcascade.samplers.awrs import awrs_rows, by_rejection
 from lmcascade.samplers.base import Draws, Rows, TokenSampler
 
+BLOCK = 256
+"""Tokens per block of :func:`draw`'s two-level search."""
+
 
 def draw(logprobs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token id per row from normalised ``logprobs``, drawn on their device.
+    """One token id per row from ``logprobs`` (normalised or not), drawn on their device.
 
-    Inverse-CDF sampling in float64: one uniform per row located in the cumulative
-    distribution (many times faster than ``torch.multinomial`` over a large vocabulary).
-    A token of probability zero is never returned.
+    Inverse-CDF sampling, one uniform per row, in two levels: the row's probabilities are
+    summed in blocks of :data:`BLOCK` tokens, the uniform is located among the blocks (in
+    float64), then inside its block (many times faster than ``torch.multinomial`` over a large
+    vocabulary, and no full-vocabulary float64 copies: on a CPU each fresh buffer that size
+    costs more in page faults than the arithmetic).  A token of probability zero is never
+    returned.
     """
-    probs = logprobs.to(torch.float64).exp()
-    cdf = probs.cumsum(dim=-1)
-    u = torch.rand(
-        (probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float64
-    )
-    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)
-    ok = probs.gather(1, idx) > 0
-    return torch.where(ok, idx, probs.argmax(dim=-1, keepdim=True)).squeeze(-1)
+    n, v = logprobs.shape
+    if logprobs.dtype not in (torch.float32, torch.float64):
+        logprobs = logprobs.float()
+    device = logprobs.device
+    top = logprobs.amax(dim=-1, keepdim=True)  # shifted: exp neither overflows nor underflows
+    probs = (logprobs - torch.where(torch.isfinite(top), top, 0.0)).exp_()
+    full = v // BLOCK * BLOCK
+    sums = probs[:, :full].reshape(n, full // BLOCK, BLOCK).sum(-1)
+    if full < v:
+        sums = torch.cat([sums, probs[:, full:].sum(-1, keepdim=True)], dim=1)
+    sums = sums.to(torch.float64)
+    u = torch.rand((n, 1), generator=generator, device=device, dtype=torch.float64)
+    block, rest = _locate(sums, u)
+    block = block.clamp_(max=sums.shape[1] - 1)  # (a NaN row: no index is found)
+    cols = block * BLOCK + torch.arange(BLOCK, device=device)
+    inner = probs.gather(1, cols.clamp(max=v - 1)).to(torch.float64)
+    inner = inner.masked_fill(cols >= v, 0.0)
+    within, _ = _locate(inner, rest, scaled=False)
+    return (block * BLOCK + within).clamp_(max=v - 1).squeeze(-1)
+
+
+def _locate(
+    weights: torch.Tensor, u: torch.Tensor, scaled: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the index ``i`` whose cumulative interval of ``weights`` holds ``u * total``
+    (``scaled``) or ``u`` itself, never one of weight zero, and how far into it the point
+    lies.  A point at or past the total (rounding) gets the last index of positive weight."""
+    cdf = weights.cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    point = u * total if scaled else u
+    i = torch.searchsorted(cdf, point, right=True)
+    i = torch.minimum(i, torch.searchsorted(cdf, total, right=False))
+    before = torch.where(i > 0, cdf.gather(1, (i - 1).clamp(min=0)), 0.0)
+    return i, point - before
 
 
 class Ancestral(TokenSampler):
