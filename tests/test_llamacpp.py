@@ -86,11 +86,13 @@ def test_cache_equals_fresh_evaluation_across_forks_crops_blocks_and_recycling()
 
 
 def test_default_settings_stay_within_llama_cpps_own_spread():
-    """The default settings (f16 cache, no flash attention; what users get): a token's
-    result then depends slightly on the batch it is computed in, in llama.cpp itself.
-    Measured over this walk: at most 3.4e-4 in log-prob (with flash attention on, 6.4e-3 —
-    the same as llama.cpp's own spread between batch shapes with it, so the bound is 0.02);
-    a bookkeeping error would be O(1)."""
+    """The default settings (f16 cache, flash attention as llama.cpp decides: on, on a CPU;
+    what users get): a token's result then depends on where its cells lie and what it is
+    batched with, in llama.cpp itself.  Measured with the bare API on this model: a prompt
+    continued in cells freed by another sequence differs from the prompt computed at once by
+    up to 0.018 in log-prob over 300 random cases (2.5e-4 without flash attention).  Over this
+    walk, which lays cells out far more variously: 0.033 (5e-4 without flash attention), so
+    the bound is 0.1; a bookkeeping error (a wrong cell seen or missed) is O(1)."""
     path = _gguf_path(0)
     lm, fresh = LlamaCppLM(path, threads=1, n_ctx=64), LlamaCppLM(path, threads=1)
     worst = []
@@ -100,7 +102,7 @@ def test_default_settings_stay_within_llama_cpps_own_spread():
             worst.append((row - fresh_logprobs(fresh, c.ids)).abs().max().item())
 
     random_walk(lm, check, 40, seed=1, start=["Q:", "abcd Q:"], vocab=range(1, 8))
-    assert max(worst) < 0.02, max(worst)
+    assert max(worst) < 0.1, max(worst)
 
 
 def test_sequences_are_recycled_and_idle_ones_evicted():
@@ -178,14 +180,13 @@ def test_beam_search_on_the_tiny_gguf_is_the_exact_top_k():
 
 
 def llama_cpp_greedy(lm: LlamaCppLM, ids: list[int], limit: int) -> list[int]:
-    """Greedy generation by llama.cpp alone: its own context (llama-cpp-python's defaults:
-    512 cells, f16 cache, no flash attention), the prompt in one decode, then llama.cpp's
-    greedy sampler and one decode per token."""
+    """Greedy generation by llama.cpp alone: its own context (llama.cpp's defaults: f16
+    cache, flash attention as llama.cpp decides; 512 cells), the prompt in one decode, then
+    llama.cpp's greedy sampler and one decode per token."""
     L = llama_cpp
     params = L.llama_context_default_params()
     params.n_ctx = params.n_batch = params.n_ubatch = 512
     params.n_threads = params.n_threads_batch = lm.threads
-    params.flash_attn_type = 0
     ctx = L.llama_init_from_model(lm._model, params)
     sampler = L.llama_sampler_init_greedy()
     batch = L.llama_batch_init(512, 0, 1)

@@ -51,6 +51,9 @@ from lmcascade.models.llama_lanes import (
     Slot,
 )
 
+SCRATCH_BYTES = 128 << 20
+"""The largest logits buffer a model keeps between steps (see ``LlamaCppLM._scratch``)."""
+
 
 def llama_cpp_module() -> Any:
     """``llama_cpp`` (llama-cpp-python), with its log output silenced; a ModelError naming the
@@ -248,8 +251,9 @@ class LlamaCppLM(LanguageModel):
     ``path`` is a GGUF file (``lc.models.load(name, backend="llamacpp")`` finds a registered
     model's).  ``threads`` defaults to the physical cores; ``kv_type`` is the cache's element
     type (``"f16"``, llama.cpp's default; ``"f32"`` for results within float rounding of
-    transformers; ``"q8_0"``); ``flash_attention`` is off by default, as in llama-cpp-python
-    (None lets llama.cpp decide).  The cache
+    transformers; ``"q8_0"``); ``flash_attention`` defaults to None, llama.cpp's own choice
+    (on where its device supports it, as on CPUs: attention then skips the cells a token may not
+    see, which matters when many sequences share one cache); True or False force it.  The cache
     starts at ``n_ctx`` cells and grows as the population needs, up to ``max_cache_gb``;
     ``batch_tokens`` is the most tokens one decode takes (longer steps are split).
     """
@@ -266,7 +270,7 @@ class LlamaCppLM(LanguageModel):
         max_cache_gb: float = 4.0,
         batch_tokens: int = 512,
         kv_type: str = "f16",
-        flash_attention: bool | None = False,
+        flash_attention: bool | None = None,
     ) -> None:
         self._lanes: list[Lane] = []
         self._l = llama_cpp_module()
@@ -301,6 +305,7 @@ class LlamaCppLM(LanguageModel):
         self.counters: dict[str, int] = {}
         self._lock = threading.RLock()
         self._dropped: deque[Slot] = deque()  # slots of handles gone since the last call
+        self._buffer: np.ndarray | None = None  # logits scratch (see _scratch)
         self._native = NativeModel(self._l, path, self.name)
         self.tokenizer = LlamaCppTokenizer(self._l, self._native)
         self._vocab = self.tokenizer.size
@@ -331,6 +336,7 @@ class LlamaCppLM(LanguageModel):
             for lane in self._lanes:
                 lane.close()
             self._lanes = []
+            self._buffer = None
             native = getattr(self, "_native", None)
             if native is not None:
                 native.free()
@@ -459,9 +465,8 @@ class LlamaCppLM(LanguageModel):
                 lane.clear()
 
     def next_logprobs(self, contexts: Sequence[Context]) -> torch.Tensor:
-        rows = self._run(contexts, [1] * len(contexts))
-        out = torch.from_numpy(np.concatenate(rows)) if rows else torch.empty(0, self._vocab)
-        return torch.log_softmax(out, dim=-1)
+        with self._lock:  # the rows live in the model's scratch buffer until normalised
+            return torch.log_softmax(torch.from_numpy(self._run(contexts, [1] * len(contexts))), -1)
 
     def block_logprobs(
         self, contexts: Sequence[Context], counts: int | Sequence[int]
@@ -469,8 +474,9 @@ class LlamaCppLM(LanguageModel):
         """The last ``counts[i]`` positions of every context in one decode (see
         :meth:`LanguageModel.block_logprobs`)."""
         counts = block_counts(contexts, counts)
-        rows = self._run(contexts, counts)
-        return [torch.log_softmax(torch.from_numpy(r), dim=-1) for r in rows]
+        with self._lock:
+            rows = torch.log_softmax(torch.from_numpy(self._run(contexts, counts)), -1)
+        return list(rows.split(list(counts)))
 
     def path_logprobs(
         self, contexts: Sequence[Context], paths: Sequence[Sequence[int]]
@@ -553,9 +559,10 @@ class LlamaCppLM(LanguageModel):
 
     # -- steps ----------------------------------------------------------------------------------
 
-    def _run(self, contexts: Sequence[Context], counts: Sequence[int]) -> list[np.ndarray]:
-        """Logits ``[counts[i], vocab]`` of the last ``counts[i]`` positions of each context,
-        after which every context (with a count) has all its ids cached."""
+    def _run(self, contexts: Sequence[Context], counts: Sequence[int]) -> np.ndarray:
+        """Logits of the last ``counts[i]`` positions of each context, context after context
+        (``[sum(counts), vocab]``), after which every context (with a count) has all its ids
+        cached.  The array may be the model's scratch buffer: valid until the next step."""
         with self._lock:
             if not self._lanes:
                 self._native.model()  # closed: a ModelError saying so
@@ -600,8 +607,18 @@ class LlamaCppLM(LanguageModel):
         lane.open(lane.cells + grow)
         self._count("cache_rebuilds")
 
-    def _step(self, contexts: Sequence[Context], counts: Sequence[int]) -> list[np.ndarray]:
-        out = [np.empty((0, self._vocab), np.float32) for _ in contexts]
+    def _scratch(self, rows: int) -> np.ndarray:
+        """``rows`` rows of logits, in a buffer kept from step to step (up to
+        :data:`SCRATCH_BYTES`): a fresh buffer of that size costs more in page faults than
+        the copy into it."""
+        buf = self._buffer
+        if buf is None or len(buf) < rows:
+            buf = np.empty((rows, self._vocab), np.float32)
+            if buf.nbytes <= SCRATCH_BYTES:
+                self._buffer = buf
+        return buf[:rows]
+
+    def _step(self, contexts: Sequence[Context], counts: Sequence[int]) -> np.ndarray:
         # 1. plan: which slot each context computes into, and from which position.  An entry
         #    serves ``members`` (identical fresh prompts share one) and keeps ``m`` logit rows.
         plan: list[tuple[list[int], Slot, int, int]] = []  # (members, slot, start, m)
@@ -646,9 +663,11 @@ class LlamaCppLM(LanguageModel):
                 contexts[i].state = Handle(slot, k)
             plan.append((members, slot, k, keep))
             self._count("reused_prompt_tokens", k)
-        # 2. per lane, one batch of every new token; logits where a context needs them
-        plan.sort(key=lambda entry: id(entry[1].lane))
-        logits = np.empty((sum(m for *_, m in plan), self._vocab), np.float32)
+        # 2. per lane, one batch of every new token; logits where a context needs them.  In
+        #    context order within a lane, so that the rows usually come out in the order asked.
+        lane_at = {id(lane): n for n, lane in enumerate(self._lanes)}
+        plan.sort(key=lambda entry: (lane_at[id(entry[1].lane)], entry[0][0]))
+        logits = self._scratch(sum(m for *_, m in plan))
         fresh_ids = {i for members in fresh.values() for i in members}
         tally = {"prefill_tokens": 0, "decode_tokens": 0}
         by_lane: dict[int, tuple[Lane, list]] = {}
@@ -670,22 +689,29 @@ class LlamaCppLM(LanguageModel):
                 if slot.live:
                     self._l.llama_memory_seq_rm(slot.lane.mem, slot.seq, len(slot.ids), -1)
             raise
-        if not np.isfinite(logits).all():  # a NaN in shared cells would reach every sequence
+        if not np.isfinite(np.add.reduce(logits, axis=None)):  # NaN or inf anywhere: a NaN in
+            # shared cells would reach every sequence
             for lane, _ in by_lane.values():
                 lane.clear()
         for key, n in tally.items():
             if n:
                 self._count(key, n)
-        # 3. hand out the rows; record what each slot now holds
+        # 3. record what each slot now holds; the rows in context order
+        offsets = np.cumsum([0, *counts]).tolist()
+        moves = []  # (first row out, first row in logits, rows)
         row = 0
         for members, slot, _, m in plan:
             ids = contexts[members[0]].ids
-            block = logits[row : row + m]
-            row += m
             slot.ids.extend(ids[len(slot.ids) :])
             for i in members:
-                out[i] = block[m - counts[i] :]
+                moves.append((offsets[i], row + m - counts[i], counts[i]))
                 contexts[i].state.n = len(ids)
+            row += m
+        if len(logits) == offsets[-1] and all(dst == src for dst, src, _ in moves):
+            return logits
+        out = np.empty((offsets[-1], self._vocab), np.float32)
+        for dst, src, k in moves:
+            out[dst : dst + k] = logits[src : src + k]
         return out
 
     def _token(self, tok: Any) -> int:
