@@ -260,11 +260,14 @@ def test_default_model_same_results_and_a_killed_worker(tmp_path):
     DEFAULT["lm"] = lc.models.load()
     questions = [f"Name a colour that starts with {c}." for c in "bgrpwy"]
     # a worker of 1 CPU computes with 1 thread, and the thread count changes a transformer's
-    # logits in the last bits (enough to flip a draw now and then): compare like with like
+    # logits in the last bits (enough to flip a draw now and then), as does running several
+    # inputs in one batch: compare like with like (1 thread, one input at a time)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        local = dict(lc.infer_many(default_model_answer, questions, seed=4, num_samples=2))
+        local = dict(
+            lc.infer_many(default_model_answer, questions, seed=4, num_samples=2, concurrency=1)
+        )
     finally:
         torch.set_num_threads(threads)
     runs = lc.infer_many(
