@@ -126,6 +126,40 @@ def test_sequences_are_recycled_and_idle_ones_evicted():
         assert (row - fresh_logprobs(fresh, c.ids)).abs().max() < 1e-4
 
 
+def test_new_prompts_in_one_step_compute_their_shared_tokens_once():
+    """Prompts that start alike, opened together, share the cells of their common tokens (a
+    token of several sequences): some cached from an earlier step, some identical, some a
+    prefix of another, scored over several positions, and 300 of them over two lanes.  Each
+    row equals a fresh evaluation (fp32 cache: within 1e-4), and the shared tokens were
+    computed once."""
+    lm, fresh = tiny_llama(0), tiny_llama(0)
+    rng = random.Random(3)
+    stem = lm.encode_prompt("abcd Q:")
+    lm.next_logprobs([lm.open(stem[:3])])  # a cached prefix some prompts copy
+    for n in (40, 300):
+        prompts = []
+        for i in range(n):  # a random start of the stem, then (mostly) a tail of their own
+            tail = [1 + i // 7**k % 7 for k in range(3)] if i % 10 else []
+            prompts.append(stem[: rng.randint(1, len(stem))] + tail)
+        ctxs = [lm.open(p) for p in prompts]
+        counts = [rng.randint(1, len(p)) if rng.random() < 0.3 else 1 for p in prompts]
+        lm.pop_counters()
+        rows = lm.block_logprobs(ctxs, counts)
+        done = lm.pop_counters()
+        distinct = {tuple(p) for p in prompts}
+        assert done["shared_prompt_tokens"] > 0
+        assert done["prefill_tokens"] < sum(map(len, distinct))
+        for ctx, m, row in zip(ctxs, counts, rows, strict=True):
+            ks = range(len(ctx.ids) - m + 1, len(ctx.ids) + 1)
+            want = torch.stack([fresh_logprobs(fresh, ctx.ids[:k]) for k in ks])
+            assert (row - want).abs().max() < 1e-4
+        for ctx in ctxs:  # and each context goes on alone from its shared cells
+            ctx.append(rng.randint(1, 7))
+        for ctx, row in zip(ctxs[:60], lm.next_logprobs(ctxs[:60]), strict=True):
+            assert (row - fresh_logprobs(fresh, ctx.ids)).abs().max() < 1e-4
+    assert len(lm._lanes) == 2
+
+
 def test_path_scoring_leaves_the_contexts_alone():
     lm = tiny_llama(0)
     ctx = lm.open(lm.encode_prompt("Q:ab"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -121,6 +121,60 @@ def _first2(row: tuple) -> tuple:
     return row[:2]
 
 
+class SharedPrefixes:
+    """The fresh prompts of one lane's decode, fed in sorted order, computing the tokens they
+    start with alike once: such a token carries the sequence id of every prompt sharing it
+    (its cell then belongs to all of them, as after a sequence copy).
+
+    ``at[p]`` is the entry computed at position ``p`` by a prompt that agrees with the last one
+    fed on every token up to ``p`` (None where there is none).  A prompt joins entries only
+    below the first position whose logits it wants, so each logits row stays one prompt's
+    (a joined entry may want logits for the prompt that made it).  Sorted order (by cached length, then tokens) puts
+    prompts that agree longest next to each other, so comparing each with the one before
+    finds every shared token.  Only prompts of the same cached length share: llama.cpp
+    accepts a token of several sequences only when they hold the same positions.
+    """
+
+    def __init__(self) -> None:
+        self.last: Sequence[int] = ()
+        self.start = 0  # the cached length of the prompts fed since ``last`` was reset
+        self.at: list[list | None] = []
+
+    def feed(
+        self,
+        entries: list,
+        ids: Sequence[int],
+        seq: int,
+        start: int,
+        first_out: int,
+        token: Callable[[Any], int] = int,
+    ) -> int:
+        """Appends to ``entries`` the ``[token, position, seqs, wants_logits]`` entries that
+        sequence ``seq`` needs for ``ids[start:]`` (logits from ``first_out`` on; ``token``
+        checks an id), joining entries already there where it can; returns how many tokens
+        it joined."""
+        if start != self.start:  # llama.cpp couples sequences that share a token only
+            self.last, self.start = (), start  # when they hold the same positions before it
+        agree = common_prefix(self.last, ids, first_out)
+        at = self.at
+        del at[len(ids) :]
+        at.extend([None] * (len(ids) - len(at)))
+        for pos in range(agree, start):  # cached by this prompt: nothing to share onwards
+            at[pos] = None
+        joined = 0
+        for pos in range(start, len(ids)):
+            entry = at[pos] if pos < agree else None
+            if entry is not None:
+                entry[2].append(seq)
+                joined += 1
+                continue
+            entry = [token(ids[pos]), pos, [seq], pos >= first_out]
+            entries.append(entry)
+            at[pos] = entry
+        self.last = ids
+        return joined
+
+
 def context_params(model: Any, cells: int) -> Any:
     """llama.cpp context parameters for ``model`` (a LlamaCppLM's settings) and ``cells``
     KV cells: the one place they are set (the benchmark's bare loop uses them too)."""
@@ -162,7 +216,7 @@ class Lane:
                 f"llama.cpp could not make a context of {cells} cells for {o.name!r} (about "
                 f"{cells * o.cache_bytes_per_token / 2**30:.1f} GB); lower n_ctx or max_cache_gb"
             )
-        batch = L.llama_batch_init(o.batch_tokens, 0, 1)
+        batch = L.llama_batch_init(o.batch_tokens, 0, MAX_SEQUENCES)  # a token may be shared
         self.close()
         self.ctx, self.batch = ctx, batch
         self.cells = int(L.llama_n_ctx(ctx))  # llama.cpp rounds the size up
@@ -273,20 +327,23 @@ class Lane:
 
     # -- decoding -------------------------------------------------------------------------------
 
-    def decode(self, entries: list[tuple[int, int, int, bool]], out: np.ndarray, row: int) -> int:
-        """Decodes ``(token, position, seq, wants_logits)`` entries in batches of at most
-        ``batch_tokens``, writing the wanted logits into ``out`` from ``row`` on; returns the
-        next free row.  Raises :class:`NoRoom` when the cells run out."""
+    def decode(self, entries: list, out: np.ndarray, row: int) -> int:
+        """Decodes ``[token, position, seqs, wants_logits]`` entries (``seqs``: the sequence
+        ids the token's cell belongs to) in batches of at most ``batch_tokens``, writing the
+        wanted logits into ``out`` from ``row`` on; returns the next free row.  Raises
+        :class:`NoRoom` when the cells run out."""
         L, batch, vocab = self.owner._l, self.batch, self.owner.vocab_size
         size = self.batch_size
         for lo in range(0, len(entries), size):
             chunk = entries[lo : lo + size]
             batch.n_tokens = len(chunk)
-            for j, (tok, pos, seq, want) in enumerate(chunk):
+            for j, (tok, pos, seqs, want) in enumerate(chunk):
                 batch.token[j] = tok
                 batch.pos[j] = pos
-                batch.n_seq_id[j] = 1
-                batch.seq_id[j][0] = seq
+                batch.n_seq_id[j] = len(seqs)
+                to = batch.seq_id[j]
+                for k, seq in enumerate(seqs):
+                    to[k] = seq
                 batch.logits[j] = want
             status = L.llama_decode(self.ctx, batch)
             if status == 1:

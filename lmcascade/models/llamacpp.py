@@ -48,6 +48,7 @@ from lmcascade.models.llama_lanes import (
     Lane,
     NoRoom,
     PrefixIndex,
+    SharedPrefixes,
     Slot,
 )
 
@@ -663,25 +664,39 @@ class LlamaCppLM(LanguageModel):
                 contexts[i].state = Handle(slot, k)
             plan.append((members, slot, k, keep))
             self._count("reused_prompt_tokens", k)
-        # 2. per lane, one batch of every new token; logits where a context needs them.  In
-        #    context order within a lane, so that the rows usually come out in the order asked.
-        lane_at = {id(lane): n for n, lane in enumerate(self._lanes)}
-        plan.sort(key=lambda entry: (lane_at[id(entry[1].lane)], entry[0][0]))
-        logits = self._scratch(sum(m for *_, m in plan))
+        # 2. per lane, one batch of every new token; logits where a context needs them.
+        #    Contexts in order within a lane (so that the rows usually come out in the order
+        #    asked), then fresh prompts in sorted order, computing the tokens they share once.
         fresh_ids = {i for members in fresh.values() for i in members}
-        tally = {"prefill_tokens": 0, "decode_tokens": 0}
-        by_lane: dict[int, tuple[Lane, list]] = {}
+        lane_at = {id(lane): n for n, lane in enumerate(self._lanes)}
+
+        def order(entry: tuple) -> tuple:
+            members, slot = entry[0], entry[1]
+            if members[0] in fresh_ids:  # by cached length, then tokens (SharedPrefixes)
+                return (lane_at[id(slot.lane)], 1, entry[2], tuple(contexts[members[0]].ids))
+            return (lane_at[id(slot.lane)], 0, members[0], ())
+
+        plan.sort(key=order)
+        logits = self._scratch(sum(m for *_, m in plan))
+        tally = {"prefill_tokens": 0, "decode_tokens": 0, "shared_prompt_tokens": 0}
+        by_lane: dict[int, tuple[Lane, list, SharedPrefixes]] = {}
         for members, slot, start, m in plan:
             ids = contexts[members[0]].ids
             first_out = len(ids) - m
-            entries = by_lane.setdefault(id(slot.lane), (slot.lane, []))[1]
-            for pos in range(start, len(ids)):
-                entries.append((self._token(ids[pos]), pos, slot.seq, pos >= first_out))
-            kind = "prefill_tokens" if members[0] in fresh_ids else "decode_tokens"
-            tally[kind] += len(ids) - start
+            _, entries, sharing = by_lane.setdefault(
+                id(slot.lane), (slot.lane, [], SharedPrefixes())
+            )
+            if members[0] in fresh_ids:
+                joined = sharing.feed(entries, ids, slot.seq, start, first_out, self._token)
+                tally["prefill_tokens"] += len(ids) - start - joined
+                tally["shared_prompt_tokens"] += joined
+            else:
+                for pos in range(start, len(ids)):
+                    entries.append((self._token(ids[pos]), pos, (slot.seq,), pos >= first_out))
+                tally["decode_tokens"] += len(ids) - start
         row = 0
         try:
-            for lane, entries in by_lane.values():
+            for lane, entries, _ in by_lane.values():
                 row = lane.decode(entries, logits, row)
                 self._count("forward_passes")
         except BaseException:  # no room (retried), an error, Ctrl-C: back to what was recorded
@@ -691,7 +706,7 @@ class LlamaCppLM(LanguageModel):
             raise
         if not np.isfinite(np.add.reduce(logits, axis=None)):  # NaN or inf anywhere: a NaN in
             # shared cells would reach every sequence
-            for lane, _ in by_lane.values():
+            for lane, *_ in by_lane.values():
                 lane.clear()
         for key, n in tally.items():
             if n:
