@@ -280,6 +280,9 @@ def llamacpp_main(args) -> None:
         "llama_cpp_python": llama_cpp.__version__,
         "llama_threads": lm.threads,
         "kv_type": lm.kv_type,
+        "flash_attention": "llama.cpp decides"
+        if lm.flash_attention is None
+        else lm.flash_attention,
         "repeats": args.repeats,
         "prompt_tokens": len(ids),
         "transformers_prompt_tokens": len(hf.encode_prompt(hf_prompt)),

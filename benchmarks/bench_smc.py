@@ -199,6 +199,9 @@ def main() -> None:
             llama_cpp_python=llama_cpp.__version__,
             llama_threads=lm.threads,
             kv_type=lm.kv_type,
+            flash_attention="llama.cpp decides"
+            if lm.flash_attention is None
+            else lm.flash_attention,
         )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench_smc_{lm.device.type}{suffix}.json"
