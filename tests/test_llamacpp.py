@@ -160,6 +160,28 @@ def test_new_prompts_in_one_step_compute_their_shared_tokens_once():
     assert len(lm._lanes) == 2
 
 
+def test_a_step_retried_for_room_plans_its_new_prompts_anew():
+    """A step that runs out of cells is retried after making room; its new prompts must be
+    new again then (not contexts holding the failed attempt's sequences), or the retry
+    computes their shared tokens once per prompt, needs more cells and grows the cache.
+    Four prompts sharing 200 tokens need 232 of the 256 cells once a parked sequence (30
+    tokens) is dropped."""
+    lm, fresh = tiny_llama(0, n_ctx=64, batch_tokens=64), tiny_llama(0)
+    rng = random.Random(0)
+    old = lm.open([1] + [rng.randint(1, 7) for _ in range(29)])
+    lm.next_logprobs([old])
+    lm.release(old)  # parked
+    stem = [7, 7] + [rng.randint(1, 7) for _ in range(198)]
+    ctxs = [lm.open(stem + [1 + i] * 8) for i in range(4)]
+    lm.pop_counters()
+    rows = lm.next_logprobs(ctxs)
+    done = lm.pop_counters()
+    assert done["room_dropped_parked"] == 1 and "cache_rebuilds" not in done, done
+    assert done["shared_prompt_tokens"] == 3 * 200 and lm.cached_cells == 256
+    for ctx, row in zip(ctxs, rows, strict=True):
+        assert (row - fresh_logprobs(fresh, ctx.ids)).abs().max() < 1e-4
+
+
 def test_path_scoring_leaves_the_contexts_alone():
     lm = tiny_llama(0)
     ctx = lm.open(lm.encode_prompt("Q:ab"))

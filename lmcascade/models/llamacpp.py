@@ -656,6 +656,7 @@ class LlamaCppLM(LanguageModel):
         index = (
             PrefixIndex(s for lane in self._lanes for s in lane.slots.values()) if fresh else None
         )
+        reused = 0
         for key, members in fresh.items():
             keep = max(counts[i] for i in members)
             slot, k = self._place(key, len(key) - keep, busy, index=index)
@@ -663,7 +664,7 @@ class LlamaCppLM(LanguageModel):
             for i in members:
                 contexts[i].state = Handle(slot, k)
             plan.append((members, slot, k, keep))
-            self._count("reused_prompt_tokens", k)
+            reused += k
         # 2. per lane, one batch of every new token; logits where a context needs them.
         #    Contexts in order within a lane (so that the rows usually come out in the order
         #    asked), then fresh prompts in sorted order, computing the tokens they share once.
@@ -678,7 +679,12 @@ class LlamaCppLM(LanguageModel):
 
         plan.sort(key=order)
         logits = self._scratch(sum(m for *_, m in plan))
-        tally = {"prefill_tokens": 0, "decode_tokens": 0, "shared_prompt_tokens": 0}
+        tally = {
+            "prefill_tokens": 0,
+            "decode_tokens": 0,
+            "shared_prompt_tokens": 0,
+            "reused_prompt_tokens": reused,
+        }
         by_lane: dict[int, tuple[Lane, list, SharedPrefixes]] = {}
         for members, slot, start, m in plan:
             ids = contexts[members[0]].ids
@@ -700,8 +706,14 @@ class LlamaCppLM(LanguageModel):
                 row = lane.decode(entries, logits, row)
                 self._count("forward_passes")
         except BaseException:  # no room (retried), an error, Ctrl-C: back to what was recorded
-            for _, slot, _, _ in plan:
-                if slot.live:
+            for members, slot, _, _ in plan:
+                if not slot.live:
+                    continue
+                if members[0] in fresh_ids:  # fresh again, so a retry plans (and shares) anew
+                    for i in members:
+                        contexts[i].state = None
+                    slot.lane.drop(slot)
+                else:
                     self._l.llama_memory_seq_rm(slot.lane.mem, slot.seq, len(slot.ids), -1)
             raise
         if not np.isfinite(np.add.reduce(logits, axis=None)):  # NaN or inf anywhere: a NaN in
