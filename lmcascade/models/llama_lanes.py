@@ -214,7 +214,7 @@ class Lane:
         if not ctx:
             raise ModelError(
                 f"llama.cpp could not make a context of {cells} cells for {o.name!r} (about "
-                f"{cells * o.cache_bytes_per_token / 2**30:.1f} GB); lower n_ctx or max_cache_gb"
+                f"{cells * o.cache_bytes_per_token / 2**30:.3g} GB); lower n_ctx or max_cache_gb"
             )
         batch = L.llama_batch_init(o.batch_tokens, 0, MAX_SEQUENCES)  # a token may be shared
         self.close()

@@ -550,7 +550,7 @@ class LlamaCppLM(LanguageModel):
             raise ModelError(
                 f"{self.name!r} holds {len(self._lanes) * MAX_SEQUENCES} sequences in "
                 f"{self.cached_cells} cached tokens and needs more; raise max_cache_gb (now "
-                f"{self.max_cells * self.cache_bytes_per_token / 2**30:.1f} GB) or use fewer "
+                f"{self.max_cells * self.cache_bytes_per_token / 2**30:.3g} GB) or use fewer "
                 "particles"
             )
         lane = Lane(self, self.n_ctx)
@@ -601,7 +601,7 @@ class LlamaCppLM(LanguageModel):
             need = sum(len(ctx.ids) for ctx in contexts)
             raise ModelError(
                 f"{self.name!r} needs more than {self.cached_cells} cached tokens "
-                f"({self.cached_cells * self.cache_bytes_per_token / 2**30:.1f} GB) for a step "
+                f"({self.cached_cells * self.cache_bytes_per_token / 2**30:.3g} GB) for a step "
                 f"of {len(contexts)} contexts ({need} tokens in all); raise max_cache_gb, or "
                 "use fewer or shorter sequences"
             )
