@@ -182,6 +182,22 @@ def test_a_step_retried_for_room_plans_its_new_prompts_anew():
         assert (row - fresh_logprobs(fresh, ctx.ids)).abs().max() < 1e-4
 
 
+def test_a_step_refused_for_a_bad_token_leaves_its_new_prompts_new():
+    """A token outside the vocabulary is refused before anything is decoded; the other new
+    prompts of that step stay new (planned and shared afresh next time) and compute right."""
+    lm, fresh = tiny_llama(0), tiny_llama(0)
+    stem = lm.encode_prompt("abcd Q:")
+    good = [lm.open(stem + [1]), lm.open(stem + [2])]
+    for bad in (99999, float("nan"), -1):
+        with pytest.raises(ModelError, match="outside the vocabulary"):
+            lm.next_logprobs([*good, lm.open([*stem, bad])])
+    lm.pop_counters()
+    rows = lm.next_logprobs(good)
+    assert lm.pop_counters()["shared_prompt_tokens"] == len(stem)
+    for ctx, row in zip(good, rows, strict=True):
+        assert (row - fresh_logprobs(fresh, ctx.ids)).abs().max() < 1e-4
+
+
 def test_path_scoring_leaves_the_contexts_alone():
     lm = tiny_llama(0)
     ctx = lm.open(lm.encode_prompt("Q:ab"))

@@ -129,9 +129,9 @@ class SharedPrefixes:
     ``at[p]`` is the entry computed at position ``p`` by a prompt that agrees with the last one
     fed on every token up to ``p`` (None where there is none).  A prompt joins entries only
     below the first position whose logits it wants, so each logits row stays one prompt's
-    (a joined entry may want logits for the prompt that made it).  Sorted order (by cached length, then tokens) puts
-    prompts that agree longest next to each other, so comparing each with the one before
-    finds every shared token.  Only prompts of the same cached length share: llama.cpp
+    (a joined entry may want logits for the prompt that made it).  Sorted order (by cached
+    length, then tokens) puts prompts that agree longest next to each other, so comparing
+    each with the one before finds every shared token.  Only prompts of the same cached length share: llama.cpp
     accepts a token of several sequences only when they hold the same positions.
     """
 
@@ -251,14 +251,17 @@ class Lane:
         """``slot`` has no users: keep its tokens for a later prompt that starts with them.
 
         Parked tokens are kept to an eighth of the cells (the oldest go first): every decode
-        attends over all the cells in use, masked or not, so a cache full of parked
-        sequences would slow every step of the live ones."""
+        spans all the cells in use (without flash attention it attends over them, masked or
+        not; with it, it still builds their mask), so a cache full of parked sequences would
+        slow every step of the live ones."""
         if slot.live and slot.seq in self.slots:
             slot.refs = 0
             self.parked[slot.seq] = slot
-            budget = self.cells // 8
-            while len(self.parked) > 1 and sum(len(s.ids) for s in self.parked.values()) > budget:
-                self.drop(next(iter(self.parked.values())))
+            held = sum(len(s.ids) for s in self.parked.values())
+            while len(self.parked) > 1 and held > self.cells // 8:
+                oldest = next(iter(self.parked.values()))
+                held -= len(oldest.ids)
+                self.drop(oldest)
 
     def drop(self, slot: Slot) -> None:
         """Frees a slot's sequence (its cells go when no other sequence holds them)."""
@@ -315,15 +318,6 @@ class Lane:
         if len(slot.ids) > n:
             self.owner._l.llama_memory_seq_rm(self.mem, slot.seq, n, -1)
             del slot.ids[n:]
-
-    def best_prefix(self, ids: Sequence[int], limit: int) -> tuple[Slot | None, int]:
-        """The slot sharing the longest prefix (at most ``limit`` tokens) with ``ids``."""
-        best, k = None, 0
-        for slot in self.slots.values():
-            n = common_prefix(slot.ids, ids, limit)
-            if n > k:
-                best, k = slot, n
-        return best, k
 
     # -- decoding -------------------------------------------------------------------------------
 

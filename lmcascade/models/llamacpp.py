@@ -678,6 +678,31 @@ class LlamaCppLM(LanguageModel):
             return (lane_at[id(slot.lane)], 0, members[0], ())
 
         plan.sort(key=order)
+        try:
+            return self._compute(contexts, counts, plan, fresh_ids, reused)
+        except BaseException:  # no room (retried), a bad token, an error, Ctrl-C: back to what
+            for members, slot, _, _ in plan:  # each slot recorded
+                if not slot.live:
+                    continue
+                if members[0] in fresh_ids:  # fresh again, so a retry plans (and shares) anew
+                    for i in members:
+                        contexts[i].state = None
+                    slot.lane.drop(slot)
+                else:
+                    self._l.llama_memory_seq_rm(slot.lane.mem, slot.seq, len(slot.ids), -1)
+            raise
+
+    def _compute(
+        self,
+        contexts: Sequence[Context],
+        counts: Sequence[int],
+        plan: list[tuple[list[int], Slot, int, int]],
+        fresh_ids: set[int],
+        reused: int,
+    ) -> np.ndarray:
+        """Decodes the planned entries (per lane, one batch of every new token, fresh
+        prompts sharing their common tokens) and records what each slot then holds; the
+        logits in context order."""
         logits = self._scratch(sum(m for *_, m in plan))
         tally = {
             "prefill_tokens": 0,
@@ -701,21 +726,9 @@ class LlamaCppLM(LanguageModel):
                     entries.append((self._token(ids[pos]), pos, (slot.seq,), pos >= first_out))
                 tally["decode_tokens"] += len(ids) - start
         row = 0
-        try:
-            for lane, entries, _ in by_lane.values():
-                row = lane.decode(entries, logits, row)
-                self._count("forward_passes")
-        except BaseException:  # no room (retried), an error, Ctrl-C: back to what was recorded
-            for members, slot, _, _ in plan:
-                if not slot.live:
-                    continue
-                if members[0] in fresh_ids:  # fresh again, so a retry plans (and shares) anew
-                    for i in members:
-                        contexts[i].state = None
-                    slot.lane.drop(slot)
-                else:
-                    self._l.llama_memory_seq_rm(slot.lane.mem, slot.seq, len(slot.ids), -1)
-            raise
+        for lane, entries, _ in by_lane.values():
+            row = lane.decode(entries, logits, row)
+            self._count("forward_passes")
         if not np.isfinite(np.add.reduce(logits, axis=None)):  # NaN or inf anywhere: a NaN in
             # shared cells would reach every sequence
             for lane, *_ in by_lane.values():

@@ -864,11 +864,12 @@ def _load_llamacpp(
             "dtype applies to the transformers backend; llama.cpp computes in the GGUF's own "
             "types (choose the cache's with kv_type='f16'|'f32'|'q8_0')"
         )
-    options = ", ".join(p for p in inspect.signature(LlamaCppLM).parameters if p != "path")
-    unknown = sorted(set(kwargs) - set(options.split(", ")))
+    options = [p for p in inspect.signature(LlamaCppLM).parameters if p != "path"]
+    unknown = sorted(set(kwargs) - set(options))
     if unknown:
         raise ModelError(
-            f"the llama.cpp backend has no option {unknown[0]!r}; its options: {options}"
+            f"the llama.cpp backend has no option {unknown[0]!r}; its options: "
+            + ", ".join(options)
         )
     if file is not None:
         return LlamaCppLM(file, **kwargs)
