@@ -153,6 +153,21 @@ def floor_loop(lm, ids: torch.Tensor, n: int):
         logits.argmax(-1)
 
 
+def llama_settings(lm) -> dict:
+    """What a llama.cpp results file records about the backend's settings."""
+    import llama_cpp
+
+    return {
+        "backend": "llamacpp",
+        "llama_cpp_python": llama_cpp.__version__,
+        "llama_threads": lm.threads,
+        "kv_type": lm.kv_type,
+        "flash_attention": "llama.cpp decides"
+        if lm.flash_attention is None
+        else lm.flash_attention,
+    }
+
+
 class BareLlama:
     """The llama.cpp backend's floor: its own model and context (LlamaCppLM's settings), fed
     directly through llama-cpp-python's low-level API, no lmcascade in between."""
@@ -273,16 +288,10 @@ def llamacpp_main(args) -> None:
     print(f"targets: {targets}")
     report = {
         "benchmark": "decode",
-        "backend": "llamacpp",
         "model": lm.name,
         "device": "cpu",
         **machine(cpu),
-        "llama_cpp_python": llama_cpp.__version__,
-        "llama_threads": lm.threads,
-        "kv_type": lm.kv_type,
-        "flash_attention": "llama.cpp decides"
-        if lm.flash_attention is None
-        else lm.flash_attention,
+        **llama_settings(lm),
         "repeats": args.repeats,
         "prompt_tokens": len(ids),
         "transformers_prompt_tokens": len(hf.encode_prompt(hf_prompt)),

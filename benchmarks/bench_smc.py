@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_decode import BareLlama  # benchmarks/bench_decode.py
+from bench_decode import BareLlama, llama_settings  # benchmarks/bench_decode.py
 from timing import machine  # benchmarks/timing.py
 
 import lmcascade as lc
@@ -190,19 +190,8 @@ def main() -> None:
     report = {"benchmark": "smc_no_e", "model": lm.name, "device": str(lm.device), "rows": rows}
     suffix = ""
     if llama:
-        import llama_cpp
-
         suffix = "_llamacpp"
-        report.update(
-            backend="llamacpp",
-            **machine(lm.device),
-            llama_cpp_python=llama_cpp.__version__,
-            llama_threads=lm.threads,
-            kv_type=lm.kv_type,
-            flash_attention="llama.cpp decides"
-            if lm.flash_attention is None
-            else lm.flash_attention,
-        )
+        report.update(**machine(lm.device), **llama_settings(lm))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench_smc_{lm.device.type}{suffix}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
